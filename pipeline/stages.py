@@ -1,0 +1,260 @@
+"""Plans as data: the paper's staged schedule (net A, deeper nets initialised from
+A, then S=384 and scale jittering) as a validated graph of stages.
+
+A plan YAML has a plan-wide `recipe` and `resources`; each stage may override any
+part of them. Everything is checked (keys, types, archs, the init_from graph)
+by `load_plan`, before Ray or MLflow is asked for anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pipeline.archs import PAPER_INIT_LAYERS, get_arch
+from pipeline.config import ConfigError, apply_override, deep_merge, from_dict, load_yaml, to_dict
+
+
+@dataclass(frozen=True)
+class Optim:
+    lr: float = 0.01  # Section 3.1, at batch 256
+    reference_batch: int = 256  # the batch `lr` is quoted for
+    scale_lr: bool = True  # linear scaling with the global batch (Goyal et al.)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    decay_biases: bool = False  # weight decay on biases (Caffe's VGG solver: no)
+    lr_drop: float = 0.1  # "decreased by a factor of 10 when validation accuracy stopped improving"
+    patience: int = 2  # epochs without a better val top-1 before a drop
+    max_drops: int = 3  # "the learning rate was decreased 3 times"
+    grad_clip: float | None = None  # max global grad norm; None: no clipping
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be positive, got {self.lr}")
+        if not 0 < self.lr_drop < 1:
+            raise ValueError(f"optim.lr_drop must be in (0, 1), got {self.lr_drop}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    epochs: int = 74  # Section 3.1: stopped after 74 epochs
+    max_iterations: int | None = 370_000  # ... or 370K iterations of batch 256
+    batch_size: int = 256  # global, across all workers
+    crop: int = 224
+    width_mult: float = 1.0
+    batch_norm: bool = False
+    dropout: float = 0.5
+    init: Literal["paper", "glorot", "kaiming"] = "paper"
+    init_std: float = 0.01
+    color_shift: float = 0.1  # std of AlexNet's PCA lighting noise; 0 turns it off
+    eval_scale: int | None = None  # Q for per-epoch validation; None: S (or the jitter mid-point)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    channels_last: bool = True  # on GPU
+    compile: bool = False
+    normalize_std: bool = False  # also divide by the training set's RGB std (the paper only subtracts the mean)
+    log_every_steps: int = 50
+    seed: int = 0
+    optim: Optim = field(default_factory=Optim)
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "crop"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.width_mult <= 0:
+            raise ValueError(f"width_mult must be positive, got {self.width_mult}")
+
+
+@dataclass(frozen=True)
+class Resources:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 3  # Ray Train restarts from the last checkpoint this many times
+
+
+@dataclass(frozen=True)
+class Data:
+    root: str  # output of data_prep/shard.py: <split>/*.tar, stats.json, classes.json
+    train_split: str = "train"
+    val_split: str = "val"
+    reader_threads: int = 2  # DALI CPU threads per worker
+    shuffle_buffer: int = 1024  # DALI random_shuffle initial_fill
+
+
+@dataclass(frozen=True)
+class InitFrom:
+    stage: str
+    # Layer names to copy, or "all" to fine-tune a whole net of the same config.
+    layers: tuple[str, ...] | Literal["all"] = PAPER_INIT_LAYERS
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    arch: str
+    scale: int | tuple[int, int]  # S, or [Smin, Smax] for scale jittering
+    recipe: Recipe
+    resources: Resources
+    init_from: InitFrom | None = None
+
+    @property
+    def scale_range(self) -> tuple[int, int]:
+        return (self.scale, self.scale) if isinstance(self.scale, int) else self.scale
+
+    @property
+    def eval_scale(self) -> int:
+        lo, hi = self.scale_range
+        return self.recipe.eval_scale or (lo + hi) // 2  # Table 3: Q = 384 for [256, 512]
+
+    @property
+    def scale_label(self) -> str:
+        lo, hi = self.scale_range
+        return str(lo) if lo == hi else f"[{lo},{hi}]"
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    experiment: str
+    data: Data
+    storage: str  # checkpoints: a local path or s3://
+    stages: dict[str, Stage]
+    source: str = ""  # the YAML file it was read from
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes what is trained (used in run names)."""
+        blob = json.dumps(to_dict(self) | {"source": ""}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+    def order(self) -> list[Stage]:
+        """Stages in dependency order (the plan's order where free)."""
+        done: list[str] = []
+        pending = list(self.stages)
+        while pending:
+            for name in pending:
+                src = self.stages[name].init_from
+                if src is None or src.stage in done:
+                    done.append(name)
+                    pending.remove(name)
+                    break
+            else:  # validate() already rejects cycles; be safe anyway
+                raise ConfigError(f"stages {pending} form a cycle through init_from")
+        return [self.stages[n] for n in done]
+
+
+_PLAN_KEYS = {"name", "experiment", "data", "storage", "recipe", "resources", "stages"}
+_RECIPE_KEYS = set(Recipe.__dataclass_fields__)
+
+
+def _expand_shorthand(assignment: str) -> str:
+    """`optim.lr=0.02` is shorthand for `recipe.optim.lr=0.02` (every stage)."""
+    head = assignment.split("=", 1)[0].split(".", 1)[0].strip()
+    if head in _RECIPE_KEYS and head not in _PLAN_KEYS:
+        return f"recipe.{assignment}"
+    return assignment
+
+
+def parse_plan(raw: dict, source: str = "") -> Plan:
+    unknown = sorted(set(raw) - _PLAN_KEYS)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown key (known: {', '.join(sorted(_PLAN_KEYS))})")
+    for key in ("name", "data", "stages"):
+        if key not in raw:
+            raise ConfigError(f"{key}: required key is missing")
+    if not isinstance(raw["stages"], dict) or not raw["stages"]:
+        raise ConfigError("stages: expected a non-empty mapping of stage name to stage")
+    base_recipe = raw.get("recipe") or {}
+    base_resources = raw.get("resources") or {}
+    from_dict(Recipe, base_recipe, "recipe")  # report plan-level errors under their own key
+    from_dict(Resources, base_resources, "resources")
+    stages = {}
+    for name, body in raw["stages"].items():
+        where = f"stages.{name}"
+        if not isinstance(body, dict):
+            raise ConfigError(f"{where}: expected a mapping")
+        allowed = {"arch", "scale", "recipe", "resources", "init_from"}
+        extra = sorted(set(body) - allowed)
+        if extra:
+            raise ConfigError(f"{where}.{extra[0]}: unknown key (known: {', '.join(sorted(allowed))})")
+        merged = dict(
+            body,
+            name=str(name),
+            recipe=deep_merge(base_recipe, body.get("recipe") or {}),
+            resources=deep_merge(base_resources, body.get("resources") or {}),
+        )
+        stages[str(name)] = from_dict(Stage, merged, where)
+    plan = Plan(
+        name=_req_str(raw, "name"),
+        experiment=str(raw.get("experiment") or raw["name"]),
+        data=from_dict(Data, raw["data"], "data"),
+        storage=str(raw.get("storage") or "runs"),
+        stages=stages,
+        source=source,
+    )
+    validate(plan)
+    return plan
+
+
+def _req_str(raw: dict, key: str) -> str:
+    if not isinstance(raw[key], str) or not raw[key]:
+        raise ConfigError(f"{key}: expected a non-empty string, got {raw[key]!r}")
+    return raw[key]
+
+
+def validate(plan: Plan) -> None:
+    """Check the stage graph: archs exist, init_from sources exist, no cycles, layer
+    names exist in both nets, scales are sane."""
+    for st in plan.stages.values():
+        where = f"stages.{st.name}"
+        try:
+            arch = get_arch(st.arch)
+        except KeyError as exc:
+            raise ConfigError(f"{where}.arch: {exc.args[0]}") from None
+        lo, hi = st.scale_range
+        if lo < st.recipe.crop or hi < lo:
+            raise ConfigError(
+                f"{where}.scale: need crop ({st.recipe.crop}) <= Smin <= Smax, got {st.scale}"
+            )
+        src_ref = st.init_from
+        if src_ref is None:
+            continue
+        if src_ref.stage not in plan.stages:
+            raise ConfigError(f"{where}.init_from.stage: no stage named {src_ref.stage!r}")
+        src = plan.stages[src_ref.stage]
+        src_arch = get_arch(src.arch)
+        if src_ref.layers == "all":
+            if src_arch.name != arch.name:
+                raise ConfigError(
+                    f"{where}.init_from.layers: 'all' needs the same config, "
+                    f"but {src.name} is {src_arch.name} and {st.name} is {arch.name}"
+                )
+            continue
+        names = {n for n, _ in arch.layer_names()} | {"fc6", "fc7", "fc8"}
+        src_names = {n for n, _ in src_arch.layer_names()} | {"fc6", "fc7", "fc8"}
+        for layer in src_ref.layers:
+            if layer not in names or layer not in src_names:
+                owner = st.name if layer not in names else src.name
+                raise ConfigError(f"{where}.init_from.layers: {owner} has no layer {layer!r}")
+    # Cycles: follow init_from from every stage.
+    for start in plan.stages:
+        seen, cur = [start], plan.stages[start].init_from
+        while cur is not None:
+            if cur.stage in seen:
+                chain = " -> ".join(seen + [cur.stage])
+                raise ConfigError(f"stages: init_from forms a cycle: {chain}")
+            seen.append(cur.stage)
+            cur = plan.stages[cur.stage].init_from
+
+
+def load_plan(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Plan:
+    """Read, override (`recipe.optim.lr=0.02`, `stages.A.recipe.epochs=3`) and validate."""
+    raw = load_yaml(path)
+    for assignment in overrides:
+        raw = apply_override(raw, _expand_shorthand(assignment))
+    return parse_plan(raw, source=str(path))
+
+
+PLANS_DIR = Path(__file__).parent / "plans"

@@ -1,0 +1,169 @@
+"""MLflow: a parent run per plan run, a nested run per stage, metrics from rank 0.
+
+The only module that imports MLflow. The store is `MLFLOW_TRACKING_URI` when set,
+else a local SQLite file (the plain ./mlruns file store is refused by MLflow
+since 3.13). A tracking server that is down must not stop training:
+`MetricsLogger` buffers what it could not send and retries later.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_DB = "mlflow.db"
+
+
+def tracking_uri(default_db: str | Path = DEFAULT_DB) -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path(default_db).resolve()}"
+
+
+def ui_command(uri: str) -> str:
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+
+
+def _client(uri: str):
+    # Bounded retries: a down server costs seconds per attempt, not minutes.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+@dataclass(frozen=True)
+class StageRun:
+    run_id: str
+    finished: bool
+    checkpoint: str | None  # where the finished stage's final checkpoint lives
+
+
+class Tracker:
+    """Driver-side bookkeeping: find or create the plan's runs, so a rerun of the same
+    plan run continues its MLflow runs instead of duplicating them."""
+
+    def __init__(self, uri: str, experiment: str):
+        self.uri = uri
+        self.client = _client(uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+
+    def _find(self, filter_string: str):
+        runs = self.client.search_runs([self.experiment_id], filter_string, max_results=1,
+                                       order_by=["attributes.start_time DESC"])
+        return runs[0] if runs else None
+
+    def parent_run(self, run_name: str, params: dict, tags: dict) -> tuple[str, bool]:
+        """(run id, resumed?) of the plan run named `run_name`."""
+        found = self._find(f"tags.plan_run = '{run_name}' and tags.kind = 'plan'")
+        if found:
+            if found.info.status != "RUNNING":
+                self.client.update_run(found.info.run_id, status="RUNNING")
+            return found.info.run_id, True
+        run = self.client.create_run(self.experiment_id, run_name=run_name,
+                                     tags=dict(tags, plan_run=run_name, kind="plan"))
+        self._log_params(run.info.run_id, params)
+        return run.info.run_id, False
+
+    def stage_run(self, parent_id: str, run_name: str, stage: str, params: dict, tags: dict) -> StageRun:
+        found = self._find(f"tags.plan_run = '{run_name}' and tags.stage = '{stage}' and tags.kind = 'stage'")
+        if found:
+            finished = found.data.tags.get("stage_status") == "finished"
+            if not finished and found.info.status != "RUNNING":
+                self.client.update_run(found.info.run_id, status="RUNNING")
+            return StageRun(found.info.run_id, finished, found.data.tags.get("checkpoint"))
+        run = self.client.create_run(
+            self.experiment_id, run_name=f"{run_name}/{stage}",
+            tags=dict(tags, plan_run=run_name, stage=stage, kind="stage", **{"mlflow.parentRunId": parent_id}),
+        )
+        self._log_params(run.info.run_id, params)
+        return StageRun(run.info.run_id, False, None)
+
+    def _log_params(self, run_id: str, params: dict) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def finish_stage(self, run_id: str, metrics: dict, checkpoint: str, model=None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        if model is not None:
+            self.log_model(run_id, model)
+        self.client.set_tag(run_id, "checkpoint", checkpoint)
+        self.client.set_tag(run_id, "stage_status", "finished")
+        self.client.set_terminated(run_id, "FINISHED")
+
+    def fail(self, run_id: str, reason: str) -> None:
+        self.client.set_tag(run_id, "failure", reason[:5000])
+        self.client.set_terminated(run_id, "FAILED")
+
+    def finish_parent(self, run_id: str, metrics: dict) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        if metrics:
+            self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        self.client.set_terminated(run_id, "FINISHED")
+
+    def log_model(self, run_id: str, model) -> None:
+        """The trained net as an MLflow PyTorch model (loadable with mlflow.pytorch.load_model)."""
+        import mlflow
+        import torch
+
+        mlflow.set_tracking_uri(self.uri)
+        side = getattr(model, "input_size", 224)
+        example = torch.zeros(1, 3, side, side).numpy()  # pt2 export traces the forward pass
+        with mlflow.start_run(run_id=run_id):
+            mlflow.pytorch.log_model(model.eval(), name="model", input_example=example,
+                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+
+    def stage_results(self, run_name: str) -> list[dict]:
+        runs = self.client.search_runs([self.experiment_id],
+                                       f"tags.plan_run = '{run_name}' and tags.kind = 'stage'",
+                                       order_by=["attributes.start_time ASC"])
+        return [dict(run_id=r.info.run_id, status=r.info.status, **r.data.tags, **r.data.metrics) for r in runs]
+
+
+class MetricsLogger:
+    """Per-epoch metrics from rank 0 to one run; a no-op elsewhere. Failed sends are
+    kept and retried on the next call and at `flush`, with a warning, never raised."""
+
+    def __init__(self, uri: str | None, run_id: str | None, enabled: bool):
+        self.enabled = bool(enabled and uri and run_id)
+        self.uri, self.run_id = uri, run_id
+        self.pending: list = []
+        self._client = _client(uri) if self.enabled else None
+
+    def log(self, metrics: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.flush()
+
+    def flush(self) -> bool:
+        if not self.enabled or not self.pending:
+            return True
+        try:
+            while self.pending:  # drop each chunk only once it is sent
+                self._client.log_batch(self.run_id, metrics=self.pending[:500])
+                self.pending = self.pending[500:]
+        except Exception as exc:  # noqa: BLE001 - any tracking failure must not stop training
+            print(f"warning: MLflow unreachable ({type(exc).__name__}: {str(exc)[:200]}); "
+                  f"{len(self.pending)} metric values buffered, will retry", file=sys.stderr)
+            return False
+        return True
