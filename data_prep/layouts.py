@@ -79,8 +79,8 @@ def list_split(src: Path, split: str) -> list[Source]:
             f"{src}: no {split}/ folder. Expected {src}/{split}/<wnid>/*.JPEG "
             f"or, for val, flat {src}/val/ILSVRC2012_val_*.JPEG with LOC_val_solution.csv"
         )
-    has_class_dirs = any(p.is_dir() and WNID.match(p.name) for p in split_dir.iterdir())
-    if has_class_dirs:
+    subdirs = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    if subdirs:  # the folder layout; _folder_split names any folder that is not a wnid
         return _folder_split(split_dir)
     flat = [p for p in split_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
     if flat:

@@ -83,24 +83,36 @@ def _label(cls_bytes, digits: int):
 
 
 def _crop_window(shape, scale, crop: int, pos_x, pos_y):
-    """Anchor and side (WH, source pixels) of the crop that resize-to-S-then-crop takes.
+    """Where resize-to-S-then-crop takes its crop from, in source pixels (floats).
 
     Rescaling by S / shorter_side and cutting a crop x crop window at relative
     position (pos_x, pos_y) equals cutting a (crop * shorter / S)-pixel window at
-    the same relative position in the source and resizing it to crop x crop."""
+    the same relative position in the source and resizing it to crop x crop.
+    Returns (x, y, side)."""
     hw = fn.cast(shape, dtype=types.FLOAT)
     h, w = hw[0], hw[1]
     side = crop * dmath.min(h, w) / scale
-    anchor = fn.stack(pos_x * (w - side), pos_y * (h - side))
-    return anchor, fn.stack(side, side)
+    return pos_x * (w - side), pos_y * (h - side), side
 
 
-def _decode_window(jpegs, anchor, size, crop: int, gpu: bool):
+def _decode_window(jpegs, shape, window, crop: int, gpu: bool):
+    """Decode only the pixels around the window (ROI decoding), then resize the exact
+    sub-pixel window to crop x crop. The margin gives the antialiasing filter the
+    context it has when the whole image is resized (its support is about one
+    output pixel, side / crop source pixels, each way)."""
+    x, y, side = window
+    hw = fn.cast(shape, dtype=types.FLOAT)
+    margin = dmath.ceil(side / crop) + 1.0
+    x0, y0 = dmath.max(dmath.floor(x - margin), 0.0), dmath.max(dmath.floor(y - margin), 0.0)
+    x1 = dmath.min(dmath.ceil(x + side + margin), hw[1])
+    y1 = dmath.min(dmath.ceil(y + side + margin), hw[0])
     images = fn.decoders.image_slice(
-        jpegs, anchor, size, device="mixed" if gpu else "cpu", output_type=types.RGB,
-        normalized_anchor=False, normalized_shape=False, axis_names="WH",
+        jpegs, fn.stack(x0, y0), fn.stack(x1 - x0, y1 - y0), device="mixed" if gpu else "cpu",
+        output_type=types.RGB, normalized_anchor=False, normalized_shape=False, axis_names="WH",
     )
-    return fn.resize(images, size=[crop, crop], antialias=True)
+    # roi_* follow the tensor's (H, W) order and are relative to the decoded window.
+    return fn.resize(images, size=[crop, crop], antialias=True, roi_relative=False,
+                     roi_start=fn.stack(y - y0, x - x0), roi_end=fn.stack(y - y0 + side, x - x0 + side))
 
 
 def _reader(info: DatasetInfo, split: str, shard_id: int, num_shards: int, train: bool, seed: int,
@@ -123,9 +135,9 @@ def train_pipeline(info: DatasetInfo, split: str, shard_id: int, num_shards: int
     jpegs, cls = _reader(info, split, shard_id, num_shards, True, shuffle_seed, shuffle_buffer)
     lo, hi = scale_range
     scale = fn.random.uniform(range=[float(lo), float(hi) + 1e-3]) if hi > lo else float(lo)
-    anchor, size = _crop_window(fn.peek_image_shape(jpegs), scale, crop,
-                                fn.random.uniform(range=[0.0, 1.0]), fn.random.uniform(range=[0.0, 1.0]))
-    images = _decode_window(jpegs, anchor, size, crop, gpu)
+    shape = fn.peek_image_shape(jpegs)
+    window = _crop_window(shape, scale, crop, fn.random.uniform(range=[0.0, 1.0]), fn.random.uniform(range=[0.0, 1.0]))
+    images = _decode_window(jpegs, shape, window, crop, gpu)
     mean = types.Constant(np.asarray(info.mean_rgb, dtype=np.float32))
     if color_shift > 0:
         # AlexNet's lighting noise: add eigvec @ (alpha * sqrt(eigval)), alpha ~ N(0, 0.1);
@@ -148,8 +160,8 @@ def center_crop_pipeline(info: DatasetInfo, split: str, shard_id: int, num_shard
                          normalize_std: bool, gpu: bool):
     """Single-scale test protocol: rescale to Q, centre crop (Section 3.2, Table 3)."""
     jpegs, cls = _reader(info, split, shard_id, num_shards, False, 0, 1)
-    anchor, size = _crop_window(fn.peek_image_shape(jpegs), float(scale), crop, 0.5, 0.5)
-    images = _decode_window(jpegs, anchor, size, crop, gpu)
+    shape = fn.peek_image_shape(jpegs)
+    images = _decode_window(jpegs, shape, _crop_window(shape, float(scale), crop, 0.5, 0.5), crop, gpu)
     out = fn.crop_mirror_normalize(
         images, mean=list(info.mean_rgb), std=list(info.std_rgb) if normalize_std else [1.0, 1.0, 1.0],
         output_layout="CHW", dtype=types.FLOAT16 if gpu else types.FLOAT,

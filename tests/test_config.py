@@ -1,0 +1,102 @@
+"""Plans and recipes: typed, validated, overridable; errors name the key, before Ray."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from pipeline.cli import main as cli_main
+from pipeline.config import ConfigError, from_dict, parse_yaml
+from pipeline.stages import PLANS_DIR, Optim, Recipe, load_plan
+
+MINI = """
+name: mini
+data: {root: /tmp/shards}
+recipe: {crop: 64, epochs: 2, optim: {lr: 0.05, weight_decay: 5e-4}}
+stages:
+  A: {arch: A, scale: 72}
+  B: {arch: B, scale: [72, 96], init_from: {stage: A}}
+"""
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "plan.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_recipe_defaults_are_the_papers():
+    r = Recipe()
+    assert (r.batch_size, r.epochs, r.max_iterations, r.crop, r.dropout) == (256, 74, 370_000, 224, 0.5)
+    o = Optim()
+    assert (o.lr, o.momentum, o.weight_decay, o.lr_drop, o.max_drops) == (0.01, 0.9, 5e-4, 0.1, 3)
+
+
+def test_plan_loads_merges_and_orders(tmp_path):
+    plan = load_plan(write(tmp_path, MINI))
+    a, b = plan.stages["A"], plan.stages["B"]
+    assert a.recipe.optim.lr == 0.05 and a.recipe.optim.weight_decay == 5e-4  # "5e-4" is a float
+    assert b.scale == (72, 96) and b.scale_range == (72, 96) and b.eval_scale == 84
+    assert b.init_from.layers[0] == "conv1_1"
+    assert [s.name for s in plan.order()] == ["A", "B"]
+
+
+def test_overrides_dotted_and_shorthand(tmp_path):
+    plan = load_plan(write(tmp_path, MINI), ["optim.lr=0.02", "stages.B.recipe.epochs=5", "data.root=/x"])
+    assert plan.stages["A"].recipe.optim.lr == 0.02 and plan.stages["B"].recipe.optim.lr == 0.02
+    assert plan.stages["B"].recipe.epochs == 5 and plan.stages["A"].recipe.epochs == 2
+    assert plan.data.root == "/x"
+    assert plan.fingerprint() != load_plan(write(tmp_path, MINI)).fingerprint()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("recipe.optim.lrr=0.1", r"recipe\.optim\.lrr: unknown key"),
+        ("optim.lr=fast", r"recipe\.optim\.lr: expected float, got 'fast'"),
+        ("stages.A.recipe.epochs=2.5", r"stages\.A\.recipe\.epochs: expected int"),
+        ("stages.A.arch=Z", r"stages\.A\.arch: unknown architecture 'Z'"),
+        ("stages.B.init_from.stage=Q", r"stages\.B\.init_from\.stage: no stage named 'Q'"),
+        ("stages.B.init_from.layers=[conv9_9]", r"stages\.B\.init_from\.layers: .*conv9_9"),
+        ("stages.A.scale=[96, 72]", r"stages\.A\.scale"),
+        ("stages.A.init_from={stage: B}", r"cycle: A -> B -> A"),
+        ("resources.num_workers=two", r"resources\.num_workers: expected int"),
+        ("stages.B.init_from.layers=all", r"'all' needs the same config"),
+        ("bogus=1", r"bogus: unknown key"),
+        ("noequals", r"expected KEY=VALUE"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_plan(write(tmp_path, MINI), [override])
+
+
+def test_from_dict_rejects_bool_for_int_and_missing_required():
+    with pytest.raises(ConfigError, match="epochs: expected int, got True"):
+        from_dict(Recipe, {"epochs": True})
+    with pytest.raises(ConfigError, match="lr must be positive"):
+        from_dict(Optim, {"lr": -1})
+    assert parse_yaml("x: 1e-3")["x"] == 0.001
+
+
+def test_shipped_plans_validate():
+    paper = load_plan(PLANS_DIR / "paper.yaml")
+    order = [s.name for s in paper.order()]
+    assert order.index("A") < order.index("D-256") < order.index("D-384") < order.index("D-multi")
+    assert paper.stages["D-384"].recipe.optim.lr == 1e-3 and paper.stages["D-multi"].scale == (256, 512)
+    assert paper.stages["E-256"].init_from.stage == "A"
+    demo = load_plan(PLANS_DIR / "demo.yaml")
+    assert demo.stages["B"].init_from.stage == "A"
+
+
+def test_invalid_plan_fails_before_ray_or_mlflow(tmp_path, capsys, monkeypatch):
+    import ray
+
+    db = tmp_path / "never.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    bad = write(tmp_path, MINI.replace("arch: B", "arch: Q"))
+    assert cli_main(["train", "--plan", str(bad)]) == 2
+    assert "stages.B.arch" in capsys.readouterr().err
+    assert not ray.is_initialized()
+    assert not db.exists()  # MLflow was never touched

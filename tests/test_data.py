@@ -1,0 +1,123 @@
+"""The DALI graphs on the CPU: labels, geometry, epoch lengths, exactly-once evaluation."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+from data_prep.writer import Sample, write_shard
+from pipeline.data import DatasetInfo, eval_loader, train_loader
+
+
+def test_train_batches_shape_dtype_and_exact_epochs(shards):
+    info = DatasetInfo.load(shards)
+    loaders = [train_loader(info, "train", rank=r, world_size=3, batch_size=8, scale_range=(72, 96), crop=64,
+                            threads=1) for r in range(3)]
+    assert {len(ld) for ld in loaders} == {144 // 24}  # same step count on every rank
+    for epoch in range(2):  # resets cleanly: the second epoch is as long as the first
+        batches = list(loaders[1])
+        assert len(batches) == len(loaders[1])
+        images, labels = batches[0]
+        assert images.shape == (8, 3, 64, 64) and images.dtype == torch.float32
+        assert labels.dtype == torch.int64 and labels.shape == (8,)
+        assert labels.min() >= 0 and labels.max() < info.num_classes
+    # mean subtraction: the centred pixels average near zero over a batch
+    assert abs(float(torch.cat([b[0] for b in batches]).mean())) < 25
+
+
+def test_eval_counts_every_image_once_for_uneven_worlds(shards):
+    info = DatasetInfo.load(shards)
+    truth = Counter(r["label"] for r in pq.read_table(shards / "manifest.parquet").to_pylist() if r["split"] == "val")
+    assert sum(truth.values()) == 48  # 3 shards of 20, 20, 8
+    for world in (1, 2, 3, 5):
+        seen: Counter = Counter()
+        for rank in range(world):
+            for _, labels in eval_loader(info, "val", rank=rank, world_size=world, batch_size=7, scale=72, crop=64,
+                                         threads=1):
+                seen.update(labels.tolist())
+        assert seen == truth, f"world size {world}"
+
+
+def _smooth_jpegs(tmp_path: Path, labels: list[int], digits: int) -> DatasetInfo:
+    """Natural-looking (smooth) images of several sizes in a one-shard split, with the
+    given labels written at `digits` width."""
+    rng = np.random.default_rng(0)
+    samples = []
+    for i, label in enumerate(labels):
+        # Rescaled sides are whole pixels at the tested S for the first three: resize_shorter
+        # rounds the long side (400x300 -> 133x100 at S=100 is 0.25% anisotropic, a half-pixel
+        # shift that the reference has and the exact crop window does not).
+        w, h = [(450, 300), (300, 420), (512, 512), (333, 257)][i % 4]
+        base = rng.integers(0, 255, size=(h // 16 + 1, w // 16 + 1, 3)).astype(np.uint8)
+        img = Image.fromarray(base).resize((w, h), Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(2))
+        path = tmp_path / f"img{i}.JPEG"
+        img.save(path, quality=95)
+        samples.append(Sample(f"img{i}", str(path), "n00000000", label))
+    (tmp_path / "val").mkdir()
+    write_shard(str(tmp_path / "val"), "val-000000", samples, digits)
+    stats = {"counts": {"val": len(samples)}, "num_classes": 1000, "label_digits": digits,
+             "mean_rgb": [0.0, 0.0, 0.0], "rgb_eigval": [1.0, 1.0, 1.0],
+             "rgb_eigvec": [[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]]}
+    (tmp_path / "stats.json").write_text(json.dumps(stats))
+    return DatasetInfo.load(tmp_path)
+
+
+def test_multi_digit_labels_round_trip_through_the_graph(tmp_path):
+    labels = [0, 7, 42, 999, 100, 5]
+    info = _smooth_jpegs(tmp_path, labels, digits=3)
+    got = [int(v) for _, lab in eval_loader(info, "val", rank=0, world_size=1, batch_size=4, scale=256, crop=224,
+                                              threads=1) for v in lab]
+    assert sorted(got) == sorted(labels)
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 10 * np.log10(255.0**2 / max(mse, 1e-12))
+
+
+@pytest.mark.parametrize("scale, crop", [(256, 224), (384, 224), (100, 64)])
+def test_crop_window_matches_resize_then_crop(tmp_path, scale, crop):
+    """The graph decodes only the crop window and resizes it; the reference resizes the
+    whole image to S and crops the centre. Same geometry: PSNR above 30 dB."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    info = _smooth_jpegs(tmp_path, [1, 2, 3, 4], digits=1)
+    ours = [img for img, _ in eval_loader(info, "val", rank=0, world_size=1, batch_size=4, scale=scale, crop=crop,
+                                          threads=1)][0]
+
+    @pipeline_def(batch_size=4, num_threads=1, device_id=None)
+    def reference():
+        jpegs, _ = fn.readers.webdataset(paths=[str(tmp_path / "val" / "val-000000.tar")],
+                                         index_paths=[str(tmp_path / "val" / "val-000000.idx")], ext=["jpg", "cls"])
+        images = fn.decoders.image(jpegs, output_type=types.RGB)
+        images = fn.resize(images, resize_shorter=scale, antialias=True)
+        return fn.crop_mirror_normalize(images, crop=(crop, crop), crop_pos_x=0.5, crop_pos_y=0.5,
+                                        output_layout="CHW", dtype=types.FLOAT)
+
+    pipe = reference()
+    pipe.build()
+    (ref,) = pipe.run()
+    for i in range(4):
+        expected = np.asarray(ref[i])
+        assert expected.shape == (3, crop, crop)
+        assert _psnr(ours[i].numpy(), expected) > 30, f"image {i}"
+
+
+def test_colour_shift_changes_pixels_only_by_a_per_image_offset(shards):
+    info = DatasetInfo.load(shards)
+    args = dict(rank=0, world_size=1, batch_size=16, scale_range=(72, 72), crop=64, threads=1, seed=3)
+    plain = next(iter(train_loader(info, "train", color_shift=0.0, **args)))[0]
+    shifted = next(iter(train_loader(info, "train", color_shift=0.1, **args)))[0]
+    diff = (shifted - plain).flatten(2)  # (N, 3, H*W): one constant per image and channel
+    assert float(diff.std(dim=2).max()) < 1e-3
+    offsets = diff.mean(dim=2)
+    assert float(offsets.abs().max()) > 0.1  # it did shift
+    # the offsets follow the RGB covariance's scale: std of eigvec @ (0.1 * sqrt(eigval) * N(0,1))
+    assert float(offsets.abs().max()) < 0.1 * 6 * max(info.rgb_eigval) ** 0.5

@@ -1,0 +1,183 @@
+"""The model zoo against the papers: exact counts, names, dense form, transfer by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.archs import ARCHS, PAPER_INIT_LAYERS, feature_side, get_arch
+from pipeline.models import (
+    VGG,
+    build_model,
+    count_parameters,
+    dense_form,
+    init_from,
+    load_torchvision_state,
+    torchvision_key_map,
+)
+
+# Simonyan & Zisserman Table 2 / torchvision; Chatfield et al. as read in PAPER.md.
+PAPER_COUNTS = {
+    "A": (132_863_336, 11), "A-LRN": (132_863_336, 11), "B": (133_047_848, 13), "C": (133_638_952, 16),
+    "D": (138_357_544, 16), "E": (143_667_240, 19), "F": (60_834_536, 8), "M": (102_908_520, 8),
+    "S": (102_908_520, 8),
+}
+
+
+@pytest.mark.parametrize("name", list(PAPER_COUNTS))
+def test_exact_parameter_and_weight_layer_counts(name):
+    with torch.device("meta"):
+        model = VGG(get_arch(name))
+    params, layers = PAPER_COUNTS[name]
+    assert count_parameters(model) == params
+    assert get_arch(name).weight_layers == layers
+    assert len(model.weight_layers()) == layers
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_every_config_runs_forward_at_reduced_width(name):
+    model = build_model(name, num_classes=7, width_mult=0.0625, input_size=224 if name in "FMS" else 64).eval()
+    x = torch.randn(2, 3, model.input_size, model.input_size)
+    out = model(x)
+    assert out.shape == (2, 7)
+    assert torch.isfinite(out).all()
+
+
+def test_aliases_and_caffe_names():
+    assert get_arch("vgg16") is ARCHS["D"] and get_arch("vgg11") is ARCHS["A"]
+    assert get_arch("vgg13") is ARCHS["B"] and get_arch("vgg19") is ARCHS["E"]
+    e = build_model("vgg19", width_mult=0.0625, input_size=32)
+    convs = [n for n in e.weight_layers() if n.startswith("conv")]
+    assert convs[0] == "conv1_1" and convs[-1] == "conv5_4" and len(convs) == 16
+    lrn = build_model("A-LRN", width_mult=0.0625, input_size=32)
+    names = [n for n, _ in lrn.features.named_children()]
+    assert names[:3] == ["conv1_1", "relu1_1", "lrn1"] and "pool5" in names
+    assert isinstance(lrn.features.lrn1, nn.LocalResponseNorm) and lrn.features.lrn1.k == 2.0
+    c = build_model("C", width_mult=0.0625, input_size=32)
+    assert c.features.conv3_3.kernel_size == (1, 1) and c.features.conv3_2.kernel_size == (3, 3)
+    f = build_model("F", width_mult=0.0625)
+    assert [n for n in f.weight_layers()][:5] == ["conv1", "conv2", "conv3", "conv4", "conv5"]
+
+
+def test_feature_map_sides_match_the_papers():
+    assert feature_side(ARCHS["D"], 224) == 7
+    for name in "FMS":  # Chatfield: fc6 sees 6x6 in every net
+        assert feature_side(ARCHS[name], 224) == 6
+    # F: 27x27 after conv1's pool, 13x13 after conv2's (the seed notes)
+    f = build_model("F", width_mult=0.0625).eval()
+    x = torch.zeros(1, 3, 224, 224)
+    sizes = {}
+    for n, m in f.features.named_children():
+        x = m(x)
+        sizes[n] = x.shape[-1]
+    assert sizes["pool1"] == 27 and sizes["pool2"] == 13
+
+
+def test_width_mult_and_input_size_shape_the_head():
+    m = build_model("A", num_classes=10, width_mult=0.125, input_size=64)
+    assert m.features.conv1_1.out_channels == 8
+    assert m.classifier.fc6.in_features == 64 * 2 * 2  # 512 * 0.125 channels, 64 / 32 side
+    assert m.classifier.fc7.in_features == 512
+    with pytest.raises(ValueError, match="dense_form"):
+        m(torch.zeros(1, 3, 96, 96))
+
+
+@pytest.mark.parametrize("scheme", ["paper", "glorot", "kaiming"])
+def test_init_schemes(scheme):
+    m = build_model("A", width_mult=0.25, input_size=32, init=scheme, init_std=0.01)
+    w = m.features.conv4_1.weight
+    assert all(float(p.bias.abs().max()) == 0 for p in m.weight_layers().values())
+    if scheme == "paper":
+        assert abs(float(w.std()) - 0.01) < 0.001
+    elif scheme == "kaiming":  # He, fan-out: std = sqrt(2 / (out * 9))
+        assert abs(float(w.std()) - (2 / (w.shape[0] * 9)) ** 0.5) < 0.1 * (2 / (w.shape[0] * 9)) ** 0.5
+    with pytest.raises(ValueError, match="unknown init"):
+        build_model("A", width_mult=0.25, input_size=32, init="orthogonal")
+
+
+def test_dense_form_equals_fc_form_at_224_and_maps_larger_inputs():
+    torch.manual_seed(0)
+    model = build_model("A", num_classes=11, width_mult=0.0625, init="kaiming").eval()
+    x = torch.randn(2, 3, 224, 224)
+    dense = dense_form(model)
+    with torch.no_grad():
+        fc, scores = model(x), dense(x)
+    assert scores.shape == (2, 11, 1, 1)
+    torch.testing.assert_close(scores[:, :, 0, 0], fc, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        big = dense(torch.randn(1, 3, 288, 352))
+    assert big.shape == (1, 11, 3, 5)  # (288/32 - 7 + 1, 352/32 - 7 + 1)
+
+
+@pytest.mark.parametrize("target_name", ["B", "C", "D", "E"])
+def test_init_from_a_copies_exactly_the_papers_layers(target_name):
+    torch.manual_seed(0)
+    a = build_model("A", num_classes=10, width_mult=0.0625, input_size=64)
+    target = build_model(target_name, num_classes=10, width_mult=0.0625, input_size=64)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    transfer = init_from(target, a, PAPER_INIT_LAYERS)
+    assert set(transfer.copied) == set(PAPER_INIT_LAYERS)
+    assert set(transfer.left) == set(target.weight_layers()) - set(PAPER_INIT_LAYERS)
+    src = a.state_dict()
+    for key, value in target.state_dict().items():
+        layer = key.split(".")[-2]
+        if layer in PAPER_INIT_LAYERS:
+            assert torch.equal(value, src[key]), key
+        else:
+            assert torch.equal(value, before[key]), key
+
+
+def test_init_from_checkpoint_file_and_errors(tmp_path):
+    a = build_model("A", num_classes=10, width_mult=0.0625, input_size=64)
+    path = tmp_path / "a.pt"
+    torch.save({"model": {f"module.{k}": v for k, v in a.state_dict().items()}}, path)  # DDP-style keys
+    b = build_model("B", num_classes=10, width_mult=0.0625, input_size=64)
+    init_from(b, path, ["conv1_1"])
+    assert torch.equal(b.features.conv1_1.weight, a.features.conv1_1.weight)
+    wide = build_model("B", num_classes=10, width_mult=0.125, input_size=64)
+    with pytest.raises(ValueError, match="conv1_1.*shape"):
+        init_from(wide, a, ["conv1_1"])
+    with pytest.raises(ValueError, match="conv3_3"):
+        init_from(b, a, ["conv3_3"])  # D has it, A does not
+
+
+def _torchvision_shaped_state(model: VGG) -> dict:
+    """A state dict with torchvision's key layout, built from its rules (no download):
+    features.<i> counts Conv2d, [BatchNorm2d], ReLU, MaxPool2d in order;
+    classifier is Linear(0), ReLU, Dropout, Linear(3), ReLU, Dropout, Linear(6)."""
+    g = torch.Generator().manual_seed(1)
+    state, index = {}, 0
+    for module in model.features.children():
+        if isinstance(module, nn.Conv2d):
+            state[f"features.{index}.weight"] = torch.randn(module.weight.shape, generator=g)
+            state[f"features.{index}.bias"] = torch.randn(module.bias.shape, generator=g)
+        elif isinstance(module, nn.BatchNorm2d):
+            n = module.num_features
+            for leaf in ("weight", "bias", "running_mean", "running_var"):
+                state[f"features.{index}.{leaf}"] = torch.rand(n, generator=g)
+            state[f"features.{index}.num_batches_tracked"] = torch.tensor(5)
+        index += 1
+    for i, fc in ((0, model.classifier.fc6), (3, model.classifier.fc7), (6, model.classifier.fc8)):
+        state[f"classifier.{i}.weight"] = torch.randn(fc.weight.shape, generator=g)
+        state[f"classifier.{i}.bias"] = torch.randn(fc.bias.shape, generator=g)
+    return state
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_torchvision_state_dict_maps_onto_named_layers(batch_norm):
+    model = build_model("D", width_mult=0.0625, input_size=64, batch_norm=batch_norm)
+    tv = _torchvision_shaped_state(model)
+    # torchvision's vgg16 has 13 convs at these indices (30 feature modules without BN).
+    if not batch_norm:
+        assert "features.28.weight" in tv and "features.0.weight" in tv and len(model.features) == 31
+    load_torchvision_state(model, tv)
+    assert torch.equal(model.features.conv1_1.weight, tv["features.0.weight"])
+    assert torch.equal(model.classifier.fc8.bias, tv["classifier.6.bias"])
+    last_conv = max(k for k, v in torchvision_key_map(model).items() if v == "features.conv5_3.weight")
+    assert torch.equal(model.features.conv5_3.weight, tv[last_conv])
+    if batch_norm:
+        assert torch.equal(model.features.bn1_1.running_var, tv["features.1.running_var"])
+    tv.pop("classifier.6.bias")
+    with pytest.raises(ValueError, match="missing"):
+        load_torchvision_state(model, tv)

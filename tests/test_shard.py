@@ -1,0 +1,225 @@
+"""data_prep/shard.py on small real ImageNet-layout trees, bad inputs and a SIGKILL."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from data_prep.layouts import LayoutError
+from data_prep.shard import build, verify
+from data_prep.synth import make_dataset, wnid
+
+REPO = Path(__file__).resolve().parent.parent
+SHARD = [sys.executable, str(REPO / "data_prep" / "shard.py")]
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_folder_layout_outputs(shards, image_tree):
+    manifest = pq.read_table(shards / "manifest.parquet").to_pylist()
+    assert {"split", "key", "label", "wnid", "shard", "source", "bytes", "width", "height"} <= set(manifest[0])
+    assert sum(r["split"] == "train" for r in manifest) == 6 * 24
+    assert sum(r["split"] == "val" for r in manifest) == 6 * 8
+    assert len({(r["split"], r["key"]) for r in manifest}) == len(manifest)  # nothing duplicated
+    sources = {str(p.resolve()) for p in image_tree.rglob("*.JPEG")}
+    assert {r["source"] for r in manifest} == sources  # nothing lost
+    classes = json.loads((shards / "classes.json").read_text())
+    assert [c["wnid"] for c in classes] == sorted(c["wnid"] for c in classes)
+    assert classes[0]["name"] == "disc"  # from LOC_synset_mapping.txt
+    assert all(r["label"] == [c["wnid"] for c in classes].index(r["wnid"]) for r in manifest)
+    stats = json.loads((shards / "stats.json").read_text())
+    assert stats["counts"] == {"train": 144, "val": 48}
+    assert len(stats["mean_rgb"]) == 3 and all(0 < m < 255 for m in stats["mean_rgb"])
+    assert stats["rgb_eigval"] == sorted(stats["rgb_eigval"], reverse=True)
+    # every shard mixes classes (seeded global shuffle)
+    by_shard: dict[str, set] = {}
+    for r in manifest:
+        by_shard.setdefault(r["shard"], set()).add(r["label"])
+    assert all(len(labels) >= 3 for labels in by_shard.values())
+
+
+def test_tars_read_back_with_tarfile_and_webdataset(shards):
+    import webdataset as wds
+
+    manifest = {(r["key"]): r for r in pq.read_table(shards / "manifest.parquet").to_pylist()}
+    tar_path = sorted((shards / "train").glob("*.tar"))[0]
+    with tarfile.open(tar_path) as tar:
+        names = tar.getnames()
+        assert names[:3] == [names[0].split(".")[0] + ext for ext in (".cls", ".jpg", ".json")]
+        assert all(m.mtime == 0 and m.uid == 0 for m in tar.getmembers())
+    count = 0
+    for sample in wds.WebDataset(str(tar_path), shardshuffle=False).decode("pil"):
+        row = manifest[sample["__key__"]]
+        assert sample["cls"] == row["label"]
+        assert sample["json"]["wnid"] == row["wnid"]
+        assert sample["jpg"].size == (row["width"], row["height"])
+        count += 1
+    assert count == 20
+
+
+def test_index_matches_dalis_wds2idx(shards, tmp_path):
+    tar_path = sorted((shards / "val").glob("*.tar"))[0]
+    ours = tar_path.with_suffix(".idx").read_text()
+    wds2idx = Path(sys.executable).parent / "wds2idx"
+    subprocess.run([str(wds2idx), str(tar_path), str(tmp_path / "ref.idx")], check=True, capture_output=True)
+    assert ours == (tmp_path / "ref.idx").read_text()
+
+
+def test_same_inputs_and_seed_give_identical_bytes(image_tree, shards, tmp_path):
+    build(image_tree, tmp_path / "again", samples_per_shard=20, workers=2, progress=False)
+    a, b = tree_bytes(shards), tree_bytes(tmp_path / "again")
+    assert a.keys() == b.keys() and a == b
+    build(image_tree, tmp_path / "seeded", samples_per_shard=20, seed=1, progress=False)
+    first = (tmp_path / "seeded" / "train" / "train-000000.tar").read_bytes()
+    assert first != a["train/train-000000.tar"]
+
+
+def _bad_tree(tmp_path: Path) -> Path:
+    src = make_dataset(tmp_path / "src", train_per_class=4, val_per_class=2, min_side=48, max_side=64)
+    folder = src / "train" / wnid(0)
+    img = Image.new("RGB", (50, 40), (200, 30, 30))
+    img.convert("CMYK").save(folder / "cmyk.JPEG", "JPEG")
+    img.save(folder / "png_in_disguise.JPEG", "PNG")
+    good = (folder / f"{wnid(0)}_train_00000.JPEG").read_bytes()
+    (folder / "truncated.JPEG").write_bytes(good[: len(good) // 2])
+    (folder / "empty.JPEG").write_bytes(b"")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "odd name.with.dots;rm -rf.JPEG").write_bytes(good)
+    return src
+
+
+def test_bad_inputs_are_kept_converted_or_rejected_with_reason(tmp_path):
+    src = _bad_tree(tmp_path)
+    out = tmp_path / "out"
+    summary = build(src, out, samples_per_shard=8, progress=False)
+    assert summary.rejects == 3
+    rejects = {Path(r["source"]).name: r["reason"] for r in
+               __import__("csv").DictReader(io.StringIO((out / "rejects.csv").read_text()))}
+    assert set(rejects) == {"truncated.JPEG", "empty.JPEG", "notes.txt"}
+    assert rejects["empty.JPEG"] == "empty file"
+    rows = {Path(r["source"]).name: r for r in pq.read_table(out / "manifest.parquet").to_pylist()}
+    assert "CMYK" in rows["cmyk.JPEG"]["action"] and "PNG" in rows["png_in_disguise.JPEG"]["action"]
+    # converted images are RGB JPEGs in the shard
+    key = rows["cmyk.JPEG"]["key"]
+    with tarfile.open(out / rows["cmyk.JPEG"]["shard"]) as tar:
+        data = tar.extractfile(f"{key}.jpg").read()
+    with Image.open(io.BytesIO(data)) as im:
+        assert (im.format, im.mode) == ("JPEG", "RGB")
+    odd = rows["odd name.with.dots;rm -rf.JPEG"]["key"]
+    assert "." not in odd and "/" not in odd and " " not in odd and ";" not in odd
+    # exit 0 with rejects, non-zero with --strict
+    ok = subprocess.run(SHARD + ["--src", str(src), "--out", str(tmp_path / "o2"), "--quiet"], capture_output=True)
+    assert ok.returncode == 0, ok.stderr
+    strict = subprocess.run(SHARD + ["--src", str(src), "--out", str(tmp_path / "o3"), "--strict", "--quiet"],
+                            capture_output=True, text=True)
+    assert strict.returncode != 0 and "rejected" in strict.stderr
+
+
+def test_kaggle_flat_val_layout(tmp_path):
+    src = make_dataset(tmp_path / "src", train_per_class=3, val_per_class=2, min_side=48, max_side=64)
+    lines = ["ImageId,PredictionString"]
+    for i, path in enumerate(sorted((src / "val").rglob("*.JPEG"))):
+        flat = src / "val" / f"ILSVRC2012_val_{i + 1:08d}.JPEG"
+        lines.append(f"{flat.stem},{path.parent.name} 1 2 3 4")
+        shutil.move(path, flat)
+    for d in (src / "val").iterdir():
+        if d.is_dir():
+            d.rmdir()
+    with pytest.raises(LayoutError, match="LOC_val_solution.csv"):
+        build(src, tmp_path / "nolabels", progress=False)
+    (src / "LOC_val_solution.csv").write_text("\n".join(lines) + "\n")
+    build(src, tmp_path / "out", samples_per_shard=5, progress=False)
+    rows = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
+    val = [r for r in rows if r["split"] == "val"]
+    assert len(val) == 12 and all(r["key"].startswith("ILSVRC2012_val_") for r in val)
+    wrong = lines[:1] + [lines[1].split(",")[0] + ",notawnid 1 2"] + lines[2:]
+    (src / "LOC_val_solution.csv").write_text("\n".join(wrong) + "\n")
+    with pytest.raises(LayoutError, match=r"LOC_val_solution.csv:2"):
+        build(src, tmp_path / "bad", progress=False)
+
+
+def test_unknown_layout_says_what_it_expected(tmp_path):
+    (tmp_path / "train" / "cats").mkdir(parents=True)
+    with pytest.raises(LayoutError, match="WordNet ids"):
+        build(tmp_path, tmp_path / "out", progress=False)
+    with pytest.raises(LayoutError, match="no train/ folder"):
+        build(tmp_path / "train", tmp_path / "out", progress=False)
+
+
+def test_sigkill_then_rerun_gives_identical_output(image_tree, tmp_path):
+    reference = tmp_path / "reference"
+    build(image_tree, reference, samples_per_shard=4, progress=False)
+    out = tmp_path / "killed"
+    cmd = SHARD + ["--src", str(image_tree), "--out", str(out), "--samples-per-shard", "4", "--workers", "1",
+                   "--quiet"]
+    proc = subprocess.Popen(cmd)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(list(out.glob("train/*.tar"))) < 3:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = len(list(out.glob("train/*.tar")))
+    assert 3 <= finished < 36, "the kill should land mid-job"
+    assert not (out / "manifest.parquet").exists()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"{finished}" in done.stdout and "already done" in done.stdout
+    assert tree_bytes(out) == tree_bytes(reference)
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_half_written_shard_is_not_counted_as_done(image_tree, tmp_path):
+    out = tmp_path / "out"
+    build(image_tree, out, samples_per_shard=20, progress=False)
+    reference = tree_bytes(out)
+    victim = out / "train" / "train-000002.tar"
+    victim.rename(victim.with_name(victim.name + ".tmp"))  # as if killed before the final rename
+    (victim.with_name(victim.name + ".tmp")).write_bytes(b"partial")
+    summary = build(image_tree, out, samples_per_shard=20, progress=False)
+    assert summary.shards_written == 1
+    assert tree_bytes(out) == reference
+
+
+def test_other_job_in_same_out_is_refused(image_tree, tmp_path):
+    out = tmp_path / "out"
+    build(image_tree, out, samples_per_shard=20, progress=False)
+    with pytest.raises(RuntimeError, match="different job"):
+        build(image_tree, out, samples_per_shard=30, progress=False)
+
+
+def test_verify_finds_tampering(image_tree, tmp_path):
+    out = tmp_path / "out"
+    build(image_tree, out, samples_per_shard=20, progress=False)
+    assert verify(out) == []
+    ok = subprocess.run(SHARD + ["--out", str(out), "--verify"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "OK" in ok.stdout
+    (out / "val" / "val-000001.tar").unlink()
+    problems = verify(out)
+    assert problems and "val/val-000001.tar: missing" in problems[0]
+
+
+def test_resize_shorter_reencodes_large_images(image_tree, tmp_path):
+    out = tmp_path / "out"
+    build(image_tree, out, samples_per_shard=50, resize_shorter=70, progress=False)
+    rows = pq.read_table(out / "manifest.parquet").to_pylist()
+    resized = [r for r in rows if r["action"].startswith("resized")]
+    assert resized and all(min(r["width"], r["height"]) > 70 for r in resized)
+    kept = [r for r in rows if r["action"] == "kept"]
+    assert kept and all(min(r["width"], r["height"]) <= 70 for r in kept)
+    r = resized[0]
+    with tarfile.open(out / r["shard"]) as tar:
+        with Image.open(io.BytesIO(tar.extractfile(f"{r['key']}.jpg").read())) as im:
+            assert min(im.size) == 70
