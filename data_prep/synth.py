@@ -75,7 +75,7 @@ def draw(cls: int, rng: random.Random, width: int, height: int) -> Image.Image:
     return img
 
 
-def make_dataset(out: str | Path, train_per_class: int = 80, val_per_class: int = 20, seed: int = 0,
+def make_dataset(out: str | Path, train_per_class: int = 100, val_per_class: int = 25, seed: int = 0,
                  min_side: int = 80, max_side: int = 200) -> Path:
     """Write OUT/train/<wnid>/*.JPEG, OUT/val/<wnid>/*.JPEG and LOC_synset_mapping.txt."""
     out = Path(out)
@@ -97,8 +97,8 @@ def make_dataset(out: str | Path, train_per_class: int = 80, val_per_class: int 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--train-per-class", type=int, default=80)
-    p.add_argument("--val-per-class", type=int, default=20)
+    p.add_argument("--train-per-class", type=int, default=100)
+    p.add_argument("--val-per-class", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     print(make_dataset(a.out, a.train_per_class, a.val_per_class, a.seed))

@@ -138,15 +138,14 @@ def train_pipeline(info: DatasetInfo, split: str, shard_id: int, num_shards: int
     shape = fn.peek_image_shape(jpegs)
     window = _crop_window(shape, scale, crop, fn.random.uniform(range=[0.0, 1.0]), fn.random.uniform(range=[0.0, 1.0]))
     images = _decode_window(jpegs, shape, window, crop, gpu)
-    mean = types.Constant(np.asarray(info.mean_rgb, dtype=np.float32))
-    if color_shift > 0:
-        # AlexNet's lighting noise: add eigvec @ (alpha * sqrt(eigval)), alpha ~ N(0, 0.1);
-        # folded into the subtracted mean. sqrt: the eigenvalues are variances (0-255).
-        alpha = fn.random.normal(shape=[3], stddev=color_shift)
-        weighted = alpha * types.Constant(np.sqrt(np.maximum(info.rgb_eigval, 0)).astype(np.float32))
-        shift = fn.coord_transform(fn.reshape(weighted, shape=[1, 3]),
-                                   M=np.asarray(info.rgb_eigvec, dtype=np.float32).flatten().tolist())
-        mean = mean - fn.reshape(shift, shape=[3])
+    # AlexNet's lighting noise: add eigvec @ (alpha * sqrt(eigval)), alpha ~ N(0, color_shift),
+    # folded into the subtracted mean. sqrt: stats.json's eigenvalues are variances (0-255).
+    # Built even when color_shift is 0 so the other random ops keep their streams.
+    alpha = fn.random.normal(shape=[3]) * float(color_shift)
+    weighted = alpha * types.Constant(np.sqrt(np.maximum(info.rgb_eigval, 0)).astype(np.float32))
+    shift = fn.coord_transform(fn.reshape(weighted, shape=[1, 3]),
+                               M=np.asarray(info.rgb_eigvec, dtype=np.float32).flatten().tolist())
+    mean = types.Constant(np.asarray(info.mean_rgb, dtype=np.float32)) - fn.reshape(shift, shape=[3])
     out = fn.crop_mirror_normalize(
         images, mean=mean, std=list(info.std_rgb) if normalize_std else [1.0, 1.0, 1.0],
         mirror=fn.random.coin_flip(probability=0.5), output_layout="CHW",

@@ -8,16 +8,54 @@ the checkpoint. A restarted worker group resumes from `ray.train.get_checkpoint(
 
 from __future__ import annotations
 
+import logging
 import math
-import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray.train
 import torch
 
 CHECKPOINT_FILE = "state.pt"
+
+
+class MlflowEpochMetrics(ray.train.UserCallback):
+    """Logs rank 0's per-epoch metrics to the stage's MLflow run.
+
+    Runs in the Ray Train controller, which Ray pins to the driver's node: on a
+    cluster that is the head, where MLflow listens on 127.0.0.1, so workers never
+    need a route to the tracking server. Sends that fail are buffered and retried."""
+
+    def __init__(self, tracking_uri: str | None, run_id: str | None):
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+        self._logger = None
+
+    def after_report(self, run_context, metrics, checkpoint):
+        from pipeline.tracking import MetricsLogger
+
+        if self._logger is None:
+            self._logger = MetricsLogger(self.tracking_uri, self.run_id, enabled=True)
+        rank0 = dict(metrics[0])
+        epoch = int(rank0.pop("epoch"))
+        self._logger.log(rank0, step=epoch)
+
+
+def say(message: str) -> None:
+    """One line to the worker's stdout, which Ray streams to the driver and to `ray job
+    logs`. (Ray Train patches print() to write twice: to stdout and to its logger.)"""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
+def _quiet_ray_train_info() -> None:
+    """Ray Train logs two INFO lines per report per worker; progress lines are ours.
+    Its loggers are named by file path, so match those too."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("ray.train") or "ray/train" in name:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _load_state(checkpoint) -> dict:
@@ -33,14 +71,13 @@ def _epochs(recipe, train_images: int) -> int:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    import ray.train
     import ray.train.torch
 
     from pipeline.data import DatasetInfo, eval_loader, train_loader
     from pipeline.engine import PlateauSchedule, evaluate, make_optimizer, train_one_epoch
     from pipeline.models import build_model, init_from
-    from pipeline.tracking import MetricsLogger
 
+    _quiet_ray_train_info()
     stage, data = config["stage"], config["data"]
     recipe = stage.recipe
     ctx = ray.train.get_context()
@@ -95,13 +132,12 @@ def train_loop_per_worker(config: dict) -> None:
     val_ld = eval_loader(info, data.val_split, rank=rank, world_size=world, batch_size=per_worker,
                          scale=stage.eval_scale, crop=recipe.crop, normalize_std=normalize_std, device=device,
                          threads=data.reader_threads)
-    logger = MetricsLogger(config.get("tracking_uri"), config.get("mlflow_run_id"), enabled=rank == 0)
     tag = f"[{stage.name}]"
     if rank == 0:
         how = f"resumed after epoch {resumed_from}" if resumed_from is not None else (
             f"initialised from {stage.init_from.stage}" if stage.init_from else f"{recipe.init} init")
-        print(f"{tag} {stage.arch} S={stage.scale_label} on {world} worker(s), {device}; {how}; "
-              f"{epochs} epochs x {len(train_ld)} steps of {per_worker * world}", flush=True)
+        say(f"{tag} {stage.arch} S={stage.scale_label} on {world} worker(s), {device}; {how}; "
+            f"{epochs} epochs x {len(train_ld)} steps of {per_worker * world}")
 
     for epoch in range(start_epoch, epochs):
         t0 = time.monotonic()
@@ -109,8 +145,8 @@ def train_loop_per_worker(config: dict) -> None:
         def progress(step, loss, rank_rate, epoch=epoch):
             steps_left = len(train_ld) - step + (epochs - epoch - 1) * len(train_ld)
             eta = steps_left * per_worker / max(rank_rate, 1e-9)  # every rank runs the same steps
-            print(f"{tag} epoch {epoch + 1}/{epochs} step {step}/{len(train_ld)} loss {loss:.4f} "
-                  f"{rank_rate * world:.0f} img/s ETA {eta / 60:.1f} min", flush=True)
+            say(f"{tag} epoch {epoch + 1}/{epochs} step {step}/{len(train_ld)} loss {loss:.4f} "
+                f"{rank_rate * world:.0f} img/s ETA {eta / 60:.1f} min")
 
         stats = train_one_epoch(net, train_ld, optimizer, device, precision=recipe.precision,
                                 channels_last=gpu and recipe.channels_last, grad_clip=recipe.optim.grad_clip,
@@ -122,7 +158,6 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = {"epoch": epoch, "train_loss": stats.loss, "val_top1_error": val["top1_error"],
                    "val_top5_error": val["top5_error"], "val_loss": val["loss"], "val_images": val["images"],
                    "lr": lr, "images_per_sec": stats.images_per_sec, "data_wait_fraction": stats.data_wait_fraction}
-        logger.log({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
         last = epoch == epochs - 1 or schedule.finished
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
@@ -130,15 +165,14 @@ def train_loop_per_worker(config: dict) -> None:
                             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                             "epoch": epoch, "rng": torch.get_rng_state(), "arch": stage.arch,
                             "num_classes": info.num_classes}, Path(tmp) / CHECKPOINT_FILE)
-                print(f"{tag} epoch {epoch + 1}/{epochs}: loss {stats.loss:.4f} val top-1 {val['top1_error']:.2f}% "
-                      f"top-5 {val['top5_error']:.2f}% lr {lr:.2g} {stats.images_per_sec:.0f} img/s "
-                      f"data wait {100 * stats.data_wait_fraction:.0f}% ({time.monotonic() - t0:.0f}s)", flush=True)
+                say(f"{tag} epoch {epoch + 1}/{epochs}: loss {stats.loss:.4f} val top-1 {val['top1_error']:.2f}% "
+                    f"top-5 {val['top5_error']:.2f}% lr {lr:.2g} {stats.images_per_sec:.0f} img/s "
+                    f"data wait {100 * stats.data_wait_fraction:.0f}% ({time.monotonic() - t0:.0f}s)")
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             else:
                 ray.train.report(metrics)
         if last:
             break
-    logger.flush()
 
 
 @dataclass(frozen=True)
@@ -158,13 +192,13 @@ def fit_stage(stage, data, *, trial_name: str, storage: str, tracking_uri: str |
     per_worker = {"CPU": res.cpus_per_worker} | ({"GPU": 1} if res.use_gpu else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=dict(stage=stage, data=data, tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id,
-                               init_checkpoint=init_checkpoint),
+        train_loop_config=dict(stage=stage, data=data, init_checkpoint=init_checkpoint),
         scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                      resources_per_worker=per_worker),
         run_config=RunConfig(name=trial_name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=res.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             callbacks=[MlflowEpochMetrics(tracking_uri, mlflow_run_id)]),
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -180,9 +214,7 @@ def checkpoint_uri(checkpoint) -> str:
 
 
 def checkpoint_from_uri(uri: str):
-    from ray.train import Checkpoint
-
-    return Checkpoint(uri)
+    return ray.train.Checkpoint(uri)
 
 
 def load_checkpoint_model(checkpoint) -> dict:
@@ -190,4 +222,3 @@ def load_checkpoint_model(checkpoint) -> dict:
     return _load_state(checkpoint)
 
 
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")

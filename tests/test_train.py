@@ -1,0 +1,100 @@
+"""A reduced plan on a real local Ray cluster (2 CPU workers, gloo DDP) with a real
+MLflow SQLite store: runs nest, metrics land, the loss falls, B starts from A, and a
+rerun of the same plan run skips finished stages."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+
+from pipeline.stages import load_plan
+
+pytestmark = pytest.mark.slow
+
+
+def _plan(tmp_path, shards, body: str):
+    text = textwrap.dedent(f"""
+        name: tiny
+        experiment: tiny-test
+        data: {{root: {shards}, reader_threads: 1, shuffle_buffer: 64}}
+        storage: {tmp_path / 'runs'}
+        recipe:
+          epochs: 4
+          max_iterations: null
+          batch_size: 16
+          crop: 32
+          width_mult: 0.125
+          init: kaiming
+          normalize_std: true
+          log_every_steps: 2
+          optim: {{lr: 0.2, patience: 5}}
+        resources: {{num_workers: 2, cpus_per_worker: 1, max_failures: 0}}
+    """) + textwrap.dedent(body)
+    path = tmp_path / "plan.yaml"
+    path.write_text(text)
+    return load_plan(path)
+
+
+def test_staged_plan_on_ray_tracks_everything_and_resumes(tmp_path, shards, ray_cluster, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.runner import run_plan
+    from pipeline.worker import checkpoint_from_uri, load_checkpoint_model
+
+    plan = _plan(tmp_path, shards, """
+        stages:
+          A: {arch: A, scale: 36}
+          B:
+            arch: B
+            scale: [36, 48]
+            init_from: {stage: A}
+            # an lr of ~0 keeps B where init_from put it: A's tensors, by name
+            recipe: {epochs: 1, optim: {lr: 1.0e-12, momentum: 0.0, weight_decay: 0.0}}
+    """)
+    results = run_plan(plan, run_name="tiny-1", tracking_uri=mlflow_uri)
+    assert [r.stage for r in results] == ["A", "B"] and not any(r.skipped for r in results)
+
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("tiny-test")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("kind") == "plan"]
+    stages = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("kind") == "stage"}
+    assert len(parents) == 1 and set(stages) == {"A", "B"}
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and "best_top1_error" in parent.data.metrics
+    for name, run in stages.items():
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.info.status == "FINISHED" and run.data.tags["stage_status"] == "finished"
+        assert 0 <= run.data.metrics["top1_error"] <= 100 and 0 <= run.data.metrics["top5_error"] <= 100
+        assert run.data.tags["arch"] == name
+    assert stages["B"].data.tags["init_from"] == "A" and stages["B"].data.tags["train_scale"] == "[36,48]"
+    assert stages["A"].data.params["recipe.optim.lr"] == "0.2"
+
+    # per-epoch metrics from rank 0; the loss falls over A's epochs
+    history = client.get_metric_history(stages["A"].info.run_id, "train_loss")
+    assert [m.step for m in history] == [0, 1, 2, 3]
+    assert history[-1].value < history[0].value
+    for key in ("val_top1_error", "val_top5_error", "lr", "images_per_sec", "data_wait_fraction"):
+        assert len(client.get_metric_history(stages["A"].info.run_id, key)) == 4, key
+    assert client.get_metric_history(stages["A"].info.run_id, "val_images")[0].value == 48  # each val image once
+
+    # B started from A's named tensors (conv1_1, conv2_1, conv3_1, conv3_2, fc6-fc8)
+    a = load_checkpoint_model(checkpoint_from_uri(stages["A"].data.tags["checkpoint"]))["model"]
+    b = load_checkpoint_model(checkpoint_from_uri(stages["B"].data.tags["checkpoint"]))["model"]
+    assert torch.allclose(b["features.conv1_1.weight"], a["features.conv1_1.weight"], atol=1e-6)
+    assert torch.allclose(b["features.conv3_2.weight"], a["features.conv3_2.weight"], atol=1e-6)
+    assert torch.allclose(b["classifier.fc6.weight"], a["classifier.fc6.weight"], atol=1e-6)
+    assert "features.conv1_2.weight" in b and "features.conv1_2.weight" not in a  # B's own layers stay random
+    # the trained model is logged to MLflow and loads back
+    import mlflow.pytorch
+
+    model = mlflow.pytorch.load_model(f"runs:/{stages['A'].info.run_id}/model")
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 6)
+
+    # the same plan run again: both stages skipped, no new MLflow runs
+    again = run_plan(plan, run_name="tiny-1", tracking_uri=mlflow_uri)
+    assert all(r.skipped for r in again)
+    assert [r.top1_error for r in again] == [r.top1_error for r in results]
+    assert len(client.search_runs([exp.experiment_id])) == len(runs)
