@@ -1,21 +1,31 @@
 """ImageNet as people have it on disk: find the layout, list (source, wnid) per split.
 
-Supported here:
+Supported:
 - folders: SRC/<split>/<wnid>/*.JPEG (torchvision's ImageFolder layout);
-- Kaggle's flat validation: SRC/val/ILSVRC2012_val_*.JPEG + LOC_val_solution.csv
-  (also found one level up, as the Kaggle download places it).
-Class names come from LOC_synset_mapping.txt when present.
+- flat validation images SRC/val/ILSVRC2012_val_*.JPEG labelled by Kaggle's
+  LOC_val_solution.csv, or by the devkit (ILSVRC2012_validation_ground_truth.txt
+  with the ID-to-wnid table in meta.mat; the devkit folder or its .tar.gz);
+- the distributed archives, read in place without unpacking:
+  SRC/ILSVRC2012_img_train.tar (a tar of 1,000 per-class tars) and
+  SRC/ILSVRC2012_img_val.tar (flat, labelled as above).
+Class names come from the devkit or LOC_synset_mapping.txt when present.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import re
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 WNID = re.compile(r"^n\d{8}$")
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
+TRAIN_TAR, VAL_TAR = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"
+GROUND_TRUTH, META = "ILSVRC2012_validation_ground_truth.txt", "meta.mat"
+DEVKIT_DIRS = ("", "ILSVRC2012_devkit_t12/data", "devkit/data", "data")
+DEVKIT_TGZ = "ILSVRC2012_devkit_t12.tar.gz"
 
 
 class LayoutError(ValueError):
@@ -24,13 +34,34 @@ class LayoutError(ValueError):
 
 @dataclass(frozen=True)
 class Source:
-    path: str  # absolute path of the image file
+    """One input image: a file, or a member of an uncompressed archive at a byte offset."""
+
+    path: str  # the image file, or the outer archive
     wnid: str
+    member: str = ""  # archive members: "n01440764.tar/n01440764_10026.JPEG"
+    offset: int = -1  # archive members: where the bytes start in `path`
+    size: int = -1
+
+    @property
+    def name(self) -> str:
+        return self.member.rsplit("/", 1)[-1] if self.member else Path(self.path).name
+
+    @property
+    def label(self) -> str:
+        """What the manifest and rejects file call it."""
+        return f"{self.path}:{self.member}" if self.member else self.path
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as fh:
+            if self.offset < 0:
+                return fh.read()
+            fh.seek(self.offset)
+            return fh.read(self.size)
 
 
 def _is_candidate(path: Path) -> bool:
-    # Everything that is a regular file and not hidden is a candidate: a non-image
-    # file in a class folder is rejected with a reason, never silently skipped.
+    # Every regular, non-hidden file is a candidate: a non-image file in a class
+    # folder is rejected with a reason, never silently skipped.
     return path.is_file() and not path.name.startswith(".")
 
 
@@ -39,21 +70,25 @@ def _folder_split(split_dir: Path) -> list[Source]:
     for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
         if not WNID.match(class_dir.name):
             raise LayoutError(
-                f"{class_dir}: class folders must be WordNet ids like n01440764 "
-                f"(found {class_dir.name!r})"
+                f"{class_dir}: class folders must be WordNet ids like n01440764 (found {class_dir.name!r})"
             )
         sources += [Source(str(p.resolve()), class_dir.name) for p in sorted(class_dir.iterdir()) if _is_candidate(p)]
     return sources
 
 
 def _find(src: Path, name: str) -> Path | None:
-    for cand in (src / name, src.parent / name):
-        if cand.is_file():
-            return cand
+    for base in (src, src.parent):
+        for sub in DEVKIT_DIRS:
+            cand = base / sub / name if sub else base / name
+            if cand.is_file():
+                return cand
     return None
 
 
-def _kaggle_val(split_dir: Path, solution: Path) -> list[Source]:
+# ---------------------------------------------------------------- validation labels
+
+
+def _kaggle_labels(solution: Path) -> dict[str, str]:
     labels: dict[str, str] = {}
     with open(solution, newline="") as fh:
         reader = csv.reader(fh)
@@ -64,38 +99,146 @@ def _kaggle_val(split_dir: Path, solution: Path) -> list[Source]:
             if len(row) < 2 or not row[1].split() or not WNID.match(row[1].split()[0]):
                 raise LayoutError(f"{solution}:{lineno}: no WordNet id in {row}")
             labels[row[0]] = row[1].split()[0]
+    return labels
+
+
+def _read_devkit_file(src: Path, name: str) -> tuple[str, bytes] | None:
+    """(where, bytes) of a devkit file, from a devkit folder or the devkit .tar.gz."""
+    path = _find(src, name)
+    if path is not None:
+        return str(path), path.read_bytes()
+    for base in (src, src.parent):
+        tgz = base / DEVKIT_TGZ
+        if tgz.is_file():
+            with tarfile.open(tgz) as tar:
+                for m in tar:
+                    if m.isfile() and m.name.endswith("/" + name):
+                        return f"{tgz}:{m.name}", tar.extractfile(m).read()
+    return None
+
+
+def devkit_synsets(src: Path) -> tuple[dict[int, str], dict[str, str]] | None:
+    """(ILSVRC2012_ID -> wnid, wnid -> words) from the devkit's meta.mat, if present."""
+    found = _read_devkit_file(src, META)
+    if found is None:
+        return None
+    where, data = found
+    from scipy.io import loadmat
+
+    try:
+        synsets = loadmat(io.BytesIO(data), squeeze_me=True)["synsets"]
+        ids = [int(i) for i in synsets["ILSVRC2012_ID"]]
+        wnids = [str(w) for w in synsets["WNID"]]
+        words = [str(w) for w in synsets["words"]]
+        leaves = [int(c) == 0 for c in synsets["num_children"]]
+    except (KeyError, ValueError, TypeError) as exc:
+        raise LayoutError(f"{where}: not the devkit's meta.mat (no synsets table: {exc})") from None
+    id_to_wnid = {i: w for i, w, leaf in zip(ids, wnids, leaves) if leaf}
+    return id_to_wnid, {w: n for w, n, leaf in zip(wnids, words, leaves) if leaf}
+
+
+def _devkit_labels(src: Path) -> dict[str, str] | None:
+    found = _read_devkit_file(src, GROUND_TRUTH)
+    if found is None:
+        return None
+    where, data = found
+    synsets = devkit_synsets(src)
+    if synsets is None:
+        raise LayoutError(f"{where} needs the devkit's {META} (the ID-to-wnid table) beside it")
+    id_to_wnid = synsets[0]
+    labels = {}
+    for lineno, line in enumerate(data.decode().splitlines(), start=1):
+        text = line.strip()
+        if not text.isdigit() or int(text) not in id_to_wnid:
+            raise LayoutError(f"{where}:{lineno}: {text!r} is not an ILSVRC2012_ID of {META}")
+        labels[f"ILSVRC2012_val_{lineno:08d}"] = id_to_wnid[int(text)]
+    return labels
+
+
+def flat_val_labels(src: Path) -> tuple[str, dict[str, str]]:
+    """(label file, image stem -> wnid) for flat validation images."""
+    solution = _find(src, "LOC_val_solution.csv")
+    if solution is not None:
+        return str(solution), _kaggle_labels(solution)
+    labels = _devkit_labels(src)
+    if labels is not None:
+        return GROUND_TRUTH, labels
+    raise LayoutError(
+        f"{src}: flat validation images need labels: expected LOC_val_solution.csv (Kaggle) or the devkit's "
+        f"{GROUND_TRUTH} and {META} (in {src}, {src}/ILSVRC2012_devkit_t12/data, or {DEVKIT_TGZ})"
+    )
+
+
+def _label_flat(items: list[tuple[str, Source]], src: Path) -> list[Source]:
+    where, labels = flat_val_labels(src)
+    out = []
+    for stem, source in items:
+        if stem not in labels:
+            raise LayoutError(f"{where}: no label for {source.name}")
+        out.append(Source(source.path, labels[stem], source.member, source.offset, source.size))
+    return out
+
+
+# ---------------------------------------------------------------- archives
+
+
+def _scan(fh, start: int) -> list[tarfile.TarInfo]:
+    """File members of the (uncompressed) tar that starts at `start` in `fh`; their
+    offset_data are absolute positions in `fh`."""
+    fh.seek(start)
+    with tarfile.open(fileobj=fh, mode="r:") as tar:
+        return [m for m in tar if m.isfile()]
+
+
+def _train_archive(archive: Path) -> list[Source]:
     sources = []
-    for path in sorted(p for p in split_dir.iterdir() if _is_candidate(p)):
-        if path.stem not in labels:
-            raise LayoutError(f"{solution}: no label for {path.name}")
-        sources.append(Source(str(path.resolve()), labels[path.stem]))
+    with open(archive, "rb") as fh:
+        for outer in sorted(_scan(fh, 0), key=lambda m: m.name):
+            wnid = Path(outer.name).stem
+            if not outer.name.endswith(".tar") or not WNID.match(wnid):
+                raise LayoutError(f"{archive}: member {outer.name!r} is not a per-class <wnid>.tar")
+            for inner in sorted(_scan(fh, outer.offset_data), key=lambda m: m.name):
+                if Path(inner.name).name.startswith("."):
+                    continue
+                sources.append(Source(str(archive), wnid, f"{outer.name}/{inner.name}", inner.offset_data, inner.size))
     return sources
+
+
+def _val_archive(archive: Path, src: Path) -> list[Source]:
+    with open(archive, "rb") as fh:
+        members = sorted(_scan(fh, 0), key=lambda m: m.name)
+    items = [(Path(m.name).stem, Source(str(archive), "", m.name, m.offset_data, m.size))
+             for m in members if not Path(m.name).name.startswith(".")]
+    return _label_flat(items, src)
+
+
+# ---------------------------------------------------------------- entry points
 
 
 def list_split(src: Path, split: str) -> list[Source]:
     split_dir = src / split
+    archive = src / (TRAIN_TAR if split == "train" else VAL_TAR if split == "val" else "")
     if not split_dir.is_dir():
+        if archive.is_file():
+            return _train_archive(archive) if split == "train" else _val_archive(archive, src)
         raise LayoutError(
-            f"{src}: no {split}/ folder. Expected {src}/{split}/<wnid>/*.JPEG "
-            f"or, for val, flat {src}/val/ILSVRC2012_val_*.JPEG with LOC_val_solution.csv"
+            f"{src}: no {split}/ folder. Expected {src}/{split}/<wnid>/*.JPEG, flat "
+            f"{src}/val/ILSVRC2012_val_*.JPEG with labels, or the archives {TRAIN_TAR} / {VAL_TAR}"
         )
-    subdirs = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
-    if subdirs:  # the folder layout; _folder_split names any folder that is not a wnid
+    if any(p.is_dir() for p in split_dir.iterdir()):  # the folder layout
         return _folder_split(split_dir)
-    flat = [p for p in split_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+    flat = sorted(p for p in split_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if flat:
-        solution = _find(src, "LOC_val_solution.csv")
-        if solution is None:
-            raise LayoutError(
-                f"{split_dir}: flat images need labels; expected LOC_val_solution.csv in {src} or {src.parent}"
-            )
-        return _kaggle_val(split_dir, solution)
+        return _label_flat([(p.stem, Source(str(p.resolve()), "")) for p in flat], src)
     raise LayoutError(f"{split_dir}: found neither <wnid>/ class folders nor images")
 
 
 def class_names(src: Path) -> dict[str, str]:
-    mapping = _find(src, "LOC_synset_mapping.txt")
+    synsets = devkit_synsets(src)
+    if synsets is not None:
+        return synsets[1]
     names: dict[str, str] = {}
+    mapping = _find(src, "LOC_synset_mapping.txt")
     if mapping is not None:
         for line in mapping.read_text().splitlines():
             wnid, _, name = line.strip().partition(" ")

@@ -52,13 +52,13 @@ class Summary:
 def _assign_keys(sources, labels: dict[str, int]) -> list[Sample]:
     samples, seen = [], set()
     for src in sources:
-        base = safe_key(Path(src.path).stem)
+        base = safe_key(Path(src.name).stem)
         key, n = base, 1
         while key in seen:
             n += 1
             key = f"{base}_{n}"
         seen.add(key)
-        samples.append(Sample(key, src.path, src.wnid, labels[src.wnid]))
+        samples.append(Sample(key, src, labels[src.wnid]))
     return samples
 
 
@@ -75,7 +75,7 @@ def _job_fingerprint(split_samples: dict[str, list[Sample]], args: dict) -> str:
     h = hashlib.sha256(json.dumps(args, sort_keys=True).encode())
     for split, samples in sorted(split_samples.items()):
         for s in samples:
-            h.update(f"{split}\t{s.key}\t{s.source}\t{s.label}\n".encode())
+            h.update(f"{split}\t{s.key}\t{s.source.label}\t{s.label}\n".encode())
     return h.hexdigest()
 
 

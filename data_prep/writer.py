@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from data_prep.layouts import Source
+
 IDX_VERSION = "v1.2"  # what DALI's wds2idx writes and fn.readers.webdataset reads
 JPEG_QUALITY = 95
 STATS_SIDE = 64  # colour statistics are computed on a reduced copy of each image
@@ -25,9 +27,12 @@ STATS_SIDE = 64  # colour statistics are computed on a reduced copy of each imag
 @dataclass
 class Sample:
     key: str
-    source: str
-    wnid: str
+    source: Source  # a file or an archive member
     label: int
+
+    @property
+    def wnid(self) -> str:
+        return self.source.wnid
 
 
 @dataclass
@@ -126,15 +131,13 @@ def write_shard(
         with open(tmp_tar, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for s in samples:
                 try:
-                    with open(s.source, "rb") as fh:
-                        data = fh.read()
-                    jpeg, width, height, action, img = prepare_image(data, resize_shorter)
+                    jpeg, width, height, action, img = prepare_image(s.source.read(), resize_shorter)
                 except (ValueError, OSError) as exc:
-                    result.rejects.append({"source": s.source, "reason": str(exc)})
+                    result.rejects.append({"source": s.source.label, "reason": str(exc)})
                     continue
                 meta = json.dumps(
                     {"wnid": s.wnid, "label": s.label, "width": width, "height": height,
-                     "source": os.path.basename(s.source)},
+                     "source": s.source.name},
                     sort_keys=True,
                 ).encode()
                 parts = []
@@ -147,7 +150,7 @@ def write_shard(
                 if collect_stats:
                     _accumulate(result, img)
                 result.rows.append(
-                    {"key": s.key, "label": s.label, "wnid": s.wnid, "source": s.source,
+                    {"key": s.key, "label": s.label, "wnid": s.wnid, "source": s.source.label,
                      "bytes": len(jpeg), "width": width, "height": height, "action": action}
                 )
             raw.flush()

@@ -56,7 +56,7 @@ def _ensure_ray(address: str | None, plan: Plan) -> None:
         return
     # A local single-node cluster sized for the largest stage.
     cpus = max(int(s.resources.num_workers * s.resources.cpus_per_worker + 0.999) for s in plan.stages.values())
-    ray.init(num_cpus=max(cpus, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)
+    ray.init(num_cpus=max(cpus, os.cpu_count() or 1), dashboard_host="127.0.0.1")
 
 
 def _stage_tags(stage: Stage) -> dict:
@@ -66,11 +66,12 @@ def _stage_tags(stage: Stage) -> dict:
 
 
 def run_plan(plan: Plan, *, run_name: str | None = None, tracking_uri: str, ray_address: str | None = None,
-             out=sys.stdout) -> list[StageResult]:
+             out=None) -> list[StageResult]:
     from pipeline.models import build_model
     from pipeline.tracking import Tracker
     from pipeline.worker import checkpoint_from_uri, checkpoint_uri, fit_stage, load_checkpoint_model
 
+    out = out or sys.stdout
     run_name = run_name or default_run_name(plan)
     storage = _storage(plan)
     tracker = Tracker(tracking_uri, plan.experiment)

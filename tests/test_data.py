@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
+from data_prep.layouts import Source
 from data_prep.writer import Sample, write_shard
 from pipeline.data import DatasetInfo, eval_loader, train_loader
 
@@ -59,7 +60,7 @@ def _smooth_jpegs(tmp_path: Path, labels: list[int], digits: int) -> DatasetInfo
         img = Image.fromarray(base).resize((w, h), Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(2))
         path = tmp_path / f"img{i}.JPEG"
         img.save(path, quality=95)
-        samples.append(Sample(f"img{i}", str(path), "n00000000", label))
+        samples.append(Sample(f"img{i}", Source(str(path), "n00000000"), label))
     (tmp_path / "val").mkdir()
     write_shard(str(tmp_path / "val"), "val-000000", samples, digits)
     stats = {"counts": {"val": len(samples)}, "num_classes": 1000, "label_digits": digits,

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -223,3 +224,101 @@ def test_resize_shorter_reencodes_large_images(image_tree, tmp_path):
     with tarfile.open(out / r["shard"]) as tar:
         with Image.open(io.BytesIO(tar.extractfile(f"{r['key']}.jpg").read())) as im:
             assert min(im.size) == 70
+
+
+# ---------------------------------------------------------------- devkit and archives
+
+
+def _write_devkit(folder: Path, wnids: list[str], val_wnids: list[str]) -> None:
+    """meta.mat (synsets with ILSVRC2012_ID, WNID, words, num_children, one non-leaf)
+    and the ground truth file, as the devkit ships them."""
+    import numpy as np
+    from scipy.io import savemat
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [(i + 1, w, f"class {w}", 0) for i, w in enumerate(reversed(wnids))]  # IDs not in wnid order
+    rows.append((len(wnids) + 1, "n99999999", "a non-leaf synset", 2))
+    table = np.zeros((len(rows),), dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"),
+                                           ("num_children", "O")])
+    for i, row in enumerate(rows):
+        table[i] = row
+    savemat(folder / "meta.mat", {"synsets": table})
+    ids = {w: i for i, w, _, _ in rows}
+    (folder / "ILSVRC2012_validation_ground_truth.txt").write_text("".join(f"{ids[w]}\n" for w in val_wnids))
+
+
+def _flatten_val(src: Path) -> list[str]:
+    """Move val/<wnid>/*.JPEG to val/ILSVRC2012_val_N.JPEG; return the wnid of each N."""
+    wnids = []
+    for i, path in enumerate(sorted((src / "val").rglob("*.JPEG"))):
+        wnids.append(path.parent.name)
+        shutil.move(path, src / "val" / f"ILSVRC2012_val_{i + 1:08d}.JPEG")
+    for d in [d for d in (src / "val").iterdir() if d.is_dir()]:
+        d.rmdir()
+    return wnids
+
+
+def test_devkit_flat_val_layout(tmp_path):
+    src = make_dataset(tmp_path / "src", train_per_class=3, val_per_class=2, min_side=48, max_side=64)
+    (src / "LOC_synset_mapping.txt").unlink()
+    val_wnids = _flatten_val(src)
+    classes = sorted({p.name for p in (src / "train").iterdir()})
+    devkit = src / "ILSVRC2012_devkit_t12" / "data"
+    (devkit).mkdir(parents=True)
+    (devkit / "ILSVRC2012_validation_ground_truth.txt").write_text("1\n")
+    with pytest.raises(LayoutError, match="needs the devkit's meta.mat"):
+        build(src, tmp_path / "nometa", progress=False)
+    _write_devkit(devkit, classes, val_wnids)
+    build(src, tmp_path / "out", samples_per_shard=5, progress=False)
+    rows = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
+    val = {r["key"]: r["wnid"] for r in rows if r["split"] == "val"}
+    assert val == {f"ILSVRC2012_val_{i + 1:08d}": w for i, w in enumerate(val_wnids)}
+    names = json.loads((tmp_path / "out" / "classes.json").read_text())
+    assert [c["wnid"] for c in names] == classes and names[0]["name"] == f"class {classes[0]}"
+    gt = devkit / "ILSVRC2012_validation_ground_truth.txt"
+    gt.write_text(gt.read_text().replace("\n", "\n", 1).replace(gt.read_text().split()[0], "5000", 1))
+    with pytest.raises(LayoutError, match=r"ILSVRC2012_validation_ground_truth.txt:1: '5000'"):
+        build(src, tmp_path / "mislabelled", progress=False)
+
+
+def _archive_layout(tree: Path, dest: Path) -> Path:
+    """The distributed files: a tar of per-class tars, a flat val tar, the devkit .tar.gz."""
+    dest.mkdir(parents=True)
+    inner_dir = dest / "_inner"
+    inner_dir.mkdir()
+    with tarfile.open(dest / "ILSVRC2012_img_train.tar", "w") as outer:
+        for class_dir in sorted((tree / "train").iterdir()):
+            inner = inner_dir / f"{class_dir.name}.tar"
+            with tarfile.open(inner, "w") as tar:
+                for img in sorted(class_dir.iterdir()):
+                    tar.add(img, arcname=img.name)
+            outer.add(inner, arcname=inner.name)
+    shutil.rmtree(inner_dir)
+    val_wnids = []
+    with tarfile.open(dest / "ILSVRC2012_img_val.tar", "w") as tar:
+        for i, img in enumerate(sorted((tree / "val").rglob("*.JPEG"))):
+            val_wnids.append(img.parent.name)
+            tar.add(img, arcname=f"ILSVRC2012_val_{i + 1:08d}.JPEG")
+    devkit = dest / "_devkit" / "ILSVRC2012_devkit_t12" / "data"
+    _write_devkit(devkit, sorted(p.name for p in (tree / "train").iterdir()), val_wnids)
+    with tarfile.open(dest / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as tgz:
+        tgz.add(dest / "_devkit" / "ILSVRC2012_devkit_t12", arcname="ILSVRC2012_devkit_t12")
+    shutil.rmtree(dest / "_devkit")
+    return dest
+
+
+def test_distributed_archives_read_in_place_match_the_folder_layout(image_tree, shards, tmp_path):
+    src = _archive_layout(image_tree, tmp_path / "dist")
+    before = sorted(p.name for p in src.iterdir())
+    out = tmp_path / "out"
+    build(src, out, samples_per_shard=20, progress=False)
+    assert sorted(p.name for p in src.iterdir()) == before  # nothing unpacked beside the archives
+    folder, archive = tree_bytes(shards), tree_bytes(out)
+    train = [k for k in folder if k.startswith("train/") and k.endswith((".tar", ".idx"))]
+    assert train and all(archive[k] == folder[k] for k in train)  # same images -> same shards
+    rows = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert sum(r["split"] == "val" for r in rows) == 48
+    assert all(":" in r["source"] and "ILSVRC2012_img_" in r["source"] for r in rows)
+    folder_val = Counter(r["wnid"] for r in pq.read_table(shards / "manifest.parquet").to_pylist()
+                         if r["split"] == "val")
+    assert Counter(r["wnid"] for r in rows if r["split"] == "val") == folder_val
