@@ -83,6 +83,22 @@ def _run_shard(job) -> ShardResult:
     return write_shard(*job)
 
 
+def _run_on_ray(jobs, address: str):
+    """Each shard is a Ray task (1 CPU); OUT must be a filesystem every node sees.
+    Yields (job, result) as tasks finish, so progress and resumability are the same
+    as with local processes: a shard counts only once its tar is renamed."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=None if address == "local" else address)
+    task = ray.remote(num_cpus=1, max_retries=2)(_run_shard)
+    pending = {task.remote(job): job for job in jobs}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            yield pending.pop(ref), ray.get(ref)
+
+
 class Progress:
     def __init__(self, total: int, label: str, enabled: bool):
         self.total, self.label, self.enabled = total, label, enabled
@@ -113,6 +129,7 @@ def build(
     seed: int = 0,
     strict: bool = False,
     progress: bool = True,
+    ray_address: str | None = None,
 ) -> Summary:
     src, out = Path(src).resolve(), Path(out).resolve()
     splits = list(splits)
@@ -159,7 +176,12 @@ def build(
                 jobs.append((str(split_dir), shard, members, label_digits, resize_shorter, split == train_split))
     skipped = len(done)
     bar = Progress(sum(len(j[2]) for j in jobs), "sharding", progress)
-    if workers > 1 and len(jobs) > 1:
+    if ray_address is not None and jobs:
+        for job, result in _run_on_ray(jobs, ray_address):
+            done[(Path(job[0]).name, job[1])] = result
+            written += 1
+            bar.update(len(job[2]))
+    elif workers > 1 and len(jobs) > 1:
         with get_context("spawn").Pool(workers) as pool:
             for job, result in zip(jobs, pool.imap(_run_shard, jobs)):
                 done[(Path(job[0]).name, job[1])] = result
@@ -271,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle that assigns samples to shards")
     p.add_argument("--strict", action="store_true", help="exit non-zero if any input is rejected")
     p.add_argument("--verify", action="store_true", help="re-read finished OUT and check it against the manifest")
+    p.add_argument("--ray", metavar="ADDRESS", default=None,
+                   help="run each shard as a Ray task on this cluster ('auto', host:port, or 'local' for a "
+                        "local Ray); OUT must be shared by every node")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     if a.verify:
@@ -283,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--src is required unless --verify")
     try:
         s = build(a.src, a.out, [x for x in a.splits.split(",") if x], a.samples_per_shard, a.workers,
-                  a.resize_shorter, a.seed, a.strict, progress=not a.quiet)
+                  a.resize_shorter, a.seed, a.strict, progress=not a.quiet, ray_address=a.ray)
     except (LayoutError, RuntimeError, OSError, ValueError) as exc:
         print(f"shard.py: error: {exc}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -322,3 +323,34 @@ def test_distributed_archives_read_in_place_match_the_folder_layout(image_tree, 
     folder_val = Counter(r["wnid"] for r in pq.read_table(shards / "manifest.parquet").to_pylist()
                          if r["split"] == "val")
     assert Counter(r["wnid"] for r in rows if r["split"] == "val") == folder_val
+
+
+@pytest.mark.slow
+def test_shards_as_ray_tasks_equal_local_processes(image_tree, shards, tmp_path, ray_cluster):
+    out = tmp_path / "ray"
+    summary = build(image_tree, out, samples_per_shard=20, progress=False, ray_address="local")
+    assert summary.shards_written == 11
+    assert tree_bytes(out) == tree_bytes(shards)
+
+
+def test_write_failure_names_the_shard_and_records_nothing(image_tree, shards, tmp_path):
+    """A write error (here the file-size limit, as a full disk would be) stops the job
+    with the shard's name; the rerun completes to the same bytes."""
+    import resource
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+
+    out = tmp_path / "out"
+    cmd = SHARD + ["--src", str(image_tree), "--out", str(out), "--samples-per-shard", "20", "--workers", "1",
+                   "--quiet"]
+    failed = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limit)
+    assert failed.returncode == 2
+    assert re.search(r"writing shard .*/train/train-\d{6}\.tar: File too large", failed.stderr), failed.stderr
+    assert not (out / "manifest.parquet").exists()
+    for tar in out.rglob("*.tar"):  # whatever was renamed into place is complete
+        assert tar.stat().st_size < 40_000 and tar.with_suffix(".meta.json").exists()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert tree_bytes(out) == tree_bytes(shards)
