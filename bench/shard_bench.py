@@ -23,34 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageFilter
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data_prep.shard import build  # noqa: E402
-
-
-def make_images(root: Path, n: int, large: bool, seed: int = 0) -> int:
-    rng = np.random.default_rng(seed)
-    total = 0
-    for i in range(n):
-        wnid = f"n{90000000 + i % 10:08d}"
-        folder = root / "train" / wnid
-        folder.mkdir(parents=True, exist_ok=True)
-        if large:
-            short = int(rng.integers(600, 900))
-            w, h = (int(short * rng.uniform(1.2, 1.5)), short) if i % 2 else (short, int(short * 1.33))
-        else:
-            w, h = (500, int(rng.integers(330, 400))) if i % 3 else (int(rng.integers(330, 400)), 500)
-        base = rng.integers(0, 255, size=(h // 24 + 2, w // 24 + 2, 3)).astype(np.uint8)
-        img = Image.fromarray(base).resize((w, h), Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(1.5))
-        noise = rng.normal(0, 6, size=(h, w, 3))
-        img = Image.fromarray(np.clip(np.asarray(img) + noise, 0, 255).astype(np.uint8))
-        path = folder / f"{wnid}_{i:06d}.JPEG"
-        img.save(path, quality=90)
-        total += path.stat().st_size
-    return total
+from data_prep.synth import make_natural_images as make_images  # noqa: E402
 
 
 def timed(fn) -> float:

@@ -16,7 +16,7 @@ import random
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 # (name, base hue in degrees)
 CLASSES = [
@@ -92,6 +92,31 @@ def make_dataset(out: str | Path, train_per_class: int = 100, val_per_class: int
         "".join(f"{wnid(i)} {name}\n" for i, (name, _) in enumerate(CLASSES))
     )
     return out
+
+
+def make_natural_images(root: Path, n: int, large: bool = False, seed: int = 0, classes: int = 10) -> int:
+    """ImageNet-sized JPEGs with natural-image statistics (smooth content plus sensor
+    noise) in ROOT/train/<wnid>/, for benchmarks. "typical": longer side 500, as most of
+    ILSVRC-2012; large: shorter side 600-900. Returns the bytes written."""
+    rng = np.random.default_rng(seed)
+    total = 0
+    for i in range(n):
+        wnid = f"n{90000000 + i % classes:08d}"
+        folder = root / "train" / wnid
+        folder.mkdir(parents=True, exist_ok=True)
+        if large:
+            short = int(rng.integers(600, 900))
+            w, h = (int(short * rng.uniform(1.2, 1.5)), short) if i % 2 else (short, int(short * 1.33))
+        else:
+            w, h = (500, int(rng.integers(330, 400))) if i % 3 else (int(rng.integers(330, 400)), 500)
+        base = rng.integers(0, 255, size=(h // 24 + 2, w // 24 + 2, 3)).astype(np.uint8)
+        img = Image.fromarray(base).resize((w, h), Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(1.5))
+        noise = rng.normal(0, 6, size=(h, w, 3))
+        img = Image.fromarray(np.clip(np.asarray(img) + noise, 0, 255).astype(np.uint8))
+        path = folder / f"{wnid}_{i:06d}.JPEG"
+        img.save(path, quality=90)
+        total += path.stat().st_size
+    return total
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""`python -m pipeline <verb>`: demo, train, evaluate, report, models.
+"""`python -m pipeline <verb>`: demo, train, evaluate, report, bench, models.
 
 Plans are validated (keys, types, the stage graph) before Ray or MLflow is
 touched: a typo in a plan costs a second, not a cluster start.
@@ -110,6 +110,12 @@ def cmd_models(a) -> int:
     return 0
 
 
+def cmd_bench(a) -> int:
+    from pipeline import bench
+
+    return bench.main(a)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -141,6 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="table of an experiment's stage runs and their errors")
     r.add_argument("--experiment", required=True, help="MLflow experiment, e.g. vgg-demo")
     r.set_defaults(func=cmd_report)
+
+    b = sub.add_parser("bench", help="benchmarks: `bench loader` times DALI against a webdataset+PIL baseline")
+    bsub = b.add_subparsers(dest="what", required=True, metavar="WHAT")
+    bl = bsub.add_parser("loader", help="training-pipeline images/s vs webdataset + PIL + DataLoader, same run")
+    bl.add_argument("--shards", required=True, help="glob of one split's tars, e.g. 'shards/train/*.tar'")
+    bl.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    bl.add_argument("--batch-size", type=int, default=64)
+    bl.add_argument("--seconds", type=float, default=20.0, help="timed seconds per loader")
+    bl.add_argument("--scale", type=int, nargs=2, default=[256, 512], metavar=("SMIN", "SMAX"))
+    bl.add_argument("--crop", type=int, default=224)
+    bl.add_argument("--threads", type=int, help="DALI threads and DataLoader workers (default: all cores)")
+    bl.add_argument("--out", help="also write the JSON here, e.g. bench/results/loader-cpu.json")
+    bl.set_defaults(func=cmd_bench)
 
     m = sub.add_parser("models", help="table of the model zoo: weight layers, parameters, GMACs")
     m.add_argument("configs", nargs="*", help="configs or aliases (default: all)")

@@ -168,14 +168,44 @@ def center_crop_pipeline(info: DatasetInfo, split: str, shard_id: int, num_shard
     return out, _label(cls, info.label_digits)
 
 
+def _index_keys(idx: str) -> list[str]:
+    with open(idx) as fh:
+        fh.readline()
+        return [line.split()[3].split(".", 1)[0] for line in fh if line.strip()]
+
+
+@pipeline_def(batch_size=1, num_threads=1, device_id=None)
+def _probe_pipeline(tar: str, idx: str):
+    jpegs = fn.readers.webdataset(paths=[tar], index_paths=[idx], ext=["jpg"], missing_component_behavior="error")
+    return fn.decoders.image(jpegs, output_type=types.RGB)
+
+
+def find_undecodable(info: "DatasetInfo", split: str) -> tuple[str, str, str] | None:
+    """(shard, key, error) of the first sample DALI cannot decode, by decoding the
+    split's samples one at a time with DALI's own decoder; None if all decode."""
+    for tar, idx in zip(*info.shards(split)):
+        keys = _index_keys(idx)
+        pipe = _probe_pipeline(tar, idx)
+        pipe.build()
+        for key in keys:
+            try:
+                pipe.run()
+            except RuntimeError as exc:
+                lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+                reason = next((ln for ln in lines if "failure" in ln.lower()), lines[-1] if lines else "")
+                return tar, key, reason
+    return None
+
+
 class Loader:
     """Torch batches (images NCHW, labels int64) from a DALI pipeline, with an exact
     epoch length. Training: every rank yields the same number of full batches
     (DDP needs it). Evaluation: each rank yields exactly its slice, no padding,
     so across ranks every image is counted once."""
 
-    def __init__(self, pipe, steps: int | None, device: torch.device, what: str):
-        self.device, self.what = device, what
+    def __init__(self, pipe, steps: int | None, device: torch.device, what: str,
+                 source: tuple["DatasetInfo", str] | None = None):
+        self.device, self.what, self.source = device, what, source
         if steps is None:  # evaluation: the reader's shard, padding dropped
             self._it = DALIGenericIterator(pipe, ["images", "labels"], reader_name=READER,
                                            last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
@@ -199,6 +229,11 @@ class Loader:
                 yield (data["images"].to(self.device, non_blocking=True),
                        data["labels"].view(-1).to(self.device, non_blocking=True))
         except RuntimeError as exc:
+            culprit = find_undecodable(*self.source) if self.source else None
+            if culprit:
+                tar, key, reason = culprit
+                raise RuntimeError(f"DALI {self.what}: sample {key!r} in shard {tar} cannot be decoded "
+                                   f"({reason}); re-shard it or remove it from the shard") from exc
             raise RuntimeError(f"DALI {self.what}: {exc}") from exc
 
 
@@ -221,7 +256,7 @@ def train_loader(info: DatasetInfo, split: str, *, rank: int, world_size: int, b
                           seed, shuffle_buffer, batch_size=batch_size, num_threads=threads,
                           device_id=_device_id(device), seed=seed * 1000 + rank + 1, prefetch_queue_depth=2)
     pipe.build()
-    return Loader(pipe, steps, device, f"train pipeline over {info.root / split}")
+    return Loader(pipe, steps, device, f"train pipeline over {info.root / split}", (info, split))
 
 
 def eval_loader(info: DatasetInfo, split: str, *, rank: int, world_size: int, batch_size: int, scale: int,
@@ -231,4 +266,4 @@ def eval_loader(info: DatasetInfo, split: str, *, rank: int, world_size: int, ba
     pipe = center_crop_pipeline(info, split, rank, world_size, scale, crop, normalize_std, gpu,
                                 batch_size=batch_size, num_threads=threads, device_id=_device_id(device), seed=1)
     pipe.build()
-    return Loader(pipe, None, device, f"eval pipeline over {info.root / split}")
+    return Loader(pipe, None, device, f"eval pipeline over {info.root / split}", (info, split))

@@ -122,3 +122,24 @@ def test_colour_shift_changes_pixels_only_by_a_per_image_offset(shards):
     assert float(offsets.abs().max()) > 0.1  # it did shift
     # the offsets follow the RGB covariance's scale: std of eigvec @ (0.1 * sqrt(eigval) * N(0,1))
     assert float(offsets.abs().max()) < 0.1 * 6 * max(info.rgb_eigval) ** 0.5
+
+
+def test_undecodable_sample_is_named_by_shard_and_key(shards, tmp_path):
+    """A JPEG that went bad after sharding (bit rot): the error names shard and key."""
+    import shutil
+
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    tar = copy / "val" / "val-000001.tar"
+    line = (copy / "val" / "val-000001.idx").read_text().splitlines()[4].split()
+    offset, size, name = int(line[5]), int(line[6]), line[7]
+    data = bytearray(tar.read_bytes())
+    data[offset + 100 : offset + size] = b"\0" * (size - 100)
+    tar.write_bytes(bytes(data))
+    info = DatasetInfo.load(copy)
+    with pytest.raises(RuntimeError) as err:
+        for _ in eval_loader(info, "val", rank=0, world_size=1, batch_size=8, scale=72, crop=64, threads=1):
+            pass
+    message = str(err.value)
+    assert f"sample {name.split('.')[0]!r} in shard {tar}" in message
+    assert "cannot be decoded" in message

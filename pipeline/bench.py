@@ -1,0 +1,125 @@
+"""`python -m pipeline bench loader`: the DALI training pipeline against the loader a
+user would otherwise write (webdataset + PIL + torch DataLoader, same augmentation),
+on the same shards and cores, in the same run. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import platform
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.data import DatasetInfo, train_loader
+
+
+def _resolve(shards_glob: str) -> tuple[DatasetInfo, str, list[str]]:
+    tars = sorted(glob.glob(shards_glob))
+    if not tars:
+        raise FileNotFoundError(f"{shards_glob}: no shards match")
+    split_dirs = {Path(t).parent for t in tars}
+    if len(split_dirs) != 1:
+        raise ValueError(f"{shards_glob}: shards from one split folder, please (got {sorted(split_dirs)})")
+    split_dir = split_dirs.pop()
+    return DatasetInfo.load(split_dir.parent), split_dir.name, tars
+
+
+class PilAugment:
+    """The paper's augmentation as a torchvision-style user writes it, in PIL and NumPy:
+    rescale the shorter side to S ~ U[Smin, Smax], random crop, flip, PCA colour shift,
+    mean subtraction."""
+
+    def __init__(self, info: DatasetInfo, scale_range: tuple[int, int], crop: int, color_shift: float):
+        self.info, self.scale_range, self.crop, self.color_shift = info, scale_range, crop, color_shift
+        self.eigvec = np.asarray(info.rgb_eigvec, dtype=np.float32)
+        self.sqrt_eigval = np.sqrt(np.maximum(info.rgb_eigval, 0)).astype(np.float32)
+        self.mean = np.asarray(info.mean_rgb, dtype=np.float32)
+
+    def __call__(self, sample):
+        from PIL import Image
+
+        img, label = sample
+        img = img.convert("RGB")
+        s = random.uniform(*self.scale_range)
+        w, h = img.size
+        r = s / min(w, h)
+        img = img.resize((max(self.crop, round(w * r)), max(self.crop, round(h * r))), Image.Resampling.BILINEAR)
+        x = random.randint(0, img.size[0] - self.crop)
+        y = random.randint(0, img.size[1] - self.crop)
+        img = img.crop((x, y, x + self.crop, y + self.crop))
+        if random.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        shift = self.eigvec @ (np.random.normal(0, self.color_shift, 3).astype(np.float32) * self.sqrt_eigval)
+        arr = np.asarray(img, dtype=np.float32) - (self.mean - shift)
+        return torch.from_numpy(arr.transpose(2, 0, 1).copy()), int(label)
+
+
+def baseline_loader(tars: list[str], augment: PilAugment, batch_size: int, workers: int):
+    import webdataset as wds
+
+    dataset = (wds.WebDataset(tars, shardshuffle=len(tars), nodesplitter=wds.split_by_node)
+               .shuffle(1000).decode("pil").to_tuple("jpg", "cls").map(augment))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                       persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+
+
+def _rate(batches, seconds: float, warmup: int = 3) -> tuple[float, int]:
+    """Images per second over `seconds`, after `warmup` batches."""
+    it = iter(batches)
+    for _ in range(warmup):
+        next(it)
+    images, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        try:
+            x, _ = next(it)
+        except StopIteration:
+            it = iter(batches)
+            continue
+        images += x.shape[0]
+    return images / (time.perf_counter() - start), images
+
+
+def bench_loader(shards: str, device: str = "cpu", batch_size: int = 64, seconds: float = 20.0,
+                 scale_range: tuple[int, int] = (256, 512), crop: int = 224, threads: int | None = None) -> dict:
+    info, split, tars = _resolve(shards)
+    threads = threads or os.cpu_count() or 1
+    dev = torch.device("cuda" if device == "gpu" else "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device gpu: no CUDA device visible")
+    torch.set_num_threads(1)  # the loaders own the cores; no intra-op threads competing
+    ours = train_loader(info, split, rank=0, world_size=1, batch_size=batch_size, scale_range=scale_range, crop=crop,
+                        device=dev, threads=threads, shuffle_buffer=1000)
+    pipeline_img_s, pipeline_images = _rate(ours, seconds)
+    del ours
+    base = baseline_loader(tars, PilAugment(info, scale_range, crop, 0.1), batch_size, threads)
+    if dev.type == "cuda":
+        base = ((x.to(dev, non_blocking=True), y) for x, y in base)
+    baseline_img_s, baseline_images = _rate(base, seconds)
+    return {
+        "bench": "loader", "pipeline_img_s": round(pipeline_img_s, 1), "baseline_img_s": round(baseline_img_s, 1),
+        "ratio": round(pipeline_img_s / baseline_img_s, 3), "device": device,
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        "threads": threads, "batch_size": batch_size, "crop": crop, "scale_range": list(scale_range),
+        "seconds": seconds, "images_timed": {"pipeline": pipeline_images, "baseline": baseline_images},
+        "shards": len(tars), "baseline": "webdataset + PIL + torch DataLoader (num_workers=threads)",
+    }
+
+
+def main(args) -> int:
+    result = bench_loader(args.shards, args.device, args.batch_size, args.seconds, tuple(args.scale), args.crop,
+                          args.threads)
+    import sys
+
+    result.update(command="python -m pipeline " + " ".join(sys.argv[1:]), date=time.strftime("%Y-%m-%d"), machine=f"{platform.node()} ({os.cpu_count()} cores)",
+                  versions={"torch": torch.__version__, "dali": __import__("nvidia.dali").dali.__version__})
+    print(json.dumps(result))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
