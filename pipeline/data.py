@@ -161,11 +161,43 @@ def center_crop_pipeline(info: DatasetInfo, split: str, shard_id: int, num_shard
     jpegs, cls = _reader(info, split, shard_id, num_shards, False, 0, 1)
     shape = fn.peek_image_shape(jpegs)
     images = _decode_window(jpegs, shape, _crop_window(shape, float(scale), crop, 0.5, 0.5), crop, gpu)
-    out = fn.crop_mirror_normalize(
+    return _normalize(images, info, normalize_std, gpu), _label(cls, info.label_digits)
+
+
+def _normalize(images, info: DatasetInfo, normalize_std: bool, gpu: bool, **crop):
+    return fn.crop_mirror_normalize(
         images, mean=list(info.mean_rgb), std=list(info.std_rgb) if normalize_std else [1.0, 1.0, 1.0],
-        output_layout="CHW", dtype=types.FLOAT16 if gpu else types.FLOAT,
+        output_layout="CHW", dtype=types.FLOAT16 if gpu else types.FLOAT, **crop,
     )
-    return out, _label(cls, info.label_digits)
+
+
+def _rescaled(jpegs, scale: int, gpu: bool):
+    """The whole image, isotropically rescaled so its shorter side is Q."""
+    images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    return fn.resize(images, resize_shorter=float(scale), antialias=True)
+
+
+@pipeline_def
+def dense_pipeline(info: DatasetInfo, split: str, shard_id: int, num_shards: int, scale: int, normalize_std: bool,
+                   gpu: bool):
+    """Dense evaluation (Section 3.2): the whole image rescaled to Q, for the fully
+    convolutional net. Sizes vary per image, so run it with batch_size=1."""
+    jpegs, cls = _reader(info, split, shard_id, num_shards, False, 0, 1)
+    return _normalize(_rescaled(jpegs, scale, gpu), info, normalize_std, gpu), _label(cls, info.label_digits)
+
+
+@pipeline_def
+def multi_crop_pipeline(info: DatasetInfo, split: str, shard_id: int, num_shards: int, scale: int, crop: int,
+                        grid: int, normalize_std: bool, gpu: bool):
+    """Multi-crop evaluation (Section 3.2): a grid x grid regular grid of crops of the
+    image rescaled to Q, as (grid*grid, C, crop, crop) per image, row by row. Their
+    horizontal flips (the other 25 of the paper's 50) are taken by the consumer."""
+    jpegs, cls = _reader(info, split, shard_id, num_shards, False, 0, 1)
+    images = _rescaled(jpegs, scale, gpu)
+    steps = [i / (grid - 1) if grid > 1 else 0.5 for i in range(grid)]
+    crops = [_normalize(images, info, normalize_std, gpu, crop=(crop, crop), crop_pos_x=x, crop_pos_y=y)
+             for y in steps for x in steps]
+    return fn.stack(*crops), _label(cls, info.label_digits)
 
 
 def _index_keys(idx: str) -> list[str]:
@@ -259,11 +291,32 @@ def train_loader(info: DatasetInfo, split: str, *, rank: int, world_size: int, b
     return Loader(pipe, steps, device, f"train pipeline over {info.root / split}", (info, split))
 
 
+def _build_eval(pipe, info: DatasetInfo, split: str, device: torch.device, what: str) -> Loader:
+    pipe.build()
+    return Loader(pipe, None, device, f"{what} pipeline over {info.root / split}", (info, split))
+
+
+def dense_loader(info: DatasetInfo, split: str, *, rank: int, world_size: int, scale: int,
+                 normalize_std: bool = False, device: torch.device = torch.device("cpu"), threads: int = 2) -> Loader:
+    """One whole rescaled image per batch: (1, C, H, W) with min(H, W) == Q."""
+    pipe = dense_pipeline(info, split, rank, world_size, scale, normalize_std, device.type == "cuda", batch_size=1,
+                          num_threads=threads, device_id=_device_id(device), seed=1)
+    return _build_eval(pipe, info, split, device, "dense")
+
+
+def multi_crop_loader(info: DatasetInfo, split: str, *, rank: int, world_size: int, batch_size: int, scale: int,
+                      crop: int, grid: int = 5, normalize_std: bool = False,
+                      device: torch.device = torch.device("cpu"), threads: int = 2) -> Loader:
+    """Batches of (N, grid*grid, C, crop, crop)."""
+    pipe = multi_crop_pipeline(info, split, rank, world_size, scale, crop, grid, normalize_std, device.type == "cuda",
+                               batch_size=batch_size, num_threads=threads, device_id=_device_id(device), seed=1)
+    return _build_eval(pipe, info, split, device, "multi-crop")
+
+
 def eval_loader(info: DatasetInfo, split: str, *, rank: int, world_size: int, batch_size: int, scale: int,
                 crop: int, normalize_std: bool = False, device: torch.device = torch.device("cpu"),
                 threads: int = 2) -> Loader:
     gpu = device.type == "cuda"
     pipe = center_crop_pipeline(info, split, rank, world_size, scale, crop, normalize_std, gpu,
                                 batch_size=batch_size, num_threads=threads, device_id=_device_id(device), seed=1)
-    pipe.build()
-    return Loader(pipe, None, device, f"eval pipeline over {info.root / split}", (info, split))
+    return _build_eval(pipe, info, split, device, "eval")

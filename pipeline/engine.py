@@ -99,6 +99,13 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def model_input(images: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
+    """DALI's GPU graph emits float16; bf16 autocast takes it as is, fp32 needs a cast."""
+    if device.type == "cuda" and precision in ("auto", "bf16"):
+        return images
+    return images.float()
+
+
 def _all_reduce(values: list[float], device: torch.device) -> list[float]:
     if not (dist.is_available() and dist.is_initialized()):
         return values
@@ -131,7 +138,7 @@ def train_one_epoch(
         if channels_last:
             images_b = images_b.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
-            loss = criterion(model(images_b.float() if device.type != "cuda" else images_b), labels)
+            loss = criterion(model(model_input(images_b, device, precision)), labels)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"{where}loss is {loss.item()} at step {steps}; stopping the stage "
                                 "(the last good checkpoint is kept)")
@@ -170,7 +177,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, *, precis
     criterion = nn.CrossEntropyLoss(reduction="sum")
     for images_b, labels in loader:
         with autocast(device, precision):
-            logits = model(images_b.float() if device.type != "cuda" else images_b).float()
+            logits = model(model_input(images_b, device, precision)).float()
         c1, c5 = topk_correct(logits, labels)
         correct1, correct5 = correct1 + c1, correct5 + c5
         loss_sum += criterion(logits, labels).item()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-VERBS = ["demo", "train", "evaluate", "report", "models"]
+VERBS = ["demo", "train", "evaluate", "report", "bench", "models"]
 
 
 def run(args, env=None, timeout=600):
@@ -85,3 +85,14 @@ def test_demo_end_to_end_then_report_and_evaluate(tmp_path):
     assert ev72.returncode == 0
     assert client.get_run(stage_a.info.run_id).data.metrics["single_Q72/top1_error"] == pytest.approx(
         metrics["top1_error"], abs=1e-6)
+
+
+def test_bench_loader_reports_both_loaders_on_the_same_shards(shards, tmp_path):
+    out = tmp_path / "loader.json"
+    res = run(["bench", "loader", "--shards", str(shards / "train" / "*.tar"), "--seconds", "1", "--batch-size", "8",
+               "--scale", "72", "96", "--crop", "64", "--out", str(out)])
+    assert res.returncode == 0, res.stderr[-2000:]
+    line = __import__("json").loads(res.stdout.strip().splitlines()[-1])
+    assert line["pipeline_img_s"] > 0 and line["baseline_img_s"] > 0
+    assert line["ratio"] == pytest.approx(line["pipeline_img_s"] / line["baseline_img_s"], rel=1e-2)
+    assert __import__("json").loads(out.read_text())["command"].startswith("python -m pipeline bench loader")

@@ -14,7 +14,7 @@ from PIL import Image, ImageFilter
 
 from data_prep.layouts import Source
 from data_prep.writer import Sample, write_shard
-from pipeline.data import DatasetInfo, eval_loader, train_loader
+from pipeline.data import DatasetInfo, dense_loader, eval_loader, multi_crop_loader, train_loader
 
 
 def test_train_batches_shape_dtype_and_exact_epochs(shards):
@@ -143,3 +143,32 @@ def test_undecodable_sample_is_named_by_shard_and_key(shards, tmp_path):
     message = str(err.value)
     assert f"sample {name.split('.')[0]!r} in shard {tar}" in message
     assert "cannot be decoded" in message
+
+
+def test_dense_pipeline_gives_whole_rescaled_images_once_each(shards):
+    info = DatasetInfo.load(shards)
+    manifest = {r["key"]: r for r in pq.read_table(shards / "manifest.parquet").to_pylist() if r["split"] == "val"}
+    longs = sorted(max(r["width"], r["height"]) * 80 / min(r["width"], r["height"]) for r in manifest.values())
+    for world in (1, 3):
+        seen, got = Counter(), []
+        for rank in range(world):
+            for images, labels in dense_loader(info, "val", rank=rank, world_size=world, scale=80, threads=1):
+                assert images.shape[0] == 1 and images.shape[1] == 3 and min(images.shape[2:]) == 80
+                got.append(max(images.shape[2:]))
+                seen.update(labels.tolist())
+        assert sum(seen.values()) == 48 and len(got) == 48
+        # the long side is the isotropic one, to rounding
+        assert all(abs(g - e) <= 1 for g, e in zip(sorted(got), longs))
+
+
+def test_multi_crop_grid_matches_the_centre_crop(tmp_path):
+    info = _smooth_jpegs(tmp_path, [1, 2, 3, 4], digits=1)
+    crops = next(iter(multi_crop_loader(info, "val", rank=0, world_size=1, batch_size=4, scale=256, crop=224,
+                                        threads=1)))[0]
+    assert crops.shape == (4, 25, 3, 224, 224)
+    centre = next(iter(eval_loader(info, "val", rank=0, world_size=1, batch_size=4, scale=256, crop=224,
+                                   threads=1)))[0]
+    for i in range(3):  # whole-pixel rescaled sizes: the grid's middle crop is the centre crop
+        assert _psnr(crops[i, 12].numpy(), centre[i].numpy()) > 30
+    # corners are different regions of the same image
+    assert _psnr(crops[0, 0].numpy(), crops[0, 24].numpy()) < 30
