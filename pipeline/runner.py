@@ -59,6 +59,13 @@ def _ensure_ray(address: str | None, plan: Plan) -> None:
     ray.init(num_cpus=max(cpus, os.cpu_count() or 1), dashboard_host="127.0.0.1")
 
 
+def registered_model_name(plan: Plan, stage: Stage) -> str:
+    """One registered model per experiment and arch, e.g. vgg-paper-D; versions carry the stage."""
+    from pipeline.archs import get_arch
+
+    return f"{plan.experiment}-{get_arch(stage.arch).name}"
+
+
 def _stage_tags(stage: Stage) -> dict:
     return {"arch": stage.arch, "stage": stage.name, "train_scale": stage.scale_label,
             "init_from": stage.init_from.stage if stage.init_from else "random",
@@ -109,7 +116,8 @@ def run_plan(plan: Plan, *, run_name: str | None = None, tracking_uri: str, ray_
                  f"single_Q{stage.eval_scale}/top1_error": outcome.metrics["val_top1_error"],
                  f"single_Q{stage.eval_scale}/top5_error": outcome.metrics["val_top5_error"],
                  "epochs_trained": outcome.metrics["epoch"] + 1}
-        tracker.finish_stage(srun.run_id, final, checkpoint_uri(outcome.checkpoint), model=model)
+        tracker.finish_stage(srun.run_id, final, checkpoint_uri(outcome.checkpoint), model=model,
+                             registered_name=registered_model_name(plan, stage))
         results.append(_result(stage, tracker, srun.run_id, skipped=False))
     best = min(results, key=lambda x: x.top1_error)
     tracker.finish_parent(parent_id, {"best_top1_error": best.top1_error, "best_top5_error": best.top5_error})

@@ -94,13 +94,14 @@ class Tracker:
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i : i + 100])
 
-    def finish_stage(self, run_id: str, metrics: dict, checkpoint: str, model=None) -> None:
+    def finish_stage(self, run_id: str, metrics: dict, checkpoint: str, model=None,
+                     registered_name: str | None = None) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
         if model is not None:
-            self.log_model(run_id, model)
+            self.log_model(run_id, model, registered_name)
         self.client.set_tag(run_id, "checkpoint", checkpoint)
         self.client.set_tag(run_id, "stage_status", "finished")
         self.client.set_terminated(run_id, "FINISHED")
@@ -117,8 +118,10 @@ class Tracker:
             self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
         self.client.set_terminated(run_id, "FINISHED")
 
-    def log_model(self, run_id: str, model) -> None:
-        """The trained net as an MLflow PyTorch model (loadable with mlflow.pytorch.load_model)."""
+    def log_model(self, run_id: str, model, registered_name: str | None = None) -> None:
+        """The trained net as an MLflow PyTorch model (loadable with mlflow.pytorch.load_model),
+        registered as a new version of `registered_name` (one registered model per arch)
+        with the run's stage and plan run as version tags."""
         import mlflow
         import torch
 
@@ -126,8 +129,15 @@ class Tracker:
         side = getattr(model, "input_size", 224)
         example = torch.zeros(1, 3, side, side).numpy()  # pt2 export traces the forward pass
         with mlflow.start_run(run_id=run_id):
-            mlflow.pytorch.log_model(model.eval(), name="model", input_example=example,
-                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+            info = mlflow.pytorch.log_model(model.eval(), name="model", input_example=example,
+                                            registered_model_name=registered_name,
+                                            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        version = getattr(info, "registered_model_version", None)
+        if registered_name and version is not None:
+            tags = self.client.get_run(run_id).data.tags
+            for key in ("stage", "plan_run", "train_scale", "init_from"):
+                if key in tags:
+                    self.client.set_model_version_tag(registered_name, str(version), key, tags[key])
 
     def stage_results(self, run_name: str) -> list[dict]:
         runs = self.client.search_runs([self.experiment_id],

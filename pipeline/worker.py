@@ -157,7 +157,8 @@ def train_loop_per_worker(config: dict) -> None:
         schedule.step(val["top1_error"])
         metrics = {"epoch": epoch, "train_loss": stats.loss, "val_top1_error": val["top1_error"],
                    "val_top5_error": val["top5_error"], "val_loss": val["loss"], "val_images": val["images"],
-                   "lr": lr, "images_per_sec": stats.images_per_sec, "data_wait_fraction": stats.data_wait_fraction}
+                   "lr": lr, "images_per_sec": stats.images_per_sec, "data_wait_fraction": stats.data_wait_fraction,
+                   "resumed_from_epoch": -1 if resumed_from is None else resumed_from}
         last = epoch == epochs - 1 or schedule.finished
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:

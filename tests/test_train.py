@@ -92,6 +92,11 @@ def test_staged_plan_on_ray_tracks_everything_and_resumes(tmp_path, shards, ray_
 
     model = mlflow.pytorch.load_model(f"runs:/{stages['A'].info.run_id}/model")
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 6)
+    # one registered model per arch; the version says which stage made it
+    for arch in ("A", "B"):
+        versions = client.search_model_versions(f"name='tiny-test-{arch}'")
+        assert len(versions) == 1 and versions[0].tags["stage"] == arch
+        assert versions[0].run_id == stages[arch].info.run_id
 
     # the same plan run again: both stages skipped, no new MLflow runs
     again = run_plan(plan, run_name="tiny-1", tracking_uri=mlflow_uri)
