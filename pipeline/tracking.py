@@ -24,6 +24,15 @@ def tracking_uri(default_db: str | Path = DEFAULT_DB) -> str:
     return f"sqlite:///{Path(default_db).resolve()}"
 
 
+def artifact_root(uri: str) -> str | None:
+    """Artifacts of a SQLite store live beside the database file (`mlartifacts/`), not in
+    MLflow's default ./mlruns under whatever directory the process happened to start in.
+    A tracking server decides its own artifact root (None)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
 def ui_command(uri: str) -> str:
     if uri.startswith(("http://", "https://")):
         return f"open {uri} in a browser"
@@ -54,7 +63,8 @@ class Tracker:
         self.uri = uri
         self.client = _client(uri)
         exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        self.experiment_id = (exp.experiment_id if exp else
+                              self.client.create_experiment(experiment, artifact_location=artifact_root(uri)))
 
     def _find(self, filter_string: str):
         runs = self.client.search_runs([self.experiment_id], filter_string, max_results=1,

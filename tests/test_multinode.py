@@ -1,12 +1,14 @@
-"""A real two-node Ray cluster on loopback (`ray start --head` plus a second
-`ray start --address` node, one CPU each): one training worker per node, so ranks,
-shard assignment and checkpoint storage cross nodes; and the same plan submitted
-through the Ray Jobs API with `ray job submit`."""
+"""Real Ray clusters on loopback started with `ray start`: two nodes of one CPU each,
+with one training worker per node, so ranks, shard assignment and checkpoint storage
+cross nodes; and a head node that takes the same plan through the Ray Jobs API
+(`ray job submit`), as users submit it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -29,6 +31,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _ray(*args: str, env: dict) -> None:
+    out = subprocess.run([RAY, *args], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, f"ray {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+
+
 def _kill_cluster(temp_dir: Path) -> None:
     """Stop only this cluster's processes (`ray stop` would stop every Ray on the machine)."""
     marker = str(temp_dir).encode()
@@ -44,25 +51,46 @@ def _kill_cluster(temp_dir: Path) -> None:
         time.sleep(1)
 
 
-@pytest.fixture(scope="module")
-def two_nodes(tmp_path_factory):
-    # A short temp dir: Ray's socket paths must stay under 107 characters.
-    temp_dir = Path(f"/tmp/rt{os.getpid()}")
-    shutil.rmtree(temp_dir, ignore_errors=True)
+@contextlib.contextmanager
+def ray_cluster_on_loopback(name: str, nodes: list[dict]):
+    """`ray start --head` plus one `ray start --address` per further node, all on
+    127.0.0.1, sharing one generated auth token (Ray 2.60 turns token authentication
+    on). Each node gets its own temp dir, as on separate machines: nodes sharing one
+    would share, and garbage-collect under each other, the unpacked job working_dir.
+    The venv is on PATH, as for a user who activated it: job entrypoints run `python`."""
+    # Short temp dirs: Ray's socket paths must stay under 107 characters.
+    temp_dir = Path(f"/tmp/rt{os.getpid()}{name}-")
+    dirs = [Path(f"{temp_dir}{i}") for i in range(len(nodes))]
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
     port, dash = free_port(), free_port()
-    env = dict(os.environ, RAY_ADDRESS="")
-    common = ["--num-cpus", "1", "--disable-usage-stats"]
-    subprocess.run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--temp-dir", str(temp_dir),
-                    "--resources", json.dumps({"head": 1}), *common], check=True, env=env, capture_output=True)
+    env = dict(os.environ, RAY_ADDRESS="", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     try:
-        subprocess.run([RAY, "start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1",
-                        "--resources", json.dumps({"second": 1}), *common], check=True, env=env,
-                       capture_output=True)
-        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "temp_dir": temp_dir}
+        for i, (d, node) in enumerate(zip(dirs, nodes)):
+            role = (["--head", "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash)]
+                    if i == 0 else ["--address", f"127.0.0.1:{port}"])
+            _ray("start", *role, "--node-ip-address", "127.0.0.1", "--temp-dir", str(d),
+                 "--num-cpus", str(node["cpus"]), "--resources", json.dumps(node["resources"]),
+                 "--disable-usage-stats", env=env)
+        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
     finally:
-        _kill_cluster(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        _kill_cluster(temp_dir)  # the marker is a prefix of every node's temp dir
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    with ray_cluster_on_loopback("two", [{"cpus": 1, "resources": {"head": 1}},
+                                  {"cpus": 1, "resources": {"second": 1}}]) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def head_only():
+    with ray_cluster_on_loopback("head", [{"cpus": 2, "resources": {"head": 1}}]) as cluster:
+        yield cluster
 
 
 def write_plan(tmp_path: Path, shards: Path) -> Path:
@@ -99,7 +127,7 @@ def _stage_run(uri: str, experiment: str):
 
 def test_one_worker_per_node_trains_and_checkpoints(tmp_path, shards, two_nodes, mlflow_uri):
     plan = write_plan(tmp_path, shards)
-    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_uri)
+    env = dict(two_nodes["env"], MLFLOW_TRACKING_URI=mlflow_uri)
     out = subprocess.run([sys.executable, "-m", "pipeline", "train", "--plan", str(plan), "--address",
                           two_nodes["address"]], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -110,19 +138,23 @@ def test_one_worker_per_node_trains_and_checkpoints(tmp_path, shards, two_nodes,
     # the two workers ran on two different nodes
     nodes = subprocess.run([RAY, "list", "actors", "--address", two_nodes["address"], "--format", "json",
                             "--filter", "class_name=RayTrainWorker", "--detail", "--limit", "100"],
-                           capture_output=True, text=True, env=dict(os.environ, RAY_ADDRESS=""))
+                           capture_output=True, text=True, env=two_nodes["env"])
     actors = json.loads(nodes.stdout or "[]")
     assert len({a["node_id"] for a in actors}) == 2, nodes.stdout[-2000:] + nodes.stderr[-2000:]
 
 
-def test_ray_job_submit_runs_the_plan(tmp_path, shards, two_nodes, mlflow_uri):
+def test_ray_job_submit_runs_the_plan(tmp_path, shards, head_only, mlflow_uri):
     plan = write_plan(tmp_path, shards)
     runtime_env = {"excludes": [".venv", "data", "runs", "mlflow.db", ".git", "tests"],
                    "env_vars": {"MLFLOW_TRACKING_URI": mlflow_uri}}
-    out = subprocess.run([RAY, "job", "submit", "--address", two_nodes["dashboard"], "--working-dir", str(REPO),
-                          "--runtime-env-json", json.dumps(runtime_env), "--",
-                          "python", "-m", "pipeline", "train", "--plan", str(plan), "--run-name", "submitted"],
-                         capture_output=True, text=True, timeout=500, env=dict(os.environ, RAY_ADDRESS=""))
+    cmd = [RAY, "job", "submit", "--address", head_only["dashboard"], "--working-dir", str(REPO),
+           "--runtime-env-json", json.dumps(runtime_env), "--",
+           "python", "-m", "pipeline", "train", "--plan", str(plan), "--run-name", "submitted"]
+    for _ in range(60):  # the head's job agent may still be starting ("try again later")
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=500, env=head_only["env"])
+        if "No available agent to submit job" not in out.stderr:
+            break
+        time.sleep(2)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "succeeded" in out.stdout.lower()
     assert "| A " in out.stdout  # the results table reached the job's logs
