@@ -115,24 +115,29 @@ def _decode_window(jpegs, shape, window, crop: int, gpu: bool):
                      roi_start=fn.stack(y - y0, x - x0), roi_end=fn.stack(y - y0 + side, x - x0 + side))
 
 
-def _reader(info: DatasetInfo, split: str, shard_id: int, num_shards: int, train: bool, seed: int,
+def _reader(info: DatasetInfo, split: str, shard_id: int, num_shards: int, train: bool, order_seed: int,
             shuffle_buffer: int):
+    """Training: the tar list is permuted by `order_seed` (the same on every rank, so the
+    ranks' slices still partition it) and samples pass a seeded shuffle buffer. One
+    reader serves one epoch, so an epoch's order depends only on (seed, epoch) and a
+    resumed run can fast-forward to the exact sample it stopped at."""
     paths, index_paths = info.shards(split)
+    if train:
+        perm = np.random.default_rng(order_seed).permutation(len(paths))
+        paths, index_paths = [paths[i] for i in perm], [index_paths[i] for i in perm]
     return fn.readers.webdataset(
         paths=paths, index_paths=index_paths, ext=["jpg", "cls"], missing_component_behavior="error",
         dtypes=[types.UINT8, types.UINT8], shard_id=shard_id, num_shards=num_shards, name=READER,
         random_shuffle=train, initial_fill=shuffle_buffer if train else 1,
-        # Tar order is reshuffled each epoch with the same seed on every rank.
-        **(dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=seed) if train else {}),
         pad_last_batch=not train,  # eval: pad, and the iterator drops the padding
     )
 
 
 @pipeline_def
 def train_pipeline(info: DatasetInfo, split: str, shard_id: int, num_shards: int, scale_range: tuple[int, int],
-                   crop: int, color_shift: float, normalize_std: bool, gpu: bool, shuffle_seed: int,
+                   crop: int, color_shift: float, normalize_std: bool, gpu: bool, order_seed: int,
                    shuffle_buffer: int):
-    jpegs, cls = _reader(info, split, shard_id, num_shards, True, shuffle_seed, shuffle_buffer)
+    jpegs, cls = _reader(info, split, shard_id, num_shards, True, order_seed, shuffle_buffer)
     lo, hi = scale_range
     scale = fn.random.uniform(range=[float(lo), float(hi) + 1e-3]) if hi > lo else float(lo)
     shape = fn.peek_image_shape(jpegs)
@@ -254,9 +259,19 @@ class Loader:
     def __len__(self) -> int:
         return self.steps
 
+    def skip(self, batches: int) -> None:
+        """Fast-forward: the next pass reads and discards its first `batches` batches
+        (decoded, not sent to the device), resuming a checkpoint taken mid-epoch."""
+        if not 0 <= batches <= self.steps:
+            raise ValueError(f"cannot skip {batches} of {self.steps} batches")
+        self._skip = batches
+
     def __iter__(self):
+        skip, self._skip = getattr(self, "_skip", 0), 0
         try:
-            for batch in self._it:
+            for i, batch in enumerate(self._it):
+                if i < skip:
+                    continue
                 data = batch[0]
                 yield (data["images"].to(self.device, non_blocking=True),
                        data["labels"].view(-1).to(self.device, non_blocking=True))
@@ -273,20 +288,29 @@ def _device_id(device: torch.device) -> int | None:
     return device.index if device.type == "cuda" else None
 
 
-def train_loader(info: DatasetInfo, split: str, *, rank: int, world_size: int, batch_size: int,
-                 scale_range: tuple[int, int], crop: int, color_shift: float = 0.1, normalize_std: bool = False,
-                 device: torch.device = torch.device("cpu"), seed: int = 0, threads: int = 2,
-                 shuffle_buffer: int = 1024) -> Loader:
-    """`batch_size` is per worker. Steps per epoch: the whole split divided over all
-    ranks' batches, rounded down, identical on every rank."""
-    gpu = device.type == "cuda"
+def train_steps(info: DatasetInfo, split: str, batch_size: int, world_size: int) -> int:
+    """Steps per epoch, identical on every rank: the split over all ranks' batches, rounded down."""
     steps = info.counts[split] // (batch_size * world_size)
     if steps < 1:
         raise ValueError(f"{split}: {info.counts[split]} images is less than one global batch "
                          f"({batch_size} x {world_size} workers)")
-    pipe = train_pipeline(info, split, rank, world_size, scale_range, crop, color_shift, normalize_std, gpu,
-                          seed, shuffle_buffer, batch_size=batch_size, num_threads=threads,
-                          device_id=_device_id(device), seed=seed * 1000 + rank + 1, prefetch_queue_depth=2)
+    return steps
+
+
+def train_loader(info: DatasetInfo, split: str, *, rank: int, world_size: int, batch_size: int,
+                 scale_range: tuple[int, int], crop: int, color_shift: float = 0.1, normalize_std: bool = False,
+                 device: torch.device = torch.device("cpu"), seed: int = 0, epoch: int = 0, threads: int = 2,
+                 shuffle_buffer: int = 1024) -> Loader:
+    """One epoch of training batches; `batch_size` is per worker. The order and the
+    augmentation draws are a function of (seed, epoch, rank) only: build one loader per
+    epoch. Ranks take a different slice of the tar list each epoch (DALI's own
+    stick_to_shard=False rotation), so over epochs every rank sees all the data."""
+    gpu = device.type == "cuda"
+    steps = train_steps(info, split, batch_size, world_size)
+    pipe = train_pipeline(info, split, (rank + epoch) % world_size, world_size, scale_range, crop, color_shift,
+                          normalize_std, gpu, seed * 100_003 + epoch, shuffle_buffer, batch_size=batch_size,
+                          num_threads=threads, device_id=_device_id(device),
+                          seed=(seed * 100_003 + epoch) * 1000 + rank + 1, prefetch_queue_depth=2)
     pipe.build()
     return Loader(pipe, steps, device, f"train pipeline over {info.root / split}", (info, split))
 

@@ -125,12 +125,16 @@ def train_one_epoch(
     grad_clip: float | None = None,
     log_every: int = 50,
     on_log: Callable[[int, float, float], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
+    start_step: int = 0,
     where: str = "",
 ) -> EpochStats:
-    """One pass over `loader`. `on_log(step, loss, images_per_sec)` every `log_every` steps."""
+    """One pass over `loader`. Steps are numbered from `start_step` (a loader fast-forwarded
+    to a mid-epoch checkpoint). `on_log(step, loss, images_per_sec)` every `log_every`
+    steps; `on_step(step)` after every optimizer step (mid-epoch checkpoints)."""
     model.train()
     criterion = nn.CrossEntropyLoss()
-    total_loss, images, steps, wait = 0.0, 0, 0, 0.0
+    total_loss, images, steps, wait = 0.0, 0, start_step, 0.0
     start = tick = time.perf_counter()
     for images_b, labels in loader:
         got = time.perf_counter()
@@ -151,14 +155,16 @@ def train_one_epoch(
         total_loss += loss.item() * n
         images += n
         steps += 1
-        tick = time.perf_counter()
         if on_log and log_every and steps % log_every == 0:
-            on_log(steps, loss.item(), images / max(tick - start, 1e-9))
+            on_log(steps, loss.item(), images / max(time.perf_counter() - start, 1e-9))
+        if on_step:
+            on_step(steps)
+        tick = time.perf_counter()
     seconds = time.perf_counter() - start
     loss_sum, count, wait_sum, secs = _all_reduce([total_loss, images, wait, seconds], device)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     # images/s is global (all ranks); wait share is the mean over ranks.
-    return EpochStats(loss_sum / max(count, 1), int(count), secs / world, wait_sum / world, steps)
+    return EpochStats(loss_sum / max(count, 1), int(count), secs / world, wait_sum / world, steps - start_step)
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:

@@ -56,10 +56,13 @@ class Recipe:
     compile: bool = False
     normalize_std: bool = False  # also divide by the training set's RGB std (the paper only subtracts the mean)
     log_every_steps: int = 50
+    checkpoint_every_steps: int = 0  # also checkpoint mid-epoch every N steps (0: at epoch ends only)
     seed: int = 0
     optim: Optim = field(default_factory=Optim)
 
     def __post_init__(self):
+        if self.checkpoint_every_steps < 0:
+            raise ValueError(f"checkpoint_every_steps must be 0 (off) or positive, got {self.checkpoint_every_steps}")
         for name in ("epochs", "batch_size", "crop"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -39,7 +39,10 @@ class MlflowEpochMetrics(ray.train.UserCallback):
         if self._logger is None:
             self._logger = MetricsLogger(self.tracking_uri, self.run_id, enabled=True)
         rank0 = dict(metrics[0])
+        if "val_top1_error" not in rank0:
+            return  # a mid-epoch checkpoint: nothing to plot
         epoch = int(rank0.pop("epoch"))
+        rank0.pop("step", None)
         self._logger.log(rank0, step=epoch)
 
 
@@ -73,7 +76,7 @@ def _epochs(recipe, train_images: int) -> int:
 def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
-    from pipeline.data import DatasetInfo, eval_loader, train_loader
+    from pipeline.data import DatasetInfo, eval_loader, train_loader, train_steps
     from pipeline.engine import PlateauSchedule, evaluate, make_optimizer, train_one_epoch
     from pipeline.models import build_model, init_from
 
@@ -91,12 +94,11 @@ def train_loop_per_worker(config: dict) -> None:
     model = build_model(stage.arch, num_classes=info.num_classes, width_mult=recipe.width_mult,
                         batch_norm=recipe.batch_norm, input_size=recipe.crop, dropout=recipe.dropout,
                         init=recipe.init, init_std=recipe.init_std)
-    state, resumed_from = None, None
+    state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         state = _load_state(checkpoint)
         model.load_state_dict(state["model"])
-        resumed_from = state["epoch"]
     elif config.get("init_checkpoint") is not None:
         source = _load_state(config["init_checkpoint"])["model"]
         layers = stage.init_from.layers
@@ -113,66 +115,82 @@ def train_loop_per_worker(config: dict) -> None:
     per_worker = max(1, recipe.batch_size // world)
     optimizer = make_optimizer(net, recipe.optim, per_worker * world)
     schedule = PlateauSchedule(optimizer, recipe.optim)
-    start_epoch = 0
+    steps = train_steps(info, data.train_split, per_worker, world)
+    start_epoch, start_step = 0, 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        start_epoch = state["epoch"] + 1
         torch.set_rng_state(state["rng"])
+        # Checkpoints before mid-epoch ones existed carry no step: they are epoch ends.
+        done = state.get("step", steps)
+        start_epoch, start_step = (state["epoch"], done) if done < steps else (state["epoch"] + 1, 0)
 
     epochs = _epochs(recipe, info.counts[data.train_split])
     lo, hi = stage.scale_range
     normalize_std = recipe.normalize_std
-    # The reader's order depends on the seed; a resumed run continues with a new order
-    # rather than replaying the first epoch's.
-    train_ld = train_loader(info, data.train_split, rank=rank, world_size=world, batch_size=per_worker,
-                            scale_range=(lo, hi), crop=recipe.crop, color_shift=recipe.color_shift,
-                            normalize_std=normalize_std, device=device, seed=recipe.seed + start_epoch,
-                            threads=data.reader_threads, shuffle_buffer=data.shuffle_buffer)
     val_ld = eval_loader(info, data.val_split, rank=rank, world_size=world, batch_size=per_worker,
                          scale=stage.eval_scale, crop=recipe.crop, normalize_std=normalize_std, device=device,
                          threads=data.reader_threads)
     tag = f"[{stage.name}]"
     if rank == 0:
-        how = f"resumed after epoch {resumed_from}" if resumed_from is not None else (
-            f"initialised from {stage.init_from.stage}" if stage.init_from else f"{recipe.init} init")
+        how = (f"resumed at epoch {start_epoch + 1} step {start_step}" if state is not None else
+               f"initialised from {stage.init_from.stage}" if stage.init_from else f"{recipe.init} init")
         say(f"{tag} {stage.arch} S={stage.scale_label} on {world} worker(s), {device}; {how}; "
-            f"{epochs} epochs x {len(train_ld)} steps of {per_worker * world}")
+            f"{epochs} epochs x {steps} steps of {per_worker * world}")
+
+    def save_and_report(metrics: dict, epoch: int, step: int) -> None:
+        """Every rank reports (Ray Train needs it); rank 0 attaches the checkpoint."""
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank != 0:
+                ray.train.report(metrics)
+                return
+            torch.save({"model": {k.removeprefix("module."): v for k, v in net.state_dict().items()},
+                        "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                        "epoch": epoch, "step": step, "rng": torch.get_rng_state(), "arch": stage.arch,
+                        "num_classes": info.num_classes}, Path(tmp) / CHECKPOINT_FILE)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     for epoch in range(start_epoch, epochs):
         t0 = time.monotonic()
+        # One loader per epoch: its order depends on (seed, epoch) only, so a mid-epoch
+        # checkpoint's loader position is the step count, replayed by fast-forwarding.
+        train_ld = train_loader(info, data.train_split, rank=rank, world_size=world, batch_size=per_worker,
+                                scale_range=(lo, hi), crop=recipe.crop, color_shift=recipe.color_shift,
+                                normalize_std=normalize_std, device=device, seed=recipe.seed, epoch=epoch,
+                                threads=data.reader_threads, shuffle_buffer=data.shuffle_buffer)
+        skip = start_step if epoch == start_epoch else 0
+        train_ld.skip(skip)
 
         def progress(step, loss, rank_rate, epoch=epoch):
-            steps_left = len(train_ld) - step + (epochs - epoch - 1) * len(train_ld)
+            steps_left = steps - step + (epochs - epoch - 1) * steps
             eta = steps_left * per_worker / max(rank_rate, 1e-9)  # every rank runs the same steps
-            say(f"{tag} epoch {epoch + 1}/{epochs} step {step}/{len(train_ld)} loss {loss:.4f} "
+            say(f"{tag} epoch {epoch + 1}/{epochs} step {step}/{steps} loss {loss:.4f} "
                 f"{rank_rate * world:.0f} img/s ETA {eta / 60:.1f} min")
+
+        def step_checkpoint(step, epoch=epoch):
+            every = recipe.checkpoint_every_steps
+            if every and step % every == 0 and step < steps:
+                save_and_report({"epoch": epoch, "step": step}, epoch, step)
 
         stats = train_one_epoch(net, train_ld, optimizer, device, precision=recipe.precision,
                                 channels_last=gpu and recipe.channels_last, grad_clip=recipe.optim.grad_clip,
                                 log_every=recipe.log_every_steps if rank == 0 else 0, on_log=progress,
-                                where=f"{tag} epoch {epoch + 1}: ")
+                                on_step=step_checkpoint, start_step=skip, where=f"{tag} epoch {epoch + 1}: ")
+        del train_ld  # frees the epoch's DALI pipeline before the next one is built
         lr = schedule.lr
         val = evaluate(net, val_ld, device, precision=recipe.precision)
         schedule.step(val["top1_error"])
-        metrics = {"epoch": epoch, "train_loss": stats.loss, "val_top1_error": val["top1_error"],
+        metrics = {"epoch": epoch, "step": steps, "train_loss": stats.loss, "val_top1_error": val["top1_error"],
                    "val_top5_error": val["top5_error"], "val_loss": val["loss"], "val_images": val["images"],
                    "lr": lr, "images_per_sec": stats.images_per_sec, "data_wait_fraction": stats.data_wait_fraction,
-                   "resumed_from_epoch": -1 if resumed_from is None else resumed_from}
-        last = epoch == epochs - 1 or schedule.finished
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:
-                torch.save({"model": {k.removeprefix("module."): v for k, v in net.state_dict().items()},
-                            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                            "epoch": epoch, "rng": torch.get_rng_state(), "arch": stage.arch,
-                            "num_classes": info.num_classes}, Path(tmp) / CHECKPOINT_FILE)
-                say(f"{tag} epoch {epoch + 1}/{epochs}: loss {stats.loss:.4f} val top-1 {val['top1_error']:.2f}% "
-                    f"top-5 {val['top5_error']:.2f}% lr {lr:.2g} {stats.images_per_sec:.0f} img/s "
-                    f"data wait {100 * stats.data_wait_fraction:.0f}% ({time.monotonic() - t0:.0f}s)")
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-            else:
-                ray.train.report(metrics)
-        if last:
+                   "resumed_from_epoch": -1 if state is None else state["epoch"],  # the checkpoint's epoch
+                   "resumed_at_step": skip}
+        if rank == 0:
+            say(f"{tag} epoch {epoch + 1}/{epochs}: loss {stats.loss:.4f} val top-1 {val['top1_error']:.2f}% "
+                f"top-5 {val['top5_error']:.2f}% lr {lr:.2g} {stats.images_per_sec:.0f} img/s "
+                f"data wait {100 * stats.data_wait_fraction:.0f}% ({time.monotonic() - t0:.0f}s)")
+        save_and_report(metrics, epoch, steps)
+        if epoch == epochs - 1 or schedule.finished:
             break
 
 

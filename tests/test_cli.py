@@ -96,3 +96,13 @@ def test_bench_loader_reports_both_loaders_on_the_same_shards(shards, tmp_path):
     assert line["pipeline_img_s"] > 0 and line["baseline_img_s"] > 0
     assert line["ratio"] == pytest.approx(line["pipeline_img_s"] / line["baseline_img_s"], rel=1e-2)
     assert __import__("json").loads(out.read_text())["command"].startswith("python -m pipeline bench loader")
+
+
+def test_bench_train_times_synthetic_and_loader_fed_steps(shards):
+    res = run(["bench", "train", "--arch", "vgg16", "--shards", str(shards / "train" / "*.tar"), "--seconds", "1",
+               "--batch-size", "8", "--width-mult", "0.125", "--scale", "36", "44", "--crop", "32"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    line = __import__("json").loads(res.stdout.strip().splitlines()[-1])
+    assert line["arch"] == "vgg16" and line["synthetic_steps"] > 0 and line["loader_steps"] > 0
+    assert 0 <= line["data_wait_fraction"] < 1
+    assert line["loader_vs_synthetic"] == pytest.approx(line["loader_img_s"] / line["synthetic_img_s"], rel=1e-2)

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 
 
-def write_plan(tmp_path: Path, shards: Path, epochs: int, max_failures: int) -> Path:
+def write_plan(tmp_path: Path, shards: Path, epochs: int, max_failures: int, checkpoint_every: int = 0) -> Path:
     path = tmp_path / "plan.yaml"
     path.write_text(textwrap.dedent(f"""
         name: crash
@@ -36,6 +36,7 @@ def write_plan(tmp_path: Path, shards: Path, epochs: int, max_failures: int) -> 
           width_mult: 0.125
           init: kaiming
           normalize_std: true
+          checkpoint_every_steps: {checkpoint_every}
           optim: {{lr: 0.05, patience: 50}}
         resources: {{num_workers: 2, cpus_per_worker: 1, max_failures: {max_failures}}}
         stages:
@@ -91,8 +92,19 @@ def stage_history(uri: str, experiment: str, stage: str, metric: str):
 def test_killed_worker_resumes_from_its_checkpoint(tmp_path, shards, ray_cluster, mlflow_uri):
     from pipeline.runner import run_plan
 
-    plan = load_plan(write_plan(tmp_path, shards, epochs=8, max_failures=2))
+    plan = load_plan(write_plan(tmp_path, shards, epochs=8, max_failures=2, checkpoint_every=5))
     storage, outcome = tmp_path / "runs", {}
+    steps_seen: set[int] = set()
+
+    def note_checkpoint_steps():
+        import torch
+
+        for ckpt in checkpoints(storage, "crash-1-A"):
+            try:
+                steps_seen.add(torch.load(ckpt / "state.pt", weights_only=False)["step"])
+            except Exception:  # noqa: BLE001 - being written or already rotated away
+                pass
+        return len(_history_or_empty(mlflow_uri, "A")) >= 2
 
     def drive():
         try:
@@ -104,8 +116,7 @@ def test_killed_worker_resumes_from_its_checkpoint(tmp_path, shards, ray_cluster
     driver.start()
     # Kill once the controller has registered two epochs (their metrics are in MLflow): a
     # checkpoint on disk that the controller has not polled yet is not one Ray resumes from.
-    wait_for(lambda: len(_history_or_empty(mlflow_uri, "A")) >= 2, 240,
-             "stage A's second registered epoch")
+    wait_for(note_checkpoint_steps, 240, "stage A's second registered epoch")
     victims = train_workers()
     assert victims, "no Ray Train worker process found"
     os.kill(victims[-1], signal.SIGKILL)
@@ -119,6 +130,11 @@ def test_killed_worker_resumes_from_its_checkpoint(tmp_path, shards, ray_cluster
     assert sorted(set(steps)) == list(range(8))  # every epoch, counter not reset
     _, resumed = stage_history(mlflow_uri, "crash-test", "A", "resumed_from_epoch")
     assert max(m.value for m in resumed) >= 1  # the restarted workers started from a checkpoint
+    # 144 images / global batch 8 = 18 steps: mid-epoch checkpoints at steps 5, 10, 15
+    # were written besides the epoch ends (18)
+    assert steps_seen & {5, 10, 15} and 18 in steps_seen, steps_seen
+    _, at_step = stage_history(mlflow_uri, "crash-test", "A", "resumed_at_step")
+    assert {m.value for m in at_step} <= {0, 5, 10, 15}
 
 
 def test_killed_driver_is_resumed_by_rerunning_the_same_command(tmp_path, shards, mlflow_uri):
