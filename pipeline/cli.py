@@ -1,4 +1,4 @@
-"""`python -m pipeline <verb>`: demo, train, evaluate, report, bench, models.
+"""`python -m pipeline <verb>`: demo, train, evaluate, ensemble, report, bench, models.
 
 Plans are validated (keys, types, the stage graph) before Ray or MLflow is
 touched: a typo in a plan costs a second, not a cluster start.
@@ -64,39 +64,89 @@ def cmd_demo(a) -> int:
     results = run_plan(plan, run_name=a.run_name or default_run_name(plan, fresh=True), tracking_uri=uri)
     print("\n== results (validation set of the built-in dataset, single-scale centre crop)")
     print(results_table(results))
+    print("\n== the paper's test protocols: dense and multi-crop over three scales, 2 Ray tasks each", flush=True)
+    run_ids = [r.run_id for r in results]
+    evaluate_protocols(uri, run_ids, ["dense", "multicrop", "dense+multicrop"], None, workers=2)
+    print("\n== an ensemble of the demo's nets, from their stored posteriors", flush=True)
+    from pipeline.ensemble import run_ensemble
+
+    ens = run_ensemble(run_ids, tracking_uri=uri, experiment=None, protocol="dense+multicrop", scales=None)
+    print(f"{ens['name']}: {ens['metric_prefix']}: top-1 error {ens['top1_error']:.2f}%, "
+          f"top-5 error {ens['top5_error']:.2f}%")
+    print("\n== report", flush=True)
+    from pipeline.report import make_report
+
+    md, out = make_report(uri, plan.experiment, work / "report")
+    print(md)
+    print(f"report files: {out}/")
     print(f"\nMLflow UI: {ui_command(uri)}")
     return 0
 
 
-def cmd_evaluate(a) -> int:
+def _stage_run_id(client, experiment: str | None, run_id: str | None, stage: str | None) -> str:
+    if run_id:
+        return run_id
+    if not (experiment and stage):
+        raise SystemExit("give --run-id, or --experiment and --stage")
+    exp = client.get_experiment_by_name(experiment)
+    found = exp and client.search_runs([exp.experiment_id], f"tags.stage = '{stage}' and tags.kind = 'stage' and "
+                                       "tags.stage_status = 'finished'", max_results=1,
+                                       order_by=["attributes.start_time DESC"])
+    if not found:
+        raise SystemExit(f"experiment {experiment}: no finished run of stage {stage!r}")
+    return found[0].info.run_id
+
+
+def evaluate_protocols(uri: str, run_ids: list[str], protocols: list[str], scales: list[int] | None, workers: int,
+                       batch_size: int = 32, data_root: str | None = None, split: str = "val",
+                       address: str | None = None) -> list[dict]:
     from pipeline.evaluate import evaluate_run
+
+    results = []
+    for run_id in run_ids:
+        for protocol in protocols:
+            r = evaluate_run(run_id, tracking_uri=uri, protocol=protocol, scales=scales, workers=workers,
+                             batch_size=batch_size, data_root=data_root, split=split, ray_address=address)
+            print(f"{r['stage']}: {r['metric_prefix']}: top-1 error {r['top1_error']:.2f}%, top-5 error "
+                  f"{r['top5_error']:.2f}% over {r['images']} images (run {run_id})", flush=True)
+            results.append(r)
+    return results
+
+
+def cmd_evaluate(a) -> int:
+    from pipeline.tracking import _client, tracking_uri
+
+    uri = tracking_uri(REPO / "mlflow.db")
+    run_id = _stage_run_id(_client(uri), a.experiment, a.run_id, a.stage)
+    scales = a.scales or ([a.scale] if a.scale else None)
+    evaluate_protocols(uri, [run_id], a.protocol, scales, a.workers, a.batch_size, a.data_root, a.split, a.address)
+    return 0
+
+
+def cmd_ensemble(a) -> int:
+    from pipeline.ensemble import run_ensemble
     from pipeline.tracking import tracking_uri
 
     uri = tracking_uri(REPO / "mlflow.db")
-    result = evaluate_run(a.run_id, tracking_uri=uri, scale=a.scale, batch_size=a.batch_size,
-                          data_root=a.data_root, split=a.split)
-    print(f"{result['metric_prefix']}: top-1 error {result['top1_error']:.2f}%, "
-          f"top-5 error {result['top5_error']:.2f}% over {result['images']} images (logged to run {a.run_id})")
+    r = run_ensemble(a.members, tracking_uri=uri, experiment=a.experiment, protocol=a.protocol, scales=a.scales,
+                     greedy_max=a.greedy, name=a.name, register=not a.no_register)
+    print(f"{r['name']}: members {', '.join(r['member_stages'])}; {r['metric_prefix']}: top-1 error "
+          f"{r['top1_error']:.2f}%, top-5 error {r['top5_error']:.2f}% over {r['images']} images (run {r['run_id']})")
     return 0
 
 
 def cmd_report(a) -> int:
-    from pipeline.tracking import Tracker, tracking_uri
+    from pipeline.report import make_report
+    from pipeline.tracking import _client, tracking_uri
 
     uri = tracking_uri(REPO / "mlflow.db")
-    tracker = Tracker(uri, a.experiment)
-    runs = tracker.client.search_runs([tracker.experiment_id], "tags.kind = 'stage'",
-                                      order_by=["attributes.start_time ASC"])
-    if not runs:
-        print(f"experiment {a.experiment}: no stage runs in {uri}")
+    if _client(uri).get_experiment_by_name(a.experiment) is None:
+        print(f"experiment {a.experiment}: not found in {uri}", file=sys.stderr)
         return 1
-    print(f"| plan run | stage | arch | train S | status | top-1 err % | top-5 err % |")
-    print("|---|---|---|---|---|---|---|")
-    for r in runs:
-        t, m = r.data.tags, r.data.metrics
-        fmt = lambda k: f"{m[k]:.2f}" if k in m else "not evaluated"  # noqa: E731
-        print(f"| {t.get('plan_run')} | {t.get('stage')} | {t.get('arch')} | {t.get('train_scale')} | "
-              f"{t.get('stage_status', r.info.status.lower())} | {fmt('top1_error')} | {fmt('top5_error')} |")
+    md, out = make_report(uri, a.experiment, a.out or REPO / "data" / "reports" / a.experiment,
+                          log=not a.no_log)
+    print(md)
+    print(f"written to {out}/ (report.md, report.html, curves-*.png)" + ("" if a.no_log else "; logged to MLflow"))
     return 0
 
 
@@ -136,16 +186,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(t)
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("evaluate", help="evaluate a finished stage run (single scale, centre crop)")
-    e.add_argument("--run-id", required=True, help="MLflow run id of a stage")
-    e.add_argument("--scale", type=int, help="test scale Q (default: the stage's)")
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--data-root", help="shards directory (default: the one the stage trained on)")
+    from pipeline.protocols import PROTOCOLS
+
+    e = sub.add_parser("evaluate", help="evaluate a finished stage under the paper's test protocols")
+    e.add_argument("--run-id", help="MLflow run id of a stage")
+    e.add_argument("--experiment", help="with --stage: that stage's latest finished run")
+    e.add_argument("--stage", help="stage name, e.g. D384")
+    e.add_argument("--protocol", nargs="+", choices=PROTOCOLS, default=["single"],
+                   help="single: Q, centre crop; dense: whole image, FC as conv, + flip; multicrop: 5x5 grid + "
+                        "flips; dense+multicrop: both averaged (several allowed)")
+    e.add_argument("--scales", type=int, nargs="+", metavar="Q",
+                   help="test scales, posteriors averaged (default: single: the stage's Q; others: {S-32, S, S+32} "
+                        "for fixed S, {256, 384, 512} for S in [256, 512])")
+    e.add_argument("--scale", type=int, help="one test scale Q (same as --scales Q)")
+    e.add_argument("--workers", type=int, default=1, help="Ray tasks the validation set is split over")
+    e.add_argument("--address", help="Ray cluster address for --workers > 1 (default: RAY_ADDRESS or local)")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--data-root", help="shards root (default: the run's data.root)")
     e.add_argument("--split", default="val")
     e.set_defaults(func=cmd_evaluate)
 
-    r = sub.add_parser("report", help="table of an experiment's stage runs and their errors")
-    r.add_argument("--experiment", required=True, help="MLflow experiment, e.g. vgg-demo")
+    en = sub.add_parser("ensemble", help="average stored posteriors of finished, evaluated stages (no re-run)")
+    en.add_argument("members", nargs="+", help="stage run ids, or stage names with --experiment")
+    en.add_argument("--experiment", help="resolve stage names in this experiment")
+    en.add_argument("--protocol", choices=PROTOCOLS, default="dense+multicrop")
+    en.add_argument("--scales", type=int, nargs="+", metavar="Q", help="the evaluated scales (default: as evaluate)")
+    en.add_argument("--greedy", type=int, metavar="N", help="pick at most N members greedily by top-1 error")
+    en.add_argument("--name", help="ensemble run name")
+    en.add_argument("--no-register", action="store_true", help="do not log and register the ensemble model")
+    en.set_defaults(func=cmd_ensemble)
+
+    r = sub.add_parser("report", help="the paper's Tables 3-6 beside ours (Markdown, HTML, curves; logged to MLflow)")
+    r.add_argument("--experiment", required=True)
+    r.add_argument("--out", help="output folder (default: data/reports/<experiment>)")
+    r.add_argument("--no-log", action="store_true", help="do not log the report to MLflow")
     r.set_defaults(func=cmd_report)
 
     b = sub.add_parser("bench", help="benchmarks: `bench loader` (DALI vs webdataset+PIL), `bench train` (net images/s, data wait)")

@@ -1,18 +1,27 @@
-"""Evaluate a finished stage again, outside Ray: single-scale centre-crop protocol.
+"""`python -m pipeline evaluate`: a finished stage under the paper's test protocols.
 
 The stage's configuration is read back from its MLflow run (tag `stage_config`),
-its weights from the checkpoint the run points at; the result is logged to the
-same run as `single_Q<Q>/top1_error` and `single_Q<Q>/top5_error`.
+its weights from the checkpoint the run points at. The validation split is cut
+over `workers` Ray tasks (DALI shard = task index), each returning its images'
+posteriors with their keys; the driver checks that every image came back exactly
+once, then logs `<protocol>_Q<scales>/top1_error` and `/top5_error` to the same
+run and the posteriors as `posteriors/<protocol>_Q<scales>.parquet` (float16),
+which ensembles average without re-running a net.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
+from pathlib import Path
 
 import torch
 
 from pipeline.config import from_dict
 from pipeline.stages import Stage
+
+POSTERIORS_DIR = "posteriors"
 
 
 def stage_from_run(run) -> Stage:
@@ -22,13 +31,63 @@ def stage_from_run(run) -> Stage:
     return from_dict(Stage, json.loads(raw), "stage_config")
 
 
-def evaluate_run(run_id: str, *, tracking_uri: str, scale: int | None = None, batch_size: int = 64,
-                 data_root: str | None = None, split: str = "val") -> dict:
-    from pipeline.data import DatasetInfo, eval_loader
-    from pipeline.engine import evaluate
+def load_stage_model(stage: Stage, checkpoint: str):
     from pipeline.models import build_model
-    from pipeline.tracking import MetricsLogger, _client
     from pipeline.worker import checkpoint_from_uri, load_checkpoint_model
+
+    state = load_checkpoint_model(checkpoint_from_uri(checkpoint))
+    r = stage.recipe
+    model = build_model(stage.arch, num_classes=state["num_classes"], width_mult=r.width_mult,
+                        batch_norm=r.batch_norm, input_size=r.crop, dropout=r.dropout)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def _stage_posteriors(stage: Stage, checkpoint: str, root: str, split: str, protocol: str, scales: list[int],
+                      rank: int, world: int, batch_size: int, threads: int):
+    from pipeline.data import DatasetInfo
+    from pipeline.protocols import posteriors
+
+    device = torch.device("cuda" if stage.resources.use_gpu and torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(max(1, threads))
+    return posteriors(load_stage_model(stage, checkpoint), DatasetInfo.load(root), split, protocol, scales,
+                      crop=stage.recipe.crop, normalize_std=stage.recipe.normalize_std, rank=rank, world=world,
+                      device=device, batch_size=batch_size, threads=threads)
+
+
+def run_posteriors(stage: Stage, checkpoint: str, root: str, split: str, protocol: str, scales: list[int], *,
+                   workers: int = 1, batch_size: int = 32, ray_address: str | None = None):
+    """All of the split's posteriors: one Ray task per shard of the split when
+    workers > 1, else in this process. Every image exactly once, or an error."""
+    from pipeline.data import DatasetInfo
+    from pipeline.protocols import Posteriors
+
+    info = DatasetInfo.load(root)
+    threads = max(1, int(stage.resources.cpus_per_worker))
+    if workers > 1:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
+        task = ray.remote(_stage_posteriors).options(num_cpus=stage.resources.cpus_per_worker,
+                                                    num_gpus=1 if stage.resources.use_gpu else 0)
+        parts = ray.get([task.remote(stage, checkpoint, root, split, protocol, scales, r, workers, batch_size,
+                                     threads) for r in range(workers)])
+    else:
+        parts = [_stage_posteriors(stage, checkpoint, root, split, protocol, scales, 0, 1, batch_size, threads)]
+    post = Posteriors.concat(parts)
+    expected = info.counts[split]
+    if len(set(post.keys)) != len(post.keys) or len(post.keys) != expected:
+        raise RuntimeError(f"{protocol}: {len(post.keys)} posteriors ({len(set(post.keys))} distinct) for "
+                           f"{expected} {split} images")
+    return post
+
+
+def evaluate_run(run_id: str, *, tracking_uri: str, protocol: str = "single", scales: list[int] | None = None,
+                 workers: int = 1, batch_size: int = 32, data_root: str | None = None, split: str = "val",
+                 ray_address: str | None = None) -> dict:
+    from pipeline.protocols import default_scales, metric_prefix, write_parquet
+    from pipeline.tracking import MetricsLogger, _client
 
     client = _client(tracking_uri)
     run = client.get_run(run_id)
@@ -36,19 +95,32 @@ def evaluate_run(run_id: str, *, tracking_uri: str, scale: int | None = None, ba
     checkpoint = run.data.tags.get("checkpoint")
     if not checkpoint:
         raise ValueError(f"run {run_id}: stage {stage.name} has not finished (no checkpoint tag)")
-    state = load_checkpoint_model(checkpoint_from_uri(checkpoint))
-    r = stage.recipe
-    model = build_model(stage.arch, num_classes=state["num_classes"], width_mult=r.width_mult,
-                        batch_norm=r.batch_norm, input_size=r.crop, dropout=r.dropout)
-    model.load_state_dict(state["model"])
+    scales = list(scales or default_scales(protocol, stage.scale_range, stage.eval_scale, stage.recipe.crop))
     root = data_root or run.data.params.get("data.root")
-    info = DatasetInfo.load(root)
-    q = scale or stage.eval_scale
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loader = eval_loader(info, split, rank=0, world_size=1, batch_size=batch_size, scale=q, crop=r.crop,
-                         normalize_std=r.normalize_std, device=device)
-    result = evaluate(model.to(device), loader, device, precision=r.precision)
-    prefix = f"single_Q{q}"
-    logger = MetricsLogger(tracking_uri, run_id, enabled=True)
-    logger.log({f"{prefix}/top1_error": result["top1_error"], f"{prefix}/top5_error": result["top5_error"]}, step=0)
-    return dict(result, metric_prefix=prefix)
+    if not root:
+        raise ValueError(f"run {run_id}: no data.root param; pass --data-root")
+    post = run_posteriors(stage, checkpoint, root, split, protocol, scales, workers=workers, batch_size=batch_size,
+                          ray_address=ray_address)
+    result = post.errors()
+    prefix = metric_prefix(protocol, scales)
+    MetricsLogger(tracking_uri, run_id, enabled=True).log(
+        {f"{prefix}/top1_error": result["top1_error"], f"{prefix}/top5_error": result["top5_error"]}, step=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{prefix}.parquet"
+        write_parquet(post, path)
+        client.log_artifact(run_id, str(path), POSTERIORS_DIR)
+    return dict(result, metric_prefix=prefix, run_id=run_id, stage=stage.name, scales=scales, protocol=protocol)
+
+
+def load_posteriors(client, run_id: str, prefix: str):
+    """The posteriors a run stored for `prefix` (e.g. dense_Q256-384-512)."""
+    from pipeline.protocols import read_parquet
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = client.download_artifacts(run_id, f"{POSTERIORS_DIR}/{prefix}.parquet", tmp)
+        except Exception as exc:  # noqa: BLE001 - MLflow raises several types for a missing artifact
+            have = [os.path.basename(f.path) for f in client.list_artifacts(run_id, POSTERIORS_DIR)]
+            raise ValueError(f"run {run_id} has no stored {prefix} posteriors (it has: {have or 'none'}); "
+                             f"run `python -m pipeline evaluate --run-id {run_id} ...` first") from exc
+        return read_parquet(local)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-VERBS = ["demo", "train", "evaluate", "report", "bench", "models"]
+VERBS = ["demo", "train", "evaluate", "ensemble", "report", "bench", "models"]
 
 
 def run(args, env=None, timeout=600):
@@ -58,7 +58,8 @@ def test_demo_end_to_end_then_report_and_evaluate(tmp_path):
                "--set", "stages.B.recipe.epochs=1"], env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "data_prep/shard.py" in out.stdout and "sharded train 600, val 150 images" in out.stdout
-    table = [line for line in out.stdout.splitlines() if line.startswith("| A ") or line.startswith("| B ")]
+    training = out.stdout.split("== the paper's test protocols")[0]
+    table = [line for line in training.splitlines() if line.startswith("| A ") or line.startswith("| B ")]
     assert len(table) == 2
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}" in out.stdout
 
@@ -71,13 +72,27 @@ def test_demo_end_to_end_then_report_and_evaluate(tmp_path):
     assert all(r.data.tags["mlflow.parentRunId"] == parent[0].info.run_id for r in nested)
     assert all({"top1_error", "top5_error"} <= set(r.data.metrics) for r in nested)
 
-    report = run(["report", "--experiment", "vgg-demo"], env=env)
-    assert report.returncode == 0 and report.stdout.count("| finished |") == 2
+    # the demo evaluated both nets under the paper's protocols, ensembled them, reported
+    for r in nested:
+        assert {"dense_Q64-72-81/top1_error", "multicrop_Q64-72-81/top1_error",
+                "dense_multicrop_Q64-72-81/top1_error"} <= set(r.data.metrics)
+        stored = [f.path for f in client.list_artifacts(r.info.run_id, "posteriors")]
+        assert "posteriors/dense_multicrop_Q64-72-81.parquet" in stored
+    [ens] = [r for r in runs if r.data.tags.get("kind") == "ensemble"]
+    assert set(ens.data.tags["members"].split(",")) == {r.info.run_id for r in nested}
+    assert client.get_registered_model("vgg-demo-ensemble").latest_versions
+    assert "## Table 6: ensembles" in out.stdout and "| ensemble-A+B (A,B) | - |" in out.stdout
+
+    report = run(["report", "--experiment", "vgg-demo", "--out", str(tmp_path / "report")], env=env)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert "| A (stage A) | 72 | - |" in report.stdout and "| D | [256,512] | 25.6 / 8.1 | not trained |" in report.stdout
+    assert {p.name for p in (tmp_path / "report").iterdir()} == {"report.md", "report.html", "curves-A.png",
+                                                                 "curves-B.png"}
 
     stage_a = next(r for r in nested if r.data.tags["stage"] == "A")
     ev = run(["evaluate", "--run-id", stage_a.info.run_id, "--scale", "80"], env=env)
     assert ev.returncode == 0, ev.stderr[-2000:]
-    assert "over 150 images" in ev.stdout
+    assert "single_Q80: top-1 error" in ev.stdout and "over 150 images" in ev.stdout
     metrics = client.get_run(stage_a.info.run_id).data.metrics
     assert "single_Q80/top1_error" in metrics
     # evaluated again at the training Q, the stage's own number comes back

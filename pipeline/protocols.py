@@ -1,0 +1,196 @@
+"""The paper's test protocols (Section 3.2), as per-image softmax posteriors.
+
+Every protocol reduces to "posteriors for each validation image": single scale
+(rescale to Q, centre crop), dense (the fully convolutional net on the whole
+rescaled image, score map averaged, plus its flip), multi-crop (a 5x5 grid of
+crops and their flips), each at one or several Q, averaged; dense+multicrop
+averages the two. Posteriors carry their sample keys and labels, so a rank's
+share is checked against the shard index and ensembles can average stored
+posteriors without re-running a net.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+PROTOCOLS = ("single", "dense", "multicrop", "dense+multicrop")
+
+
+@dataclass
+class Posteriors:
+    keys: list[str]
+    labels: np.ndarray  # (N,) int64
+    probs: np.ndarray  # (N, classes) float32
+
+    def errors(self) -> dict:
+        """Top-1 and top-5 error in percent."""
+        if len(self.keys) == 0:
+            raise ValueError("no images")
+        k = min(5, self.probs.shape[1])
+        top = np.argsort(-self.probs, axis=1, kind="stable")[:, :k]
+        hit1 = top[:, 0] == self.labels
+        hit5 = (top == self.labels[:, None]).any(axis=1)
+        return {"top1_error": 100.0 * (1 - hit1.mean()), "top5_error": 100.0 * (1 - hit5.mean()),
+                "images": len(self.keys)}
+
+    @staticmethod
+    def concat(parts: list["Posteriors"]) -> "Posteriors":
+        return Posteriors([k for p in parts for k in p.keys], np.concatenate([p.labels for p in parts]),
+                          np.concatenate([p.probs for p in parts]))
+
+    def aligned_with(self, other: "Posteriors", what: str = "") -> "Posteriors":
+        """`other` reordered to this one's keys; a different key set or label is an error."""
+        if set(self.keys) != set(other.keys) or len(self.keys) != len(other.keys):
+            missing = sorted(set(self.keys) ^ set(other.keys))[:5]
+            raise ValueError(f"{what}validation sets differ ({len(self.keys)} vs {len(other.keys)} images; "
+                             f"e.g. {missing})")
+        pos = {k: i for i, k in enumerate(other.keys)}
+        order = np.array([pos[k] for k in self.keys], dtype=np.int64)
+        labels = other.labels[order]
+        if not np.array_equal(labels, self.labels):
+            bad = self.keys[int(np.argmax(labels != self.labels))]
+            raise ValueError(f"{what}labels differ for sample {bad!r}")
+        return Posteriors(list(self.keys), labels, other.probs[order])
+
+    @staticmethod
+    def mean(members: list["Posteriors"], what: str = "") -> "Posteriors":
+        first = members[0]
+        aligned = [first] + [first.aligned_with(m, what) for m in members[1:]]
+        return Posteriors(list(first.keys), first.labels, np.mean([m.probs for m in aligned], axis=0))
+
+
+def default_scales(protocol: str, scale_range: tuple[int, int], eval_scale: int, crop: int) -> list[int]:
+    """Section 3.2's test scales: single scale at the stage's Q; otherwise
+    {S-32, S, S+32} for a fixed S and {Smin, (Smin+Smax)/2, Smax} for a jittered one.
+    The +-32 step is for 224 crops; it shrinks with the crop (reduced runs) and Q
+    never falls below the crop."""
+    lo, hi = scale_range
+    if protocol == "single":
+        return [eval_scale]
+    if hi > lo:
+        return [lo, (lo + hi) // 2, hi]
+    d = max(1, round(32 * crop / 224))
+    return sorted({max(crop, lo - d), lo, lo + d})
+
+
+def scales_label(scales: list[int]) -> str:
+    return "Q" + "-".join(str(q) for q in scales)
+
+
+def metric_prefix(protocol: str, scales: list[int]) -> str:
+    """e.g. dense_Q256-384-512 (the metric names are <prefix>/top1_error, /top5_error)."""
+    return f"{protocol.replace('+', '_')}_{scales_label(scales)}"
+
+
+def rank_keys(info, split: str, rank: int, world: int) -> list[str]:
+    """The sample keys DALI's reader gives shard `rank` of `world`, in order: the split's
+    samples in tar order, cut into contiguous ranges (floor(rank * N / world) ...)."""
+    from pipeline.data import _index_keys
+
+    keys = [k for idx in info.shards(split)[1] for k in _index_keys(idx)]
+    n = len(keys)
+    return keys[rank * n // world:(rank + 1) * n // world]
+
+
+@torch.no_grad()
+def _single(model, info, split, q, crop, normalize_std, rank, world, device, batch_size, threads):
+    from pipeline.data import eval_loader
+
+    for images, labels in eval_loader(info, split, rank=rank, world_size=world, batch_size=batch_size, scale=q,
+                                      crop=crop, normalize_std=normalize_std, device=device, threads=threads):
+        yield torch.softmax(model(images.float()).float(), 1), labels
+
+
+@torch.no_grad()
+def _dense(model, info, split, q, crop, normalize_std, rank, world, device, batch_size, threads):
+    from pipeline.data import dense_loader
+    from pipeline.models import dense_form
+
+    net = dense_form(model)
+    for image, labels in dense_loader(info, split, rank=rank, world_size=world, scale=q,
+                                      normalize_std=normalize_std, device=device, threads=threads):
+        x = image.float()
+        both = [net(v).float().mean(dim=(2, 3)) for v in (x, x.flip(3))]  # score maps, spatially averaged
+        yield (torch.softmax(both[0], 1) + torch.softmax(both[1], 1)) / 2, labels
+
+
+@torch.no_grad()
+def _multicrop(model, info, split, q, crop, normalize_std, rank, world, device, batch_size, threads):
+    from pipeline.data import multi_crop_loader
+
+    for crops, labels in multi_crop_loader(info, split, rank=rank, world_size=world, batch_size=batch_size,
+                                           scale=q, crop=crop, normalize_std=normalize_std, device=device,
+                                           threads=threads):
+        n, g = crops.shape[:2]
+        x = crops.float().reshape(n * g, *crops.shape[2:])
+        probs = torch.cat([torch.softmax(model(v).float(), 1) for v in (x, x.flip(3))])  # 25 crops + flips
+        yield probs.view(2, n, g, -1).mean(dim=(0, 2)), labels
+
+
+_RUNNERS = {"single": _single, "dense": _dense, "multicrop": _multicrop}
+
+
+def posteriors(model, info, split: str, protocol: str, scales: list[int], *, crop: int, normalize_std: bool,
+               rank: int = 0, world: int = 1, device: torch.device = torch.device("cpu"), batch_size: int = 32,
+               threads: int = 2) -> Posteriors:
+    """This rank's share of the split under `protocol`, averaged over `scales`."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol {protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+    if min(scales) < crop:
+        raise ValueError(f"test scale Q={min(scales)} is smaller than the {crop}px crop")
+    model = model.eval().to(device)
+    keys = rank_keys(info, split, rank, world)
+    parts = protocol.split("+")
+    total, labels = None, None
+    for part in parts:
+        for q in scales:
+            probs, labs = [], []
+            for p, y in _RUNNERS[part](model, info, split, q, crop, normalize_std, rank, world, device, batch_size,
+                                       threads):
+                probs.append(p.cpu())
+                labs.append(y.cpu())
+            p = torch.cat(probs).numpy().astype(np.float64)
+            y = torch.cat(labs).numpy().astype(np.int64)
+            if len(y) != len(keys):
+                raise RuntimeError(f"{protocol} at Q={q}: rank {rank} read {len(y)} images, its shard index "
+                                   f"says {len(keys)}")
+            if labels is not None and not np.array_equal(labels, y):
+                raise RuntimeError(f"{protocol}: rank {rank} read its images in a different order at Q={q}")
+            labels = y
+            total = p if total is None else total + p
+    return Posteriors(keys, labels, (total / (len(parts) * len(scales))).astype(np.float32))
+
+
+# ---------------------------------------------------------------- storage
+
+
+def to_table(post: Posteriors):
+    """Keys, labels and float16 posteriors as an Arrow table (one row per image)."""
+    import pyarrow as pa
+
+    classes = post.probs.shape[1]
+    flat = pa.array(post.probs.astype(np.float16).reshape(-1), type=pa.float16())
+    return pa.table({"key": pa.array(post.keys, pa.string()), "label": pa.array(post.labels, pa.int64()),
+                     "probs": pa.FixedSizeListArray.from_arrays(flat, classes)})
+
+
+def from_table(table) -> Posteriors:
+    probs = table.column("probs").combine_chunks()
+    classes = probs.type.list_size
+    values = probs.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, classes)
+    return Posteriors(table.column("key").to_pylist(), table.column("label").to_numpy().astype(np.int64), values)
+
+
+def write_parquet(post: Posteriors, path) -> None:
+    import pyarrow.parquet as pq
+
+    pq.write_table(to_table(post), path)
+
+
+def read_parquet(path) -> Posteriors:
+    import pyarrow.parquet as pq
+
+    return from_table(pq.read_table(path))

@@ -1,0 +1,119 @@
+"""Section 3.2's test protocols against a straightforward per-image reference written
+here, on a tiny net and the tiny shards; keys and labels against the manifest."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.data import DatasetInfo, dense_loader
+from pipeline.models import build_model
+from pipeline.protocols import Posteriors, default_scales, metric_prefix, posteriors, read_parquet, write_parquet
+
+CROP = 32
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return build_model("A", num_classes=6, width_mult=0.125, input_size=CROP, init="kaiming", dropout=0.5).eval()
+
+
+@pytest.fixture(scope="module")
+def info(shards):
+    return DatasetInfo.load(shards)
+
+
+def manifest_labels(shards) -> dict[str, int]:
+    rows = pq.read_table(shards / "manifest.parquet").to_pylist()
+    return {r["key"]: r["label"] for r in rows if r["split"] == "val"}
+
+
+def rescaled_images(info, q):
+    """The whole validation images rescaled to Q (the one rescale every protocol shares)."""
+    return [(x.float(), int(y)) for x, y in dense_loader(info, "val", rank=0, world_size=1, scale=q)]
+
+
+@torch.no_grad()
+def reference(net, info, protocol: str, scales: list[int]) -> np.ndarray:
+    """Per image, per scale: the crops the paper describes, cut by hand."""
+    from pipeline.models import dense_form
+
+    dense = dense_form(net)
+    per_scale = []
+    for q in scales:
+        rows = []
+        for x, _ in rescaled_images(info, q):
+            h, w = x.shape[2:]
+            p = []
+            if "dense" in protocol:
+                maps = [dense(v).mean(dim=(2, 3)) for v in (x, x.flip(3))]
+                p.append(sum(torch.softmax(m, 1) for m in maps) / 2)
+            if "multicrop" in protocol:
+                crops = []
+                for i in range(5):
+                    for j in range(5):
+                        y0, x0 = round(i * (h - CROP) / 4), round(j * (w - CROP) / 4)
+                        c = x[:, :, y0:y0 + CROP, x0:x0 + CROP]
+                        crops += [c, c.flip(3)]
+                p.append(torch.softmax(net(torch.cat(crops)), 1).mean(0, keepdim=True))
+            rows.append(sum(p) / len(p))
+        per_scale.append(torch.cat(rows).numpy())
+    return np.mean(per_scale, axis=0)
+
+
+@pytest.mark.parametrize("protocol", ["dense", "multicrop", "dense+multicrop"])
+def test_protocols_match_the_per_image_reference(net, info, protocol):
+    scales = [36, 44]
+    ours = posteriors(net, info, "val", protocol, scales, crop=CROP, normalize_std=False, batch_size=5, threads=1)
+    ref = reference(net, info, protocol, scales)
+    assert ours.probs.shape == ref.shape == (48, 6)
+    np.testing.assert_allclose(ours.probs, ref, atol=2e-5)
+    truth = Posteriors(ours.keys, ours.labels, ref).errors()
+    assert ours.errors() == pytest.approx(truth)
+
+
+def test_single_scale_and_every_image_once_over_uneven_ranks(net, info, shards):
+    labels = manifest_labels(shards)
+    whole = posteriors(net, info, "val", "single", [40], crop=CROP, normalize_std=False, batch_size=7, threads=1)
+    assert sorted(whole.keys) == sorted(labels)
+    assert all(labels[k] == y for k, y in zip(whole.keys, whole.labels))  # keys line up with what was read
+    assert np.allclose(whole.probs.sum(1), 1, atol=1e-5)
+    parts = [posteriors(net, info, "val", "single", [40], crop=CROP, normalize_std=False, rank=r, world=5,
+                        batch_size=3, threads=1) for r in range(5)]
+    joined = Posteriors.concat(parts)
+    assert len(joined.keys) == 48 and len(set(joined.keys)) == 48
+    np.testing.assert_allclose(whole.aligned_with(joined).probs, whole.probs, atol=1e-5)
+
+
+def test_top_k_errors_and_parquet_round_trip(tmp_path):
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.5, 0.4, 0.1]], dtype=np.float32)
+    post = Posteriors(["a", "b", "c"], np.array([0, 1, 2]), probs)
+    errs = post.errors()
+    assert errs["top1_error"] == pytest.approx(100 * 2 / 3) and errs["top5_error"] == 0.0
+    write_parquet(post, tmp_path / "p.parquet")
+    back = read_parquet(tmp_path / "p.parquet")
+    assert back.keys == post.keys and np.array_equal(back.labels, post.labels)
+    np.testing.assert_allclose(back.probs, probs, atol=1e-3)  # stored as float16
+    assert pq.read_schema(tmp_path / "p.parquet").field("probs").type.value_type == "halffloat"
+
+
+def test_mismatched_validation_sets_are_named():
+    a = Posteriors(["x", "y"], np.array([0, 1]), np.eye(2, dtype=np.float32))
+    with pytest.raises(ValueError, match="validation sets differ"):
+        Posteriors.mean([a, Posteriors(["x", "z"], np.array([0, 1]), np.eye(2, dtype=np.float32))])
+    with pytest.raises(ValueError, match="labels differ for sample 'y'"):
+        Posteriors.mean([a, Posteriors(["y", "x"], np.array([0, 0]), np.eye(2, dtype=np.float32))])
+    # the same images in another order are fine, and averaging identical members is the member
+    swapped = Posteriors(["y", "x"], np.array([1, 0]), np.eye(2, dtype=np.float32)[::-1].copy())
+    np.testing.assert_allclose(Posteriors.mean([a, swapped]).probs, a.probs)
+
+
+def test_default_scales_follow_the_paper():
+    assert default_scales("dense", (256, 512), 384, 224) == [256, 384, 512]
+    assert default_scales("dense", (384, 384), 384, 224) == [352, 384, 416]
+    assert default_scales("multicrop", (72, 72), 72, 64) == [64, 72, 81]  # step scaled to the crop, Q >= crop
+    assert default_scales("single", (256, 512), 384, 224) == [384]
+    assert metric_prefix("dense+multicrop", [256, 384, 512]) == "dense_multicrop_Q256-384-512"
