@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # CPU machines: the CPU build of torch (on local disk here). For a GPU node, see README.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-fast clean models
+.PHONY: install demo test test-fast clean models mlflow-server
 
 install: $(STAMP)
 
@@ -29,5 +29,10 @@ test-fast: $(STAMP)
 models: $(STAMP)
 	$(PY) -m pipeline models
 
+# A local MLflow tracking server on 127.0.0.1:5000 (SQLite backend and artifacts under
+# mlflow-server/); then `export MLFLOW_TRACKING_URI=http://127.0.0.1:5000`.
+mlflow-server: $(STAMP)
+	$(PY) -m cluster.tracking_server
+
 clean:
-	rm -rf data/demo runs mlflow.db
+	rm -rf data/demo runs mlflow.db mlartifacts

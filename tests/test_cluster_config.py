@@ -64,3 +64,36 @@ def test_no_credentials_in_the_file():
     for word in ("aws_secret_access_key", "AWS_SECRET_ACCESS_KEY", "password", "token"):
         assert word not in text
     assert all(t["node_config"].get("IamInstanceProfile") for t in load()["available_node_types"].values())
+
+
+def _k8s(name: str) -> dict:
+    return yaml.safe_load((REPO / "cluster" / "k8s" / name).read_text())
+
+
+def test_kuberay_manifests_fit_together():
+    cluster, job, cron = _k8s("raycluster.yaml"), _k8s("rayjob.yaml"), _k8s("retrain-cronjob.yaml")
+    assert (cluster["apiVersion"], cluster["kind"]) == ("ray.io/v1", "RayCluster")
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    assert (cron["apiVersion"], cron["kind"]) == ("batch/v1", "CronJob")
+    name = cluster["metadata"]["name"]
+    assert job["spec"]["clusterSelector"]["ray.io/cluster"] == name
+    assert job["spec"]["entrypoint"].startswith("python -m pipeline train --plan pipeline/plans/")
+    gpu = cluster["spec"]["workerGroupSpecs"][0]
+    assert gpu["minReplicas"] == 0 and gpu["maxReplicas"] >= 1
+    assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    # the head's Service is cluster-internal; the CronJob reaches it by that Service's name
+    assert cluster["spec"]["headGroupSpec"]["serviceType"] == "ClusterIP"
+    spec = cron["spec"]
+    assert spec["concurrencyPolicy"] == "Forbid"
+    args = spec["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert args[:3] == ["python", "-m", "cluster.retrain"]
+    assert f"http://{name}-head-svc:8265" in args
+    # every plan an entrypoint names exists in the repository
+    for plan in [a for a in args if a.endswith(".yaml")] + [job["spec"]["entrypoint"].split("--plan ")[1].split()[0]]:
+        assert (REPO / plan).is_file(), plan
+
+
+def test_no_credentials_in_cluster_files():
+    secret = re.compile(r"(AKIA[0-9A-Z]{16}|aws_secret_access_key|AWS_SECRET|password\s*[:=]|token\s*[:=])", re.I)
+    for path in [CONFIG, *(REPO / "cluster").rglob("*.yaml"), *(REPO / "cluster" / "schedule").iterdir()]:
+        assert not secret.search(path.read_text()), path

@@ -8,12 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from services import tiny_plan
 
 from pipeline.stages import load_plan
 
@@ -22,28 +22,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def write_plan(tmp_path: Path, shards: Path, epochs: int, max_failures: int, checkpoint_every: int = 0) -> Path:
-    path = tmp_path / "plan.yaml"
-    path.write_text(textwrap.dedent(f"""
-        name: crash
-        experiment: crash-test
-        data: {{root: {shards}, reader_threads: 1, shuffle_buffer: 64}}
-        storage: {tmp_path / 'runs'}
-        recipe:
-          epochs: {epochs}
-          max_iterations: null
-          batch_size: 8
-          crop: 32
-          width_mult: 0.125
-          init: kaiming
-          normalize_std: true
-          checkpoint_every_steps: {checkpoint_every}
-          optim: {{lr: 0.05, patience: 50}}
-        resources: {{num_workers: 2, cpus_per_worker: 1, max_failures: {max_failures}}}
-        stages:
-          A: {{arch: A, scale: 36}}
-          B: {{arch: B, scale: 36, init_from: {{stage: A}}, recipe: {{epochs: 1}}}}
-    """))
-    return path
+    return tiny_plan(tmp_path, shards, name="crash", experiment="crash-test", max_failures=max_failures,
+                     stages={"A": {"arch": "A", "scale": 36},
+                             "B": {"arch": "B", "scale": 36, "init_from": {"stage": "A"}, "recipe": {"epochs": 1}}},
+                     epochs=epochs, batch_size=8, checkpoint_every_steps=checkpoint_every,
+                     optim={"lr": 0.05, "patience": 50})
 
 
 def wait_for(predicate, timeout: float, what: str):

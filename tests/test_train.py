@@ -4,37 +4,13 @@ rerun of the same plan run skips finished stages."""
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 import torch
+from services import tiny_plan
 
 from pipeline.stages import load_plan
 
 pytestmark = pytest.mark.slow
-
-
-def _plan(tmp_path, shards, body: str):
-    text = textwrap.dedent(f"""
-        name: tiny
-        experiment: tiny-test
-        data: {{root: {shards}, reader_threads: 1, shuffle_buffer: 64}}
-        storage: {tmp_path / 'runs'}
-        recipe:
-          epochs: 4
-          max_iterations: null
-          batch_size: 16
-          crop: 32
-          width_mult: 0.125
-          init: kaiming
-          normalize_std: true
-          log_every_steps: 2
-          optim: {{lr: 0.2, patience: 5}}
-        resources: {{num_workers: 2, cpus_per_worker: 1, max_failures: 0}}
-    """) + textwrap.dedent(body)
-    path = tmp_path / "plan.yaml"
-    path.write_text(text)
-    return load_plan(path)
 
 
 def test_staged_plan_on_ray_tracks_everything_and_resumes(tmp_path, shards, ray_cluster, mlflow_uri):
@@ -43,16 +19,13 @@ def test_staged_plan_on_ray_tracks_everything_and_resumes(tmp_path, shards, ray_
     from pipeline.runner import run_plan
     from pipeline.worker import checkpoint_from_uri, load_checkpoint_model
 
-    plan = _plan(tmp_path, shards, """
-        stages:
-          A: {arch: A, scale: 36}
-          B:
-            arch: B
-            scale: [36, 48]
-            init_from: {stage: A}
-            # an lr of ~0 keeps B where init_from put it: A's tensors, by name
-            recipe: {epochs: 1, optim: {lr: 1.0e-12, momentum: 0.0, weight_decay: 0.0}}
-    """)
+    plan = load_plan(tiny_plan(
+        tmp_path, shards, name="tiny", experiment="tiny-test", epochs=4, log_every_steps=2,
+        optim={"lr": 0.2, "patience": 5},
+        stages={"A": {"arch": "A", "scale": 36},
+                # an lr of ~0 keeps B where init_from put it: A's tensors, by name
+                "B": {"arch": "B", "scale": [36, 48], "init_from": {"stage": "A"},
+                      "recipe": {"epochs": 1, "optim": {"lr": 1.0e-12, "momentum": 0.0, "weight_decay": 0.0}}}}))
     results = run_plan(plan, run_name="tiny-1", tracking_uri=mlflow_uri)
     assert [r.stage for r in results] == ["A", "B"] and not any(r.skipped for r in results)
 

@@ -1,0 +1,1 @@
+"""Cluster operations: job submission, scheduled retrains, the MLflow tracking server."""

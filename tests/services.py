@@ -1,0 +1,134 @@
+"""Real local services for the slow tests: Ray clusters started with `ray start` on
+loopback, and MLflow tracking servers (cluster.tracking_server)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray(*args: str, env: dict) -> None:
+    out = subprocess.run([RAY, *args], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, f"ray {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+
+
+def _cluster_pids(marker: str) -> set[int]:
+    """This cluster's processes: those with the marker variable in their environment
+    (every process `ray start` spawns inherits it) and all their descendants (Ray's
+    agents rename themselves, e.g. to ray::DashboardAgent, over their command line and
+    environment, so only their parentage gives them away)."""
+    needle = f"VGG_TEST_CLUSTER={marker}".encode()
+    parent, found = {}, set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            parent[int(proc.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            if needle in (proc / "environ").read_bytes().split(b"\0"):
+                found.add(int(proc.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    grew = True
+    while grew:
+        kids = {pid for pid, ppid in parent.items() if ppid in found} - found
+        found |= kids
+        grew = bool(kids)
+    return found
+
+
+def _kill_cluster(marker: str) -> None:
+    """Stop only this cluster's processes (`ray stop` would stop every Ray on the
+    machine, other tests' included)."""
+    pids = _cluster_pids(marker)  # before any dies, while the agents still have parents
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids | _cluster_pids(marker):
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(1)
+
+
+@contextlib.contextmanager
+def ray_cluster_on_loopback(name: str, nodes: list[dict]):
+    """`ray start --head` plus one `ray start --address` per further node, all on
+    127.0.0.1, sharing one generated auth token (Ray 2.60 turns token authentication
+    on). Each node gets its own temp dir, as on separate machines: nodes sharing one
+    would share, and garbage-collect under each other, the unpacked job working_dir.
+    The venv is on PATH, as for a user who activated it: job entrypoints run `python`."""
+    # Short temp dirs: Ray's socket paths must stay under 107 characters.
+    temp_dir = Path(f"/tmp/rt{os.getpid()}{name}-")
+    dirs = [Path(f"{temp_dir}{i}") for i in range(len(nodes))]
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+    port, dash = free_port(), free_port()
+    marker = f"{os.getpid()}-{name}-{secrets.token_hex(4)}"
+    env = dict(os.environ, RAY_ADDRESS="", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16),
+               VGG_TEST_CLUSTER=marker,
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    try:
+        for i, (d, node) in enumerate(zip(dirs, nodes)):
+            role = (["--head", "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                     "--ray-client-server-port", str(free_port())]
+                    if i == 0 else ["--address", f"127.0.0.1:{port}"])
+            # Every agent port free, not Ray's fixed defaults (52365, ...): another Ray on
+            # this machine (another test's cluster) would hold them and the agent would die,
+            # which the Jobs API reports as "No available agent to submit job".
+            agents = [(flag, str(free_port())) for flag in ("--dashboard-agent-listen-port",
+                      "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port")]
+            _ray("start", *role, *[x for pair in agents for x in pair], "--node-ip-address", "127.0.0.1",
+                 "--temp-dir", str(d),
+                 "--num-cpus", str(node["cpus"]), "--resources", json.dumps(node["resources"]),
+                 "--disable-usage-stats", env=env)
+        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
+    finally:
+        _kill_cluster(marker)
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def mlflow_server(tmp_path: Path):
+    """A real `mlflow server` (SQLite backend, local artifact root) on a free loopback port."""
+    from cluster.tracking_server import start, stop
+
+    proc, url = start(f"sqlite:///{tmp_path / 'server.db'}", str(tmp_path / "artifacts"), free_port(),
+                      log=tmp_path / "mlflow-server.log")
+    try:
+        yield url
+    finally:
+        stop(proc)
+
+
+def tiny_plan(tmp_path: Path, shards: Path, *, name: str, experiment: str, stages: dict, max_failures: int = 0,
+              optim: dict | None = None, **recipe) -> Path:
+    """A plan for the tiny test shards: nets at width 1/8 on 32-pixel crops, 2 CPU
+    workers of one core, DALI with one thread. Recipe keys override the defaults."""
+    import yaml
+
+    base = dict(epochs=2, max_iterations=None, batch_size=16, crop=32, width_mult=0.125, init="kaiming",
+                normalize_std=True, optim={"lr": 0.1, **(optim or {})})
+    plan = dict(name=name, experiment=experiment, storage=str(tmp_path / "runs"),
+                data=dict(root=str(shards), reader_threads=1, shuffle_buffer=64), recipe=dict(base, **recipe),
+                resources=dict(num_workers=2, cpus_per_worker=1, max_failures=max_failures), stages=stages)
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan, sort_keys=False))
+    return path

@@ -1,0 +1,100 @@
+"""Scheduled retrains against real local services: a Ray head started with `ray start`
+on loopback, a real `mlflow server`, and jobs submitted through the Ray Jobs API.
+
+One sequence, as a schedule would see it: two overlapping retrains start one job and
+crown a first champion; an unchanged dataset is not retrained; a forced retrain
+that is better takes the alias, one that is worse does not, and a failed job
+leaves the champion as it was."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from services import mlflow_server, ray_cluster_on_loopback, tiny_plan
+
+from cluster.retrain import data_hash
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+MODEL = "retrain-test-A"
+
+
+def write_plan(tmp_path: Path, shards: Path) -> Path:
+    return tiny_plan(tmp_path, shards, name="nightly", experiment="retrain-test", stages={"A": {"arch": "A", "scale": 36}},
+                     epochs=6, log_every_steps=0, optim={"lr": 0.05, "patience": 50})
+
+
+# A net that cannot learn (lr 1e-9) but is otherwise the same plan: near chance, and
+# the same every time it is trained.
+STUCK = ["optim.lr=1e-9", "recipe.epochs=1"]
+
+
+def retrain(cluster, uri, plan, *extra) -> subprocess.Popen:
+    env = dict(cluster["env"], MLFLOW_TRACKING_URI=uri)
+    return subprocess.Popen([sys.executable, "-m", "cluster.retrain", "--plan", str(plan), "--address",
+                             cluster["dashboard"], *extra], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 400) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def jobs_submitted(cluster) -> list[str]:
+    """Submission ids of the retrain jobs the cluster has seen (asked in a fresh process:
+    Ray reads its auth settings once per process)."""
+    code = ("import sys; from ray.job_submission import JobSubmissionClient as C; "
+            "print('\\n'.join(j.submission_id or '' for j in C(sys.argv[1]).list_jobs()))")
+    out = subprocess.run([sys.executable, "-c", code, cluster["dashboard"]], env=cluster["env"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return [line for line in out.stdout.split() if line.startswith("retrain-")]
+
+
+def test_retrain_schedule(tmp_path, shards):
+    from mlflow.tracking import MlflowClient
+
+    plan = write_plan(tmp_path, shards)
+    overrides = [x for o in STUCK for x in ("--set", o)]
+    with ray_cluster_on_loopback("rt", [{"cpus": 2, "resources": {}}]) as cluster, mlflow_server(tmp_path) as uri:
+        client = MlflowClient(uri)
+
+        # two schedules fire together on new data: one job, one first champion
+        first, second = retrain(cluster, uri, plan, *overrides), retrain(cluster, uri, plan, *overrides)
+        (rc1, out1), (rc2, out2) = finish(first), finish(second)
+        assert rc1 == 0 and rc2 == 0, out1[-3000:] + out2[-3000:]
+        assert len(jobs_submitted(cluster)) == 1
+        assert "already submitted" in out1 + out2
+        champ = client.get_model_version_by_alias(MODEL, "champion")
+        assert champ.tags["data_hash"] == data_hash(shards)
+        assert champ.tags["promotion"].startswith("promoted: first champion")
+        stuck_error = float(champ.tags["val_top1_error"])
+
+        # the data has not changed: nothing is submitted
+        rc, out = finish(retrain(cluster, uri, plan, *overrides))
+        assert rc == 0 and "data unchanged" in out and len(jobs_submitted(cluster)) == 1
+
+        # forced, with a recipe that learns: better, so it becomes the champion
+        rc, out = finish(retrain(cluster, uri, plan, "--force"))
+        assert rc == 0, out[-3000:]
+        better = client.get_model_version_by_alias(MODEL, "champion")
+        assert better.version != champ.version, out[-3000:]
+        assert float(better.tags["val_top1_error"]) < stuck_error
+        assert "new champion" in out
+
+        # forced again with the net that cannot learn: not better, the alias stays
+        rc, out = finish(retrain(cluster, uri, plan, "--force", *overrides))
+        assert rc == 0 and "not promoted" in out, out[-3000:]
+        assert client.get_model_version_by_alias(MODEL, "champion").version == better.version
+        newest = max(client.search_model_versions(f"name = '{MODEL}'"), key=lambda v: int(v.version))
+        assert newest.tags["promotion"].startswith("kept the champion")
+
+        # a job that fails on the cluster (no global batch fits the data) changes nothing
+        rc, out = finish(retrain(cluster, uri, plan, "--force", "--set", "recipe.batch_size=100000"))
+        assert rc == 1 and "FAILED" in out and f"champion untouched ({MODEL} v{better.version})" in out
+        assert client.get_model_version_by_alias(MODEL, "champion").version == better.version
+        assert len(jobs_submitted(cluster)) == 4
