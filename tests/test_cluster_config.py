@@ -97,3 +97,18 @@ def test_no_credentials_in_cluster_files():
     secret = re.compile(r"(AKIA[0-9A-Z]{16}|aws_secret_access_key|AWS_SECRET|password\s*[:=]|token\s*[:=])", re.I)
     for path in [CONFIG, *(REPO / "cluster").rglob("*.yaml"), *(REPO / "cluster" / "schedule").iterdir()]:
         assert not secret.search(path.read_text()), path
+
+
+def test_submit_and_retrain_refuse_a_bad_plan_before_contacting_anything(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "plan.yaml"
+    bad.write_text((REPO / "pipeline" / "plans" / "demo.yaml").read_text().replace("epochs:", "epoch:", 1))
+    for module in ("cluster.submit", "cluster.retrain"):
+        # port 9 (discard): were either to contact a cluster, it would fail differently
+        out = subprocess.run([sys.executable, "-m", module, "--plan", str(bad), "--address", "http://127.0.0.1:9"],
+                             cwd=REPO, capture_output=True, text=True, timeout=120,
+                             env={"PATH": "/usr/bin:/bin", "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert "plan error: recipe.epoch: unknown key" in out.stderr, out.stderr
