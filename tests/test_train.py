@@ -21,7 +21,7 @@ def test_staged_plan_on_ray_tracks_everything_and_resumes(tmp_path, shards, ray_
 
     plan = load_plan(tiny_plan(
         tmp_path, shards, name="tiny", experiment="tiny-test", epochs=4, log_every_steps=2,
-        optim={"lr": 0.2, "patience": 5},
+        optim={"lr": 0.05, "patience": 5},
         stages={"A": {"arch": "A", "scale": 36},
                 # an lr of ~0 keeps B where init_from put it: A's tensors, by name
                 "B": {"arch": "B", "scale": [36, 48], "init_from": {"stage": "A"},
@@ -43,7 +43,7 @@ def test_staged_plan_on_ray_tracks_everything_and_resumes(tmp_path, shards, ray_
         assert 0 <= run.data.metrics["top1_error"] <= 100 and 0 <= run.data.metrics["top5_error"] <= 100
         assert run.data.tags["arch"] == name
     assert stages["B"].data.tags["init_from"] == "A" and stages["B"].data.tags["train_scale"] == "[36,48]"
-    assert stages["A"].data.params["recipe.optim.lr"] == "0.2"
+    assert stages["A"].data.params["recipe.optim.lr"] == "0.05"
 
     # per-epoch metrics from rank 0; the loss falls over A's epochs
     history = client.get_metric_history(stages["A"].info.run_id, "train_loss")
