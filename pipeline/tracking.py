@@ -137,7 +137,9 @@ class Tracker:
 
         mlflow.set_tracking_uri(self.uri)
         side = getattr(model, "input_size", 224)
-        example = torch.zeros(1, 3, side, side).numpy()  # pt2 export traces the forward pass
+        # pt2 export traces the forward pass with this example; a batch of 1 would pin the
+        # exported batch dimension to 1 (0/1 specialisation), so the example has 2.
+        example = torch.zeros(2, 3, side, side).numpy()
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pytorch.log_model(model.eval(), name="model", input_example=example,
                                             registered_model_name=registered_name,

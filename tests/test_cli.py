@@ -80,7 +80,13 @@ def test_demo_end_to_end_then_report_and_evaluate(tmp_path):
         assert "posteriors/dense_multicrop_Q64-72-81.parquet" in stored
     [ens] = [r for r in runs if r.data.tags.get("kind") == "ensemble"]
     assert set(ens.data.tags["members"].split(",")) == {r.info.run_id for r in nested}
-    assert client.get_registered_model("vgg-demo-ensemble").latest_versions
+    import mlflow
+    import torch
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    ensemble = mlflow.pytorch.load_model("models:/vgg-demo-ensemble/1")  # averaged softmax of A and B
+    probs = ensemble(torch.randn(3, 3, 64, 64))
+    torch.testing.assert_close(probs.sum(1), torch.ones(3), atol=1e-4, rtol=0)
     assert "## Table 6: ensembles" in out.stdout and "| ensemble-A+B (A,B) | - |" in out.stdout
 
     report = run(["report", "--experiment", "vgg-demo", "--out", str(tmp_path / "report")], env=env)

@@ -54,3 +54,26 @@ def test_metrics_survive_a_tracking_server_outage(tmp_path, monkeypatch, capsys)
             (0, 3.0), (1, 2.0), (2, 1.5), (3, 1.0)]
     finally:
         stop(server)
+
+
+def test_logged_model_reloads_and_takes_any_batch(tmp_path, monkeypatch):
+    import mlflow
+    import torch
+
+    from pipeline.models import build_model
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "model-test")
+    run_id, _ = tracker.parent_run("r1", params={}, tags={"stage": "A"})
+    torch.manual_seed(0)
+    net = build_model("A", num_classes=6, width_mult=0.125, input_size=32).eval()
+    tracker.log_model(run_id, net, "model-test-A")
+    mlflow.set_tracking_uri(uri)
+    loaded = mlflow.pytorch.load_model("models:/model-test-A/1")
+    for batch in (1, 5):  # an export traced at batch 1 would accept only batch 1
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), net(x), atol=1e-5, rtol=1e-4)
+    version = tracker.client.get_model_version("model-test-A", "1")
+    assert version.tags["stage"] == "A" and version.run_id == run_id
