@@ -118,19 +118,26 @@ def main(argv: list[str] | None = None) -> int:
     run_name = sid.removeprefix("retrain-")
     jc = jobs.client(a.address)
     say = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
+    following = False  # another retrain submitted this job and is still waiting on it
     try:
         jobs.submit(jc, jobs.train_entrypoint(a.plan, run_name, a.overrides), submission_id=sid, tracking_uri=uri)
         say(f"data {digest[:12]}: submitted retrain job {sid}")
     except RuntimeError as exc:
         if "already exists" not in str(exc):
             raise
-        say(f"retrain job {sid} was already submitted (status {jc.get_job_status(sid).value}): following it, "
-            "not starting it twice")
+        now = jc.get_job_status(sid).value
+        following = now not in jobs.TERMINAL
+        say(f"retrain job {sid} was already submitted (status {now}): following it, not starting it twice")
     status = jobs.wait(jc, sid, timeout=a.timeout, on_status=lambda s: say(f"{sid}: {s}"))
     where = f"champion untouched ({f'{model} v{champ.version}' if champ else 'there is none'})"
     if status != "SUCCEEDED":
         say(f"retrain job {sid} {status}; {where}. Logs: ray job logs {sid}")
         return 1
+    if following:
+        # One decision per job: the retrain that submitted it makes it. (A job found
+        # already finished, its submitter gone, is decided here instead.)
+        say(f"retrain job {sid} {status}; the retrain that submitted it compares and promotes")
+        return 0
 
     exp = client.get_experiment_by_name(plan.experiment)
     found = client.search_runs([exp.experiment_id], f"tags.plan_run = '{run_name}' and tags.stage = '{final.name}' "

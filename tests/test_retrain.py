@@ -69,6 +69,7 @@ def test_retrain_schedule(tmp_path, shards):
         assert rc1 == 0 and rc2 == 0, out1[-3000:] + out2[-3000:]
         assert len(jobs_submitted(cluster)) == 1
         assert "already submitted" in out1 + out2
+        assert (out1 + out2).count("is the new champion") == 1  # one decision per job
         champ = client.get_model_version_by_alias(MODEL, "champion")
         assert champ.tags["data_hash"] == data_hash(shards)
         assert champ.tags["promotion"].startswith("promoted: first champion")
