@@ -128,8 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         now = jc.get_job_status(sid).value
         following = now not in jobs.TERMINAL
         say(f"retrain job {sid} was already submitted (status {now}): following it, not starting it twice")
-    status = jobs.wait(jc, sid, timeout=a.timeout, on_status=lambda s: say(f"{sid}: {s}"))
     where = f"champion untouched ({f'{model} v{champ.version}' if champ else 'there is none'})"
+    try:
+        status = jobs.wait(jc, sid, timeout=a.timeout, on_status=lambda s: say(f"{sid}: {s}"))
+    except TimeoutError as exc:
+        say(f"{exc}; {where}. Rerunning this command follows the same job and decides when it ends")
+        return 1
     if status != "SUCCEEDED":
         say(f"retrain job {sid} {status}; {where}. Logs: ray job logs {sid}")
         return 1
