@@ -78,6 +78,21 @@ def _top1(client, run_id: str, protocol: str, data_root: str, same_data: bool) -
     return post.errors()["top1_error"], f"{prefix} (re-evaluated on the current data)"
 
 
+def _decided_elsewhere(client, model: str, version: str, say, grace: float = 60.0) -> bool:
+    """One decision per job: the retrain that submitted it makes it, and a follower only
+    reports it. Should the submitter be gone (killed, or timed out), the follower decides
+    after `grace` seconds."""
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        decided = client.get_model_version(model, version).tags.get("promotion")
+        if decided:
+            say(f"{model} v{version}: decided by the retrain that submitted the job: {decided}")
+            return True
+        time.sleep(2)
+    say(f"{model} v{version}: no decision from the submitting retrain after {grace:.0f} s; deciding here")
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cluster.retrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -137,11 +152,6 @@ def main(argv: list[str] | None = None) -> int:
     if status != "SUCCEEDED":
         say(f"retrain job {sid} {status}; {where}. Logs: ray job logs {sid}")
         return 1
-    if following:
-        # One decision per job: the retrain that submitted it makes it. (A job found
-        # already finished, its submitter gone, is decided here instead.)
-        say(f"retrain job {sid} {status}; the retrain that submitted it compares and promotes")
-        return 0
 
     exp = client.get_experiment_by_name(plan.experiment)
     found = client.search_runs([exp.experiment_id], f"tags.plan_run = '{run_name}' and tags.stage = '{final.name}' "
@@ -155,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"no version of {model} was registered by run {new_run.info.run_id}; {where}")
         return 1
     new = max(versions, key=lambda v: int(v.version))
+    if following and _decided_elsewhere(client, model, new.version, say):
+        return 0
     if champ is not None and champ.version == new.version:
         say(f"{model} v{new.version} is already the champion")
         return 0
@@ -171,10 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "better than" if promote else "not better than"
         reason = (f"top-1 error {new_err:.2f}% {verdict} champion v{champ.version}'s {champ_err:.2f}% "
                   f"({champ_how})")
+    if promote:
+        client.set_registered_model_alias(model, ALIAS, new.version)
+    # `promotion` last: a following retrain takes it as "decided" (see _decided_elsewhere)
     for k, v in dict(tags, promotion=("promoted: " if promote else "kept the champion: ") + reason).items():
         client.set_model_version_tag(model, new.version, k, v)
     if promote:
-        client.set_registered_model_alias(model, ALIAS, new.version)
         say(f"{model} v{new.version} is the new champion: {reason}")
     else:
         say(f"{model} v{new.version} not promoted: {reason}")
