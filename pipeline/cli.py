@@ -86,15 +86,14 @@ def cmd_demo(a) -> int:
 def _stage_run_id(client, experiment: str | None, run_id: str | None, stage: str | None) -> str:
     if run_id:
         return run_id
+    from pipeline.tracking import finished_stage_run
+
     if not (experiment and stage):
         raise SystemExit("give --run-id, or --experiment and --stage")
-    exp = client.get_experiment_by_name(experiment)
-    found = exp and client.search_runs([exp.experiment_id], f"tags.stage = '{stage}' and tags.kind = 'stage' and "
-                                       "tags.stage_status = 'finished'", max_results=1,
-                                       order_by=["attributes.start_time DESC"])
-    if not found:
-        raise SystemExit(f"experiment {experiment}: no finished run of stage {stage!r}")
-    return found[0].info.run_id
+    try:
+        return finished_stage_run(client, experiment, stage).info.run_id
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def evaluate_protocols(uri: str, run_ids: list[str], protocols: list[str], scales: list[int] | None, workers: int,

@@ -87,24 +87,13 @@ def run_ensemble(refs: list[str], *, tracking_uri: str, experiment: str | None, 
 
     from pipeline.evaluate import load_posteriors, load_stage_model, stage_from_run
     from pipeline.protocols import default_scales, metric_prefix
-    from pipeline.tracking import Tracker, _client
+    from pipeline.tracking import Tracker, _client, finished_stage_run
 
     if len(refs) < 2:
         raise ValueError("an ensemble needs at least two members")
-    probe = Tracker(tracking_uri, experiment) if experiment else None
-    client = probe.client if probe else _client(tracking_uri)
-    runs = []
-    for ref in refs:
-        if probe is not None and not re.fullmatch(r"[0-9a-f]{32}", ref):
-            found = client.search_runs([probe.experiment_id],
-                                       f"tags.stage = '{ref}' and tags.kind = 'stage' and "
-                                       "tags.stage_status = 'finished'", max_results=1,
-                                       order_by=["attributes.start_time DESC"])
-            if not found:
-                raise ValueError(f"experiment {experiment}: no finished run of stage {ref!r}")
-            runs.append(found[0])
-        else:
-            runs.append(client.get_run(ref))
+    client = _client(tracking_uri)
+    runs = [finished_stage_run(client, experiment, ref) if experiment and not re.fullmatch(r"[0-9a-f]{32}", ref)
+            else client.get_run(ref) for ref in refs]
     stages = [stage_from_run(r) for r in runs]
     if scales is None:
         sets = {tuple(default_scales(protocol, s.scale_range, s.eval_scale, s.recipe.crop)) for s in stages}

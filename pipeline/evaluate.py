@@ -31,11 +31,14 @@ def stage_from_run(run) -> Stage:
     return from_dict(Stage, json.loads(raw), "stage_config")
 
 
-def load_stage_model(stage: Stage, checkpoint: str):
+def load_stage_model(stage: Stage, checkpoint):
+    """The stage's net with the weights of `checkpoint` (a ray.train.Checkpoint or its URI), in eval mode."""
     from pipeline.models import build_model
     from pipeline.worker import checkpoint_from_uri, load_checkpoint_model
 
-    state = load_checkpoint_model(checkpoint_from_uri(checkpoint))
+    if isinstance(checkpoint, str):
+        checkpoint = checkpoint_from_uri(checkpoint)
+    state = load_checkpoint_model(checkpoint)
     r = stage.recipe
     model = build_model(stage.arch, num_classes=state["num_classes"], width_mult=r.width_mult,
                         batch_norm=r.batch_norm, input_size=r.crop, dropout=r.dropout)

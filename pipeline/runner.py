@@ -74,9 +74,9 @@ def _stage_tags(stage: Stage) -> dict:
 
 def run_plan(plan: Plan, *, run_name: str | None = None, tracking_uri: str, ray_address: str | None = None,
              out=None) -> list[StageResult]:
-    from pipeline.models import build_model
+    from pipeline.evaluate import load_stage_model
     from pipeline.tracking import Tracker
-    from pipeline.worker import checkpoint_from_uri, checkpoint_uri, fit_stage, load_checkpoint_model
+    from pipeline.worker import checkpoint_from_uri, checkpoint_uri, fit_stage
 
     out = out or sys.stdout
     run_name = run_name or default_run_name(plan)
@@ -107,11 +107,7 @@ def run_plan(plan: Plan, *, run_name: str | None = None, tracking_uri: str, ray_
             tracker.fail(srun.run_id, f"{type(exc).__name__}: {exc}")
             raise
         checkpoints[stage.name] = outcome.checkpoint
-        state = load_checkpoint_model(outcome.checkpoint)
-        r = stage.recipe
-        model = build_model(stage.arch, num_classes=state["num_classes"], width_mult=r.width_mult,
-                            batch_norm=r.batch_norm, input_size=r.crop, dropout=r.dropout)
-        model.load_state_dict(state["model"])
+        model = load_stage_model(stage, outcome.checkpoint)
         final = {"top1_error": outcome.metrics["val_top1_error"], "top5_error": outcome.metrics["val_top5_error"],
                  f"single_Q{stage.eval_scale}/top1_error": outcome.metrics["val_top1_error"],
                  f"single_Q{stage.eval_scale}/top5_error": outcome.metrics["val_top5_error"],

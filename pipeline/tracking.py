@@ -33,6 +33,18 @@ def artifact_root(uri: str) -> str | None:
     return None
 
 
+def finished_stage_run(client, experiment: str, stage: str):
+    """The latest finished run of `stage` in `experiment` (stage names resolve to runs
+    this way for evaluate and ensemble); an error naming both when there is none."""
+    exp = client.get_experiment_by_name(experiment)
+    found = exp and client.search_runs([exp.experiment_id], f"tags.stage = '{stage}' and tags.kind = 'stage' and "
+                                       "tags.stage_status = 'finished'", max_results=1,
+                                       order_by=["attributes.start_time DESC"])
+    if not found:
+        raise ValueError(f"experiment {experiment}: no finished run of stage {stage!r}")
+    return found[0]
+
+
 def ui_command(uri: str) -> str:
     if uri.startswith(("http://", "https://")):
         return f"open {uri} in a browser"

@@ -102,10 +102,16 @@ def test_demo_end_to_end_then_report_and_evaluate(tmp_path):
     metrics = client.get_run(stage_a.info.run_id).data.metrics
     assert "single_Q80/top1_error" in metrics
     # evaluated again at the training Q, the stage's own number comes back
-    ev72 = run(["evaluate", "--run-id", stage_a.info.run_id], env=env)
+    ev72 = run(["evaluate", "--experiment", "vgg-demo", "--stage", "A"], env=env)  # by stage name
     assert ev72.returncode == 0
     assert client.get_run(stage_a.info.run_id).data.metrics["single_Q72/top1_error"] == pytest.approx(
         metrics["top1_error"], abs=1e-6)
+    # an ensemble named by stages, from the posteriors the demo stored
+    en = run(["ensemble", "A", "B", "--experiment", "vgg-demo", "--protocol", "dense", "--no-register"], env=env)
+    assert en.returncode == 0, en.stderr[-2000:]
+    assert "members A, B; dense_Q64-72-81: top-1 error" in en.stdout
+    missing = run(["ensemble", "A", "Z", "--experiment", "vgg-demo"], env=env)
+    assert missing.returncode != 0 and "experiment vgg-demo: no finished run of stage 'Z'" in missing.stderr
 
 
 def test_bench_loader_reports_both_loaders_on_the_same_shards(shards, tmp_path):
