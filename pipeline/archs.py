@@ -195,3 +195,42 @@ def feature_side(arch: Arch, input_size: int) -> int:
         if side < 1:
             raise ValueError(f"{arch.name}: input {input_size} is too small")
     return side
+
+
+def unseen_input(arch: Arch, input_size: int) -> int:
+    """Input pixels along a side that no unit of the last feature map sees: each
+    floor-rounded conv or pool whose windows do not tile its input drops the cells past
+    the last window (padding first), and a dropped cell is `stride so far` pixels.
+    VGG A-E at 56: the last pool floors 1.75 cells to 1 and 24 of 56 pixels go unseen."""
+    side, jump, unseen = input_size, 1, 0
+    for _, tok in arch.layer_names():
+        if isinstance(tok, LRN):
+            continue
+        k, stride, pad = (tok.k, tok.stride, tok.padding) if isinstance(tok, Conv) else (tok.k, tok.stride, 0)
+        out = out_size(side, k, stride, pad, getattr(tok, "ceil", False))
+        if not getattr(tok, "ceil", False):
+            left_over = side + 2 * pad - k - (out - 1) * stride
+            unseen += max(0, left_over - pad) * jump
+        side, jump = out, jump * stride
+    return unseen
+
+
+def crop_tolerance(arch: Arch) -> int:
+    """Unseen pixels a crop may leave: none, except the remainder of a strided first
+    convolution (AlexNet-style VGG-F/M/S at 224 ignore one border pixel of conv1, as in
+    Chatfield et al.'s own nets)."""
+    first = next(tok for _, tok in arch.layer_names() if isinstance(tok, Conv))
+    return first.stride - 1
+
+
+def crop_ok(arch: Arch, crop: int) -> bool:
+    try:
+        return unseen_input(arch, crop) <= crop_tolerance(arch)
+    except ValueError:  # smaller than a kernel
+        return False
+
+
+def nearest_crops(arch: Arch, crop: int, n: int = 2) -> list[int]:
+    """The `n` valid crop sizes closest to `crop` (ties: the smaller first)."""
+    found = [c for c in range(max(1, crop - 256), crop + 257) if crop_ok(arch, c)]
+    return sorted(sorted(found, key=lambda c: (abs(c - crop), c))[:n])

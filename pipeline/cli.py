@@ -23,27 +23,44 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(a) -> int:
-    from pipeline.runner import results_table, run_plan
+    from pipeline.runner import PlanFailed, results_table, run_plan
     from pipeline.stages import load_plan
     from pipeline.tracking import tracking_uri, ui_command
 
     plan = load_plan(a.plan, a.overrides)  # raises ConfigError before any cluster work
     if a.dry_run:
+        print(f"plan {plan.name}, recipe: {plan.recipe_label}")
         for st in plan.order():
             src = f" <- {st.init_from.stage}" if st.init_from else ""
+            warm = f", warmup {st.recipe.optim.warmup_epochs:g} epochs" if st.recipe.optim.warmup_epochs else ""
             print(f"{st.name}: {st.arch} S={st.scale_label}{src}, {st.recipe.epochs} epochs, "
-                  f"batch {st.recipe.batch_size}, lr {st.recipe.optim.lr}, {st.resources.num_workers} workers")
+                  f"batch {st.recipe.batch_size}, lr {st.recipe.optim.lr}{warm}, {st.resources.num_workers} workers")
         return 0
     uri = tracking_uri(REPO / "mlflow.db")
-    results = run_plan(plan, run_name=a.run_name, tracking_uri=uri, ray_address=a.address)
+    try:
+        results = run_plan(plan, run_name=a.run_name, tracking_uri=uri, ray_address=a.address)
+    except PlanFailed as exc:
+        return _report_failure(exc, uri)
     print(results_table(results))
     print(f"\nMLflow UI: {ui_command(uri)}")
     return 0
 
 
+def _report_failure(exc, uri: str) -> int:
+    """A failed plan never looks like a result: the table says FAILED, the reason goes
+    to stderr, and the exit status is 1."""
+    from pipeline.runner import results_table
+    from pipeline.tracking import ui_command
+
+    print(results_table(exc.results))
+    print(f"\n{exc}", file=sys.stderr)
+    print(f"\nMLflow UI: {ui_command(uri)}")
+    return 1
+
+
 def cmd_demo(a) -> int:
     from data_prep.synth import make_dataset
-    from pipeline.runner import default_run_name, results_table, run_plan
+    from pipeline.runner import PlanFailed, default_run_name, results_table, run_plan
     from pipeline.stages import PLANS_DIR, load_plan
     from pipeline.tracking import tracking_uri, ui_command
 
@@ -61,7 +78,10 @@ def cmd_demo(a) -> int:
     subprocess.run(cmd, check=True)
     print("== training the reduced staged plan with Ray Train (2 CPU workers, DALI on CPU)", flush=True)
     uri = tracking_uri(REPO / "mlflow.db")
-    results = run_plan(plan, run_name=a.run_name or default_run_name(plan, fresh=True), tracking_uri=uri)
+    try:
+        results = run_plan(plan, run_name=a.run_name or default_run_name(plan, fresh=True), tracking_uri=uri)
+    except PlanFailed as exc:
+        return _report_failure(exc, uri)
     print("\n== results (validation set of the built-in dataset, single-scale centre crop)")
     print(results_table(results))
     print("\n== the paper's test protocols: dense and multi-crop over three scales, 2 Ray tasks each", flush=True)

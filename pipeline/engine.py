@@ -3,6 +3,12 @@
 `train_one_epoch` and `evaluate` take a model and an iterable of (images, labels)
 batches; under torch.distributed they all-reduce their counts so every rank
 returns the global figures.
+
+The training loop never waits for the device inside a step: loss sums and the
+count of non-finite losses stay on the device and are read only at sync points
+(every `log_every` steps, before every mid-epoch checkpoint, and at the epoch's
+end). A non-finite loss therefore stops the epoch at the next sync point, naming
+the step range, before any checkpoint of the bad weights can be written.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -37,42 +43,97 @@ def make_optimizer(model: nn.Module, optim: Optim, global_batch: int) -> torch.o
         # Biases and batch-norm scales are 1-d; Caffe's VGG solver does not decay biases.
         (decay if p.dim() > 1 or optim.decay_biases else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=effective_lr(optim, global_batch), momentum=optim.momentum)
+    # One fused kernel per step on GPU (all parameters at once); the multi-tensor
+    # (foreach) path elsewhere. Both are the same SGD as the per-tensor loop.
+    on_cuda = any(p.is_cuda for p in decay + no_decay)
+    kind = {"fused": True} if on_cuda else {"foreach": True}
+    return torch.optim.SGD(groups, lr=effective_lr(optim, global_batch), momentum=optim.momentum, **kind)
 
 
-class PlateauSchedule:
-    """Divide the lr by 10 when validation top-1 error stops improving (Section 3.1),
-    at most `max_drops` times; after that a further plateau ends the stage."""
+class LrSchedule:
+    """The learning rate of every step: a linear warmup from `warmup_start_factor` x lr
+    to lr over `warmup_epochs` (Goyal et al. 2017, for large batches), then Section
+    3.1's rule, divide by 10 when validation error stops improving, made safe:
 
-    def __init__(self, optimizer: torch.optim.Optimizer, optim: Optim):
-        self.optimizer, self.cfg = optimizer, optim
+    - no drop before `min_epochs_before_drop` epochs after warmup;
+    - an epoch counts as an improvement only if it beats the best error by more than
+      `threshold` (relative), so noise does not reset the count;
+    - a drop needs `patience` epochs in a row without an improvement;
+    - `cooldown` epochs after each drop are not counted;
+    - after `max_drops` drops, a further plateau ends the stage (`finished`).
+
+    `lr_at(step)` is a pure function of the global step and the drops so far, so a
+    stage resumed from a checkpoint continues the exact curve."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, optim: Optim, steps_per_epoch: int, base_lr: float):
+        self.optimizer, self.cfg, self.base_lr = optimizer, optim, base_lr
+        self.warmup_steps = round(optim.warmup_epochs * steps_per_epoch)
+        self.warmup_epochs = math.ceil(optim.warmup_epochs)  # whole epochs in which the lr still rises
         self.best, self.bad_epochs, self.drops, self.finished = math.inf, 0, 0, False
+        self.epochs_seen, self.cooldown_left = 0, 0
+
+    def lr_at(self, step: int) -> float:
+        lr = self.base_lr * self.cfg.lr_drop ** self.drops
+        if step < self.warmup_steps:
+            f = self.cfg.warmup_start_factor
+            lr *= f + (1.0 - f) * step / self.warmup_steps
+        return lr
+
+    def apply(self, step: int) -> float:
+        """Set the optimizer's lr for global step `step` (0-based) and return it."""
+        lr = self.lr_at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        """The lr after warmup at the current number of drops."""
+        return self.base_lr * self.cfg.lr_drop ** self.drops
 
-    def step(self, val_top1_error: float) -> None:
-        if val_top1_error < self.best - 1e-9:
+    def step(self, val_top1_error: float) -> str | None:
+        """Feed one epoch's validation error; returns "drop", "finish" or None."""
+        self.epochs_seen += 1
+        if val_top1_error < self.best * (1.0 - self.cfg.threshold):
             self.best, self.bad_epochs = val_top1_error, 0
-            return
+            return None
+        if self.epochs_seen <= self.warmup_epochs:
+            return None  # the lr is still rising: nothing to judge yet
+        if self.cooldown_left > 0:
+            self.cooldown_left -= 1
+            return None
         self.bad_epochs += 1
-        if self.bad_epochs < self.cfg.patience:
-            return
-        self.bad_epochs = 0
+        after_warmup = self.epochs_seen - self.warmup_epochs
+        if self.bad_epochs < self.cfg.patience or after_warmup < self.cfg.min_epochs_before_drop:
+            return None
+        self.bad_epochs, self.cooldown_left = 0, self.cfg.cooldown
         if self.drops >= self.cfg.max_drops:
             self.finished = True
-            return
+            return "finish"
         self.drops += 1
-        for group in self.optimizer.param_groups:
-            group["lr"] *= self.cfg.lr_drop
+        return "drop"
 
     def state_dict(self) -> dict:
-        return dict(best=self.best, bad_epochs=self.bad_epochs, drops=self.drops, finished=self.finished)
+        return dict(best=self.best, bad_epochs=self.bad_epochs, drops=self.drops, finished=self.finished,
+                    epochs_seen=self.epochs_seen, cooldown_left=self.cooldown_left)
 
     def load_state_dict(self, state: dict) -> None:
         self.best, self.bad_epochs = state["best"], state["bad_epochs"]
         self.drops, self.finished = state["drops"], state["finished"]
+        # Checkpoints from before warmup and cooldown existed lack these two.
+        self.epochs_seen, self.cooldown_left = state.get("epochs_seen", 0), state.get("cooldown_left", 0)
+
+
+def stall_reason(val_top1_error: float, num_classes: int, epochs_done: int, recipe) -> str | None:
+    """Why a stage that is still at chance after `recipe.stall_epochs` epochs past warmup
+    must stop, or None. Chance is 1 - 1/classes; `chance_margin` is in error points."""
+    if not recipe.stall_epochs or epochs_done < math.ceil(recipe.optim.warmup_epochs) + recipe.stall_epochs:
+        return None
+    chance = 100.0 * (1.0 - 1.0 / num_classes)
+    if val_top1_error < chance - recipe.chance_margin:
+        return None
+    return (f"validation top-1 error {val_top1_error:.2f}% after {epochs_done} epochs is within "
+            f"{recipe.chance_margin:g} points of chance ({chance:.2f}% for {num_classes} classes)")
 
 
 @dataclass
@@ -82,6 +143,7 @@ class EpochStats:
     seconds: float
     data_wait_seconds: float
     steps: int
+    step_log: list[dict] = field(default_factory=list)  # per-interval figures, see train_one_epoch
 
     @property
     def images_per_sec(self) -> float:
@@ -106,12 +168,23 @@ def model_input(images: torch.Tensor, device: torch.device, precision: str) -> t
     return images.float()
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def _all_reduce(values: list[float], device: torch.device) -> list[float]:
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _distributed():
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def _all_reduce_tensor(t: torch.Tensor) -> torch.Tensor:
+    if _distributed():
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
 
 
 def train_one_epoch(
@@ -124,71 +197,113 @@ def train_one_epoch(
     channels_last: bool = False,
     grad_clip: float | None = None,
     log_every: int = 50,
-    on_log: Callable[[int, float, float], None] | None = None,
-    on_step: Callable[[int], None] | None = None,
+    on_log: Callable[[dict], None] | None = None,
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[int], None] | None = None,
+    lr_at: Callable[[int], float] | None = None,
     start_step: int = 0,
     where: str = "",
 ) -> EpochStats:
     """One pass over `loader`. Steps are numbered from `start_step` (a loader fast-forwarded
-    to a mid-epoch checkpoint). `on_log(step, loss, images_per_sec)` every `log_every`
-    steps; `on_step(step)` after every optimizer step (mid-epoch checkpoints)."""
+    to a mid-epoch checkpoint); `lr_at(step)`, if given, is the lr of each step (warmup).
+
+    Every `log_every` steps, on every rank alike (it is a collective under DDP), the
+    loop syncs: a non-finite loss since the last sync raises NonFiniteLoss naming the
+    steps, else a record {step, train_loss (mean over the interval, all ranks), lr,
+    images_per_sec (all ranks), data_wait_fraction} is kept in `step_log` and passed to
+    `on_log`. `on_checkpoint(step)` runs every `checkpoint_every` steps, after a sync."""
     model.train()
     criterion = nn.CrossEntropyLoss()
-    total_loss, images, steps, wait = 0.0, 0, start_step, 0.0
-    start = tick = time.perf_counter()
+    world = dist.get_world_size() if _distributed() else 1
+    # [loss sum, images, non-finite losses] for the epoch and for the current interval,
+    # on the device: adding to them never waits for the GPU.
+    epoch_acc = torch.zeros(3, dtype=torch.float64, device=device)
+    interval_acc = torch.zeros(3, dtype=torch.float64, device=device)
+    images = wait = interval_wait = 0.0
+    steps, synced_at, lr = start_step, start_step, None
+    step_log: list[dict] = []
+    start = tick = interval_start = time.perf_counter()
+
+    def sync() -> None:
+        nonlocal interval_acc, interval_wait, interval_start, synced_at
+        loss_sum, count, bad = _all_reduce_tensor(interval_acc).tolist()
+        if bad:
+            raise NonFiniteLoss(f"{where}loss became non-finite between steps {synced_at + 1} and {steps} "
+                                f"({int(bad)} of {int(count)} losses); stopping the stage "
+                                "(the last good checkpoint is kept)")
+        now = time.perf_counter()
+        seconds = max(now - interval_start, 1e-9)
+        record = {"step": steps, "train_loss": loss_sum / max(count, 1), "images_per_sec": count / seconds,
+                  "data_wait_fraction": interval_wait / seconds}
+        if lr is not None:
+            record["lr"] = lr
+        step_log.append(record)
+        if on_log:
+            on_log(record)
+        epoch_acc.add_(interval_acc)
+        interval_acc = torch.zeros_like(interval_acc)
+        interval_wait, interval_start, synced_at = 0.0, now, steps
+
     for images_b, labels in loader:
         got = time.perf_counter()
         wait += got - tick
+        interval_wait += got - tick
+        if lr_at is not None:
+            lr = lr_at(steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
         if channels_last:
             images_b = images_b.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
             loss = criterion(model(model_input(images_b, device, precision)), labels)
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"{where}loss is {loss.item()} at step {steps}; stopping the stage "
-                                "(the last good checkpoint is kept)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         n = labels.shape[0]
-        total_loss += loss.item() * n
+        loss = loss.detach().double()
+        finite = torch.isfinite(loss)
+        interval_acc += torch.stack([torch.where(finite, loss * n, 0.0), loss.new_tensor(n), (~finite).double()])
         images += n
         steps += 1
-        if on_log and log_every and steps % log_every == 0:
-            on_log(steps, loss.item(), images / max(time.perf_counter() - start, 1e-9))
-        if on_step:
-            on_step(steps)
+        wants_checkpoint = bool(on_checkpoint and checkpoint_every and steps % checkpoint_every == 0)
+        if (log_every and steps % log_every == 0) or wants_checkpoint:
+            sync()
+        if wants_checkpoint:
+            on_checkpoint(steps)
         tick = time.perf_counter()
+    if steps > synced_at:
+        sync()  # the epoch's tail; every rank ran the same steps, so every rank meets here
     seconds = time.perf_counter() - start
-    loss_sum, count, wait_sum, secs = _all_reduce([total_loss, images, wait, seconds], device)
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    loss_sum, count, _ = _all_reduce_tensor(epoch_acc).tolist()
+    wait_sum, secs = _all_reduce([wait, seconds], device)
     # images/s is global (all ranks); wait share is the mean over ranks.
-    return EpochStats(loss_sum / max(count, 1), int(count), secs / world, wait_sum / world, steps - start_step)
+    return EpochStats(loss_sum / max(count, 1), int(count), secs / world, wait_sum / world, steps - start_step,
+                      step_log)
 
 
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
+def topk_hits(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> torch.Tensor:
+    """Correct top-k predictions for each k, as a tensor on the logits' device (no sync)."""
     maxk = min(max(ks), logits.shape[1])
     top = logits.topk(maxk, dim=1).indices
     hits = top.eq(labels.view(-1, 1))
-    return [int(hits[:, : min(k, maxk)].any(dim=1).sum()) for k in ks]
+    return torch.stack([hits[:, : min(k, maxk)].any(dim=1).sum() for k in ks])
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device, *, precision: str = "auto") -> dict:
-    """Top-1/top-5 error (percent) over every image of every rank's loader, once each."""
+    """Top-1/top-5 error (percent) over every image of every rank's loader, once each.
+    Counts stay on the device until the end (one sync per evaluation)."""
     model.eval()
-    correct1 = correct5 = count = 0
-    loss_sum = 0.0
+    acc = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, images, loss sum
     criterion = nn.CrossEntropyLoss(reduction="sum")
     for images_b, labels in loader:
         with autocast(device, precision):
             logits = model(model_input(images_b, device, precision)).float()
-        c1, c5 = topk_correct(logits, labels)
-        correct1, correct5 = correct1 + c1, correct5 + c5
-        loss_sum += criterion(logits, labels).item()
-        count += labels.shape[0]
-    correct1, correct5, count, loss_sum = _all_reduce([correct1, correct5, count, loss_sum], device)
+        hits = topk_hits(logits, labels).double()
+        acc += torch.stack([hits[0], hits[1], acc.new_tensor(labels.shape[0]), criterion(logits, labels).double()])
+    correct1, correct5, count, loss_sum = _all_reduce_tensor(acc).tolist()
     if count == 0:
         raise ValueError("evaluate: the loader yielded no images")
     return {

@@ -38,6 +38,7 @@ class StageRow:
     train_scale: str
     run_id: str
     metrics: dict = field(default_factory=dict)
+    recipe: str = ""  # which recipe produced these numbers (the stage run's `recipe` tag)
 
     def protocol(self, name: str, multi: bool) -> tuple[str, float, float] | None:
         """(metric prefix, top-1, top-5) of the last-logged `name` result (single or several Q)."""
@@ -55,54 +56,87 @@ def _fmt(pair) -> str:
     return "-" if pair is None else f"{pair[0]:.1f} / {pair[1]:.1f}"
 
 
-def _ours(found) -> str:
-    return "not evaluated" if found is None else f"{found[1]:.2f} / {found[2]:.2f} ({found[0]})"
+class Recipes:
+    """Short keys (R1, R2, ...) for the recipes behind our numbers, listed under the tables,
+    so every number says which recipe produced it without repeating a long line per cell."""
+
+    def __init__(self):
+        self.keys: dict[str, str] = {}
+
+    def key(self, recipe: str) -> str:
+        recipe = recipe or "not recorded (a run from before recipes were tagged)"
+        return self.keys.setdefault(recipe, f"R{len(self.keys) + 1}")
+
+    def lines(self) -> list[str]:
+        if not self.keys:
+            return []
+        return ["## Recipes", "", *_table(["key", "recipe"], [[k, r] for r, k in self.keys.items()])]
+
+
+def _ours(found, row: StageRow | None = None, recipes: Recipes | None = None) -> str:
+    if found is None:
+        return "not evaluated"
+    mark = f" [{recipes.key(row.recipe)}]" if recipes is not None and row is not None else ""
+    return f"{found[1]:.2f} / {found[2]:.2f} ({found[0]}){mark}"
 
 
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
-def _stage_table(paper: dict, ours: list[StageRow], protocol: str, multi: bool) -> list[str]:
+def _stage_table(paper: dict, ours: list[StageRow], protocol: str, multi: bool, recipes: Recipes) -> list[str]:
     rows = []
     keyed = {(r.arch, r.train_scale): r for r in ours}
     for (arch, s), numbers in paper.items():
         r = keyed.get((arch, s))
-        rows.append([arch, s, _fmt(numbers), "not trained" if r is None else _ours(r.protocol(protocol, multi))])
+        rows.append([arch, s, _fmt(numbers),
+                     "not trained" if r is None else _ours(r.protocol(protocol, multi), r, recipes)])
     for r in ours:
         if (r.arch, r.train_scale) not in paper:
-            rows.append([f"{r.arch} (stage {r.stage})", r.train_scale, "-", _ours(r.protocol(protocol, multi))])
+            rows.append([f"{r.arch} (stage {r.stage})", r.train_scale, "-",
+                         _ours(r.protocol(protocol, multi), r, recipes)])
     return _table(["net", "train S", "paper top-1 / top-5 %", "ours top-1 / top-5 % (protocol)"], rows)
 
 
 def render(experiment: str, stages: list[StageRow], ensembles: list[dict]) -> str:
+    recipes = Recipes()
     out = [f"# {experiment}: our errors beside Simonyan & Zisserman's", "",
            "ILSVRC-2012 validation errors for the paper; ours are on this experiment's validation split. "
-           "\"not trained\" and \"not evaluated\" rows are missing results, never estimates.", "",
+           "\"not trained\" and \"not evaluated\" rows are missing results, never estimates. "
+           "[R1], [R2], ... name the recipe that produced each of our numbers (listed at the end).", "",
            "## Table 3: single test scale (Q = S, or 384 for S in [256, 512])", "",
-           *_stage_table(TABLE3, stages, "single", multi=False), "",
+           *_stage_table(TABLE3, stages, "single", multi=False, recipes=recipes), "",
            "## Table 4: multiple test scales, dense evaluation", "",
-           *_stage_table(TABLE4, stages, "dense", multi=True), "",
+           *_stage_table(TABLE4, stages, "dense", multi=True, recipes=recipes), "",
            "## Table 5: dense, multi-crop, and both (multiple test scales)", ""]
     rows = []
     keyed = {(r.arch, r.train_scale): r for r in stages}
     for (arch, s, proto), numbers in TABLE5.items():
         r = keyed.get((arch, s))
-        rows.append([arch, s, proto, _fmt(numbers), "not trained" if r is None else _ours(r.protocol(proto, True))])
+        rows.append([arch, s, proto, _fmt(numbers),
+                     "not trained" if r is None else _ours(r.protocol(proto, True), r, recipes)])
     for r in stages:
         if (r.arch, r.train_scale, "dense") not in TABLE5:
             for proto in ("dense", "multicrop", "dense+multicrop"):
                 if r.protocol(proto, True):
                     rows.append([f"{r.arch} (stage {r.stage})", r.train_scale, proto, "-",
-                                 _ours(r.protocol(proto, True))])
+                                 _ours(r.protocol(proto, True), r, recipes)])
     out += _table(["net", "train S", "protocol", "paper top-1 / top-5 %", "ours top-1 / top-5 %"], rows)
     out += ["", "## Table 6: ensembles", ""]
     rows = [[name, _fmt(numbers), "-"] for name, numbers in TABLE6.items()]
-    rows += [[f"{e['name']} ({e['member_stages']})", "-", f"{e['top1']:.2f} / {e['top5']:.2f} ({e['protocol']})"]
-             for e in ensembles]
+    by_stage = {r.stage: r for r in stages}
+
+    def members(e: dict) -> str:  # an ensemble's recipes are its members'
+        keys = {recipes.key(by_stage[m].recipe) for m in e["member_stages"].split(",") if m in by_stage}
+        return f" [{', '.join(sorted(keys))}]" if keys else " [members' recipes not in this report]"
+
+    rows += [[f"{e['name']} ({e['member_stages']})", "-",
+              f"{e['top1']:.2f} / {e['top5']:.2f} ({e['protocol']}){members(e)}"] for e in ensembles]
     if not ensembles:
         rows.append(["ours", "-", "no ensemble runs yet"])
     out += _table(["ensemble", "paper top-1 / top-5 %", "ours top-1 / top-5 %"], rows)
+    recipe_lines = recipes.lines()
+    out += ["", *recipe_lines] if recipe_lines else []
     return "\n".join(out) + "\n"
 
 
@@ -165,7 +199,7 @@ def collect(client, experiment_id: str) -> tuple[list[StageRow], list[dict]]:
     for r in runs:
         t = r.data.tags
         latest.setdefault(t["stage"], StageRow(t["stage"], t.get("arch", "?"), t.get("train_scale", "?"),
-                                               r.info.run_id, dict(r.data.metrics)))
+                                               r.info.run_id, dict(r.data.metrics), t.get("recipe", "")))
     ensembles = []
     for r in client.search_runs([experiment_id], "tags.kind = 'ensemble'", order_by=["attributes.start_time ASC"]):
         prefix = r.data.tags.get("protocol", "")

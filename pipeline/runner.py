@@ -26,10 +26,21 @@ class StageResult:
     train_scale: str
     eval_scale: int
     epochs: int
-    top1_error: float
+    top1_error: float  # nan where the stage did not finish
     top5_error: float
-    run_id: str
+    run_id: str  # "" for a stage that was not started
     skipped: bool
+    status: str = "finished"  # finished, failed (stalled / diverged), not started
+    reason: str = ""
+
+
+class PlanFailed(RuntimeError):
+    """Some stage failed (stalled or diverged) and its dependants were not started. Raised
+    after everything that could still run has run; `results` has every stage's row."""
+
+    def __init__(self, message: str, results: list[StageResult]):
+        super().__init__(message)
+        self.results = results
 
 
 def _storage(plan: Plan) -> str:
@@ -66,14 +77,86 @@ def registered_model_name(plan: Plan, stage: Stage) -> str:
     return f"{plan.experiment}-{get_arch(stage.arch).name}"
 
 
-def _stage_tags(stage: Stage) -> dict:
+def _stage_tags(plan: Plan, stage: Stage) -> dict:
     return {"arch": stage.arch, "stage": stage.name, "train_scale": stage.scale_label,
             "init_from": stage.init_from.stage if stage.init_from else "random",
-            "stage_config": json.dumps(to_dict(stage), sort_keys=True)}
+            "stage_config": json.dumps(to_dict(stage), sort_keys=True),
+            "plan": plan.name, "recipe": recipe_summary(plan, stage), "deviation": plan.deviation or "none"}
+
+
+def recipe_summary(plan: Plan, stage: Stage) -> str:
+    """Which recipe produced a stage's numbers, in one line (MLflow tag, report)."""
+    r, o = stage.recipe, stage.recipe.optim
+    warm = f", warmup {o.warmup_epochs:g} epochs" if o.warmup_epochs else ", no warmup"
+    return f"{plan.recipe_label}; global batch {r.batch_size}, lr {o.lr:g} at batch {o.reference_batch}{warm}"
+
+
+def _advice(stage: Stage, failure: dict, global_batch: int) -> str:
+    from pipeline.engine import effective_lr
+
+    o = stage.recipe.optim
+    lr = (f"recipe.optim.lr, now {o.lr:g} at batch {o.reference_batch}"
+          + (f" = {effective_lr(o, global_batch):.3g} at this run's global batch of {global_batch}" if o.scale_lr
+             else ""))
+    if failure["kind"] == "diverged":
+        return (f"lower the lr ({lr}), add or lengthen a warmup (recipe.optim.warmup_epochs, now "
+                f"{o.warmup_epochs:g}), or clip gradients (recipe.optim.grad_clip)")
+    init = (f"init_from, now {stage.init_from.stage}" if stage.init_from else
+            f"recipe.init, now {stage.recipe.init}, or init_from a trained stage")
+    return (f"change the lr ({lr}; too low and the net never leaves chance, too high and it cannot settle), "
+            f"add a warmup (recipe.optim.warmup_epochs, now {o.warmup_epochs:g}), or the init ({init})")
+
+
+def _failure_message(plan: Plan, stage: Stage, failure: dict, run_name: str, last_good: str | None) -> str:
+    if last_good:
+        kept = f"The last good checkpoint is kept: {last_good}."
+        retry = (f"To fine-tune from it instead, change the recipe and add --run-name {run_name}: finished stages "
+                 f"are kept and {stage.name} starts from its last good weights.")
+    else:
+        kept = "It failed before its first checkpoint, so there are no good weights to keep."
+        retry = (f"To keep this plan run's finished stages, change the recipe and add --run-name {run_name}: "
+                 f"{stage.name} starts again as at first.")
+    return (f"stage {stage.name} FAILED ({failure['kind']}) in epoch {failure['epoch']}: {failure['reason']}. "
+            f"Nothing was registered. What to change: {_advice(stage, failure, stage.recipe.batch_size)}. {kept} "
+            f"To start over, change the recipe (--set or the plan file) and run the same command: a changed plan is "
+            f"a new plan run. {retry}")
+
+
+def _attempt(tracker, plan: Plan, stage: Stage, srun, parent_id: str, run_name: str, params: dict, checkpoints: dict):
+    """(stage run, trial name, init checkpoint, init layers, init label) for this stage's
+    next attempt, or a message when the last attempt failed with this same recipe."""
+    from pipeline.worker import checkpoint_from_uri
+
+    init_ckpt = checkpoints[stage.init_from.stage] if stage.init_from else None
+    if srun.failure_kind is None:  # first attempt, or resuming one that crashed
+        trial = srun.tags.get("trial") or f"{run_name}-{stage.name}"
+        if srun.tags.get("init_checkpoint"):
+            return (srun, trial, checkpoint_from_uri(srun.tags["init_checkpoint"]), srun.tags.get("init_layers"),
+                    srun.tags.get("init_label"))
+        return srun, trial, init_ckpt, None, None
+    if srun.tags.get("stage_config") == _stage_tags(plan, stage)["stage_config"]:
+        return (f"stage {stage.name} already FAILED ({srun.failure_kind}) in plan run {run_name} with this same "
+                f"recipe (MLflow run {srun.run_id}); running it again would repeat that. Change the recipe: "
+                f"{_advice(stage, {'kind': srun.failure_kind}, stage.recipe.batch_size)}.")
+    last_good = srun.tags.get("last_good_checkpoint")
+    last_good = None if last_good in (None, "none") else last_good
+    attempt = int(srun.tags.get("attempt", "1")) + 1
+    extra = {"retry_of": srun.run_id, "trial": f"{run_name}-{stage.name}-attempt{attempt}"}
+    if last_good:
+        extra |= {"init_checkpoint": last_good, "init_layers": "all",
+                  "init_label": f"the last good checkpoint of failed run {srun.run_id}"}
+    new = tracker.stage_run(parent_id, run_name, stage.name, params, _stage_tags(plan, stage) | extra,
+                            new_attempt=True)
+    if last_good:
+        return new, extra["trial"], checkpoint_from_uri(last_good), "all", extra["init_label"]
+    return new, extra["trial"], init_ckpt, None, None
 
 
 def run_plan(plan: Plan, *, run_name: str | None = None, tracking_uri: str, ray_address: str | None = None,
              out=None) -> list[StageResult]:
+    """Train the plan's stages in dependency order. A stage that stalls or diverges is
+    marked FAILED (nothing registered), the stages that depend on it are not started,
+    independent stages still run, and then PlanFailed is raised naming them all."""
     from pipeline.evaluate import load_stage_model
     from pipeline.tracking import Tracker
     from pipeline.worker import checkpoint_from_uri, checkpoint_uri, fit_stage
@@ -84,28 +167,56 @@ def run_plan(plan: Plan, *, run_name: str | None = None, tracking_uri: str, ray_
     tracker = Tracker(tracking_uri, plan.experiment)
     parent_id, resumed = tracker.parent_run(
         run_name, params={"plan_file": plan.source, "data.root": plan.data.root, "storage": plan.storage},
-        tags={"plan": plan.name, "fingerprint": plan.fingerprint(), "mlflow.runName": run_name},
+        tags={"plan": plan.name, "fingerprint": plan.fingerprint(), "mlflow.runName": run_name,
+              "recipe": plan.recipe_label, "deviation": plan.deviation or "none"},
     )
-    print(f"plan {plan.name}: run {run_name} ({'resumed' if resumed else 'new'}), MLflow run {parent_id}",
-          file=out, flush=True)
+    print(f"plan {plan.name}: run {run_name} ({'resumed' if resumed else 'new'}), MLflow run {parent_id}"
+          + (f"; recipe deviates from the paper: {plan.deviation}" if plan.deviation else ""), file=out, flush=True)
     _ensure_ray(ray_address, plan)
     checkpoints: dict[str, object] = {}
     results: list[StageResult] = []
+    failed: dict[str, str] = {}  # stage -> message
+    unstarted: dict[str, str] = {}  # stage -> why
     for stage in plan.order():
+        src = stage.init_from.stage if stage.init_from else None
+        if src in failed or src in unstarted:
+            unstarted[stage.name] = f"{src} {'failed' if src in failed else 'was not started'}"
+            print(f"[{stage.name}] not started: {unstarted[stage.name]}", file=out, flush=True)
+            results.append(_missing(stage, "not started", unstarted[stage.name]))
+            continue
         params = flatten(to_dict(stage)) | {"data.root": plan.data.root}
-        srun = tracker.stage_run(parent_id, run_name, stage.name, params, _stage_tags(stage))
+        srun = tracker.stage_run(parent_id, run_name, stage.name, params, _stage_tags(plan, stage))
         if srun.finished:
             checkpoints[stage.name] = checkpoint_from_uri(srun.checkpoint)
             print(f"[{stage.name}] already finished in this plan run; skipped", file=out, flush=True)
             results.append(_result(stage, tracker, srun.run_id, skipped=True))
             continue
-        init_ckpt = checkpoints[stage.init_from.stage] if stage.init_from else None
+        attempt = _attempt(tracker, plan, stage, srun, parent_id, run_name, params, checkpoints)
+        if isinstance(attempt, str):
+            failed[stage.name] = attempt
+            print(f"[{stage.name}] {attempt}", file=out, flush=True)
+            results.append(_missing(stage, f"failed ({srun.failure_kind})", attempt, srun.run_id))
+            continue
+        srun, trial, init_ckpt, init_layers, init_label = attempt
+        if srun.tags.get("trial") != trial:  # so a resumed driver finds this attempt's Ray Train run
+            tracker.client.set_tag(srun.run_id, "trial", trial)
         try:
-            outcome = fit_stage(stage, plan.data, trial_name=f"{run_name}-{stage.name}", storage=storage,
-                                tracking_uri=tracking_uri, mlflow_run_id=srun.run_id, init_checkpoint=init_ckpt)
+            outcome = fit_stage(stage, plan.data, trial_name=trial, storage=storage, tracking_uri=tracking_uri,
+                                mlflow_run_id=srun.run_id, init_checkpoint=init_ckpt, init_layers=init_layers,
+                                init_from_label=init_label)
         except Exception as exc:
             tracker.fail(srun.run_id, f"{type(exc).__name__}: {exc}")
             raise
+        if outcome.failure is not None:
+            last_good = checkpoint_uri(outcome.checkpoint) if outcome.checkpoint is not None else None
+            message = _failure_message(plan, stage, outcome.failure, run_name, last_good)
+            tracker.fail(srun.run_id, message, {"stage_status": "failed", "failure_kind": outcome.failure["kind"],
+                                                "failure_epoch": outcome.failure["epoch"],
+                                                "last_good_checkpoint": last_good or "none"})
+            failed[stage.name] = message
+            print(message, file=out, flush=True)
+            results.append(_missing(stage, f"failed ({outcome.failure['kind']})", message, srun.run_id))
+            continue
         checkpoints[stage.name] = outcome.checkpoint
         model = load_stage_model(stage, outcome.checkpoint)
         final = {"top1_error": outcome.metrics["val_top1_error"], "top5_error": outcome.metrics["val_top5_error"],
@@ -115,9 +226,24 @@ def run_plan(plan: Plan, *, run_name: str | None = None, tracking_uri: str, ray_
         tracker.finish_stage(srun.run_id, final, checkpoint_uri(outcome.checkpoint), model=model,
                              registered_name=registered_model_name(plan, stage))
         results.append(_result(stage, tracker, srun.run_id, skipped=False))
-    best = min(results, key=lambda x: x.top1_error)
-    tracker.finish_parent(parent_id, {"best_top1_error": best.top1_error, "best_top5_error": best.top5_error})
+    done = [r for r in results if r.status == "finished"]
+    best = min(done, key=lambda x: x.top1_error) if done else None
+    metrics = {"best_top1_error": best.top1_error, "best_top5_error": best.top5_error} if best else {}
+    tags = {"failed_stages": ", ".join(failed) or "none",
+            "not_started_stages": "; ".join(f"{k} ({v})" for k, v in unstarted.items()) or "none"}
+    tracker.finish_parent(parent_id, metrics, status="FAILED" if failed else "FINISHED", tags=tags)
+    if failed:
+        lines = [f"plan run {run_name} FAILED: stage(s) {', '.join(failed)} failed"
+                 + (f"; not started: {tags['not_started_stages']}" if unstarted else "")]
+        lines += [failed[name] for name in failed]
+        raise PlanFailed("\n".join(lines), results)
     return results
+
+
+def _missing(stage: Stage, status: str, reason: str, run_id: str = "") -> StageResult:
+    nan = float("nan")
+    return StageResult(stage.name, stage.arch, stage.scale_label, stage.eval_scale, 0, nan, nan, run_id, False,
+                       status, reason)
 
 
 def _result(stage: Stage, tracker, run_id: str, skipped: bool) -> StageResult:
@@ -128,9 +254,12 @@ def _result(stage: Stage, tracker, run_id: str, skipped: bool) -> StageResult:
 
 
 def results_table(results: list[StageResult]) -> str:
-    head = ["stage", "arch", "train S", "test Q", "epochs", "top-1 err %", "top-5 err %", "MLflow run"]
-    rows = [[r.stage, r.arch, r.train_scale, str(r.eval_scale), str(r.epochs), f"{r.top1_error:.2f}",
-             f"{r.top5_error:.2f}", r.run_id + (" (skipped: done)" if r.skipped else "")] for r in results]
+    head = ["stage", "arch", "train S", "test Q", "epochs", "top-1 err %", "top-5 err %", "status", "MLflow run"]
+    rows = [[r.stage, r.arch, r.train_scale, str(r.eval_scale), str(r.epochs) if r.status == "finished" else "-",
+             f"{r.top1_error:.2f}" if r.status == "finished" else "-",
+             f"{r.top5_error:.2f}" if r.status == "finished" else "-",
+             r.status.upper() if r.status != "finished" else ("done earlier" if r.skipped else "finished"),
+             r.run_id or "-"] for r in results]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])

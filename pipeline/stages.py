@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pipeline.archs import PAPER_INIT_LAYERS, get_arch
+from pipeline.archs import PAPER_INIT_LAYERS, crop_ok, get_arch, nearest_crops, unseen_input
 from pipeline.config import ConfigError, apply_override, deep_merge, from_dict, load_yaml, to_dict
 
 
@@ -27,8 +27,13 @@ class Optim:
     weight_decay: float = 5e-4
     decay_biases: bool = False  # weight decay on biases (Caffe's VGG solver: no)
     lr_drop: float = 0.1  # "decreased by a factor of 10 when validation accuracy stopped improving"
-    patience: int = 2  # epochs without a better val top-1 before a drop
+    patience: int = 2  # epochs in a row without an improvement before a drop
+    threshold: float = 0.005  # an improvement must beat the best error by this share (relative)
+    min_epochs_before_drop: int = 5  # after warmup: no drop before this many epochs
+    cooldown: int = 1  # epochs after a drop that are not judged
     max_drops: int = 3  # "the learning rate was decreased 3 times"
+    warmup_epochs: float = 0.0  # linear lr warmup per step (Goyal et al. 2017); 0: off, as in the paper
+    warmup_start_factor: float = 0.1  # the warmup starts at this share of the lr
     grad_clip: float | None = None  # max global grad norm; None: no clipping
 
     def __post_init__(self):
@@ -36,6 +41,16 @@ class Optim:
             raise ValueError(f"optim.lr must be positive, got {self.lr}")
         if not 0 < self.lr_drop < 1:
             raise ValueError(f"optim.lr_drop must be in (0, 1), got {self.lr_drop}")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"optim.warmup_epochs must be 0 (off) or positive, got {self.warmup_epochs}")
+        if not 0 < self.warmup_start_factor <= 1:
+            raise ValueError(f"optim.warmup_start_factor must be in (0, 1], got {self.warmup_start_factor}")
+        if not 0 <= self.threshold < 1:
+            raise ValueError(f"optim.threshold must be in [0, 1), got {self.threshold}")
+        for name in ("patience", "min_epochs_before_drop", "cooldown", "max_drops"):
+            if getattr(self, name) < (1 if name == "patience" else 0):
+                raise ValueError(f"optim.{name} must be at least {1 if name == 'patience' else 0}, "
+                                 f"got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -57,6 +72,10 @@ class Recipe:
     normalize_std: bool = False  # also divide by the training set's RGB std (the paper only subtracts the mean)
     log_every_steps: int = 50
     checkpoint_every_steps: int = 0  # also checkpoint mid-epoch every N steps (0: at epoch ends only)
+    # Stall guard: a stage whose val top-1 error is still within `chance_margin` points of
+    # chance (1 - 1/classes) `stall_epochs` epochs after warmup FAILS instead of finishing.
+    stall_epochs: int = 3  # 0: off
+    chance_margin: float = 2.0  # error points
     seed: int = 0
     optim: Optim = field(default_factory=Optim)
 
@@ -68,6 +87,9 @@ class Recipe:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.width_mult <= 0:
             raise ValueError(f"width_mult must be positive, got {self.width_mult}")
+        if self.stall_epochs < 0 or self.chance_margin < 0:
+            raise ValueError(f"stall_epochs and chance_margin must be 0 or positive, got "
+                             f"{self.stall_epochs} and {self.chance_margin}")
 
 
 @dataclass(frozen=True)
@@ -126,6 +148,12 @@ class Plan:
     storage: str  # checkpoints: a local path or s3://
     stages: dict[str, Stage]
     source: str = ""  # the YAML file it was read from
+    deviation: str = ""  # how the recipe departs from the paper's ("" = the paper's recipe)
+
+    @property
+    def recipe_label(self) -> str:
+        """Which recipe produced a number: the plan's name, and its deviation if any."""
+        return f"{self.name} (deviation from the paper: {self.deviation})" if self.deviation else self.name
 
     def fingerprint(self) -> str:
         """Hash of everything that changes what is trained (used in run names)."""
@@ -148,7 +176,7 @@ class Plan:
         return [self.stages[n] for n in done]
 
 
-_PLAN_KEYS = {"name", "experiment", "data", "storage", "recipe", "resources", "stages"}
+_PLAN_KEYS = {"name", "experiment", "data", "storage", "recipe", "resources", "stages", "deviation"}
 _RECIPE_KEYS = set(Recipe.__dataclass_fields__)
 
 
@@ -196,6 +224,7 @@ def parse_plan(raw: dict, source: str = "") -> Plan:
         storage=str(raw.get("storage") or "runs"),
         stages=stages,
         source=source,
+        deviation=str(raw.get("deviation") or "").strip(),
     )
     validate(plan)
     return plan
@@ -216,6 +245,15 @@ def validate(plan: Plan) -> None:
             arch = get_arch(st.arch)
         except KeyError as exc:
             raise ConfigError(f"{where}.arch: {exc.args[0]}") from None
+        crop = st.recipe.crop
+        if not crop_ok(arch, crop):
+            near = " or ".join(str(c) for c in nearest_crops(arch, crop))
+            try:
+                why = (f"{unseen_input(arch, crop)} of its {crop} input pixels would go unseen (a pool or "
+                       "strided layer floors away whole cells), and dense evaluation would disagree with single-crop")
+            except ValueError:
+                why = "the input is smaller than one of its kernels"
+            raise ConfigError(f"{where}.recipe.crop: {crop} does not fit net {arch.name}: {why}; use {near}")
         lo, hi = st.scale_range
         if lo < st.recipe.crop or hi < lo:
             raise ConfigError(
@@ -252,9 +290,30 @@ def validate(plan: Plan) -> None:
             cur = plan.stages[cur.stage].init_from
 
 
-def load_plan(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Plan:
-    """Read, override (`recipe.optim.lr=0.02`, `stages.A.recipe.epochs=3`) and validate."""
+def _read_with_base(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A plan may name a `base` plan (a path relative to itself) that it overrides key by
+    key, stages included: a variant of paper.yaml states only what differs."""
+    path = Path(path).resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: base plans form a cycle")
     raw = load_yaml(path)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base: expected a plan file name, got {base!r}")
+    base_path = (path.parent / base)
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: base: no such plan {base_path}")
+    return deep_merge(_read_with_base(base_path, seen + (path,)), raw)
+
+
+def load_plan(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Plan:
+    """Read (over its `base` plan, if any), override (`recipe.optim.lr=0.02`,
+    `stages.A.recipe.epochs=3`) and validate."""
+    if not Path(path).is_file():
+        raise ConfigError(f"{path}: no such file")
+    raw = _read_with_base(Path(path))
     for assignment in overrides:
         raw = apply_override(raw, _expand_shorthand(assignment))
     return parse_plan(raw, source=str(path))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_DB = "mlflow.db"
@@ -65,6 +65,12 @@ class StageRun:
     run_id: str
     finished: bool
     checkpoint: str | None  # where the finished stage's final checkpoint lives
+    tags: dict = field(default_factory=dict)
+
+    @property
+    def failure_kind(self) -> str | None:
+        """"stalled" or "diverged" when this attempt failed as training (not a crash)."""
+        return self.tags.get("failure_kind")
 
 
 class Tracker:
@@ -95,19 +101,25 @@ class Tracker:
         self._log_params(run.info.run_id, params)
         return run.info.run_id, False
 
-    def stage_run(self, parent_id: str, run_name: str, stage: str, params: dict, tags: dict) -> StageRun:
+    def stage_run(self, parent_id: str, run_name: str, stage: str, params: dict, tags: dict,
+                  new_attempt: bool = False) -> StageRun:
+        """The stage's latest run in this plan run (reopened if it did not finish), or a new
+        one. A failed attempt is kept as it is: `new_attempt` starts the next in a new run,
+        since a changed recipe cannot be logged over the old one's params."""
         found = self._find(f"tags.plan_run = '{run_name}' and tags.stage = '{stage}' and tags.kind = 'stage'")
-        if found:
+        if found and not new_attempt:
             finished = found.data.tags.get("stage_status") == "finished"
-            if not finished and found.info.status != "RUNNING":
+            failed = found.data.tags.get("stage_status") == "failed"
+            if not (finished or failed) and found.info.status != "RUNNING":
                 self.client.update_run(found.info.run_id, status="RUNNING")
-            return StageRun(found.info.run_id, finished, found.data.tags.get("checkpoint"))
-        run = self.client.create_run(
-            self.experiment_id, run_name=f"{run_name}/{stage}",
-            tags=dict(tags, plan_run=run_name, stage=stage, kind="stage", **{"mlflow.parentRunId": parent_id}),
-        )
+            return StageRun(found.info.run_id, finished, found.data.tags.get("checkpoint"), dict(found.data.tags))
+        attempt = int(found.data.tags.get("attempt", "1")) + 1 if found else 1
+        suffix = "" if attempt == 1 else f" (attempt {attempt})"
+        all_tags = dict(tags, plan_run=run_name, stage=stage, kind="stage", attempt=str(attempt),
+                        **{"mlflow.parentRunId": parent_id})
+        run = self.client.create_run(self.experiment_id, run_name=f"{run_name}/{stage}{suffix}", tags=all_tags)
         self._log_params(run.info.run_id, params)
-        return StageRun(run.info.run_id, False, None)
+        return StageRun(run.info.run_id, False, None, all_tags)
 
     def _log_params(self, run_id: str, params: dict) -> None:
         from mlflow.entities import Param
@@ -128,17 +140,23 @@ class Tracker:
         self.client.set_tag(run_id, "stage_status", "finished")
         self.client.set_terminated(run_id, "FINISHED")
 
-    def fail(self, run_id: str, reason: str) -> None:
+    def fail(self, run_id: str, reason: str, tags: dict | None = None) -> None:
+        """Mark a stage run FAILED with the reason (and `stage_status=failed` when given in
+        `tags`, for training failures a rerun must not repeat); nothing is registered."""
+        for key, value in (tags or {}).items():
+            self.client.set_tag(run_id, key, str(value)[:5000])
         self.client.set_tag(run_id, "failure", reason[:5000])
         self.client.set_terminated(run_id, "FAILED")
 
-    def finish_parent(self, run_id: str, metrics: dict) -> None:
+    def finish_parent(self, run_id: str, metrics: dict, status: str = "FINISHED", tags: dict | None = None) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         if metrics:
             self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
-        self.client.set_terminated(run_id, "FINISHED")
+        for key, value in (tags or {}).items():
+            self.client.set_tag(run_id, key, str(value)[:5000])
+        self.client.set_terminated(run_id, status)
 
     def log_model(self, run_id: str, model, registered_name: str | None = None) -> None:
         """The trained net as an MLflow PyTorch model (loadable with mlflow.pytorch.load_model),
@@ -179,6 +197,16 @@ class MetricsLogger:
         self.uri, self.run_id = uri, run_id
         self.pending: list = []
         self._client = _client(uri) if self.enabled else None
+
+    def last_step(self, metric: str) -> int | None:
+        """The highest step logged for `metric` in the run (None: none, or unreachable)."""
+        if not self.enabled:
+            return None
+        try:
+            history = self._client.get_metric_history(self.run_id, metric)
+        except Exception:  # noqa: BLE001 - an unreachable server must not stop training
+            return None
+        return max((m.step for m in history), default=None)
 
     def log(self, metrics: dict, step: int) -> None:
         if not self.enabled:

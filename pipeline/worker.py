@@ -23,27 +23,45 @@ CHECKPOINT_FILE = "state.pt"
 
 
 class MlflowEpochMetrics(ray.train.UserCallback):
-    """Logs rank 0's per-epoch metrics to the stage's MLflow run.
+    """Logs rank 0's reports to the stage's MLflow run: per-epoch metrics with the epoch
+    as step, and the per-interval records each report carries (`step/train_loss`,
+    `step/lr`, `step/images_per_sec`, `step/data_wait_fraction`) with the global step as
+    step, so the UI's charts show the curve inside epochs and across a resumed stage.
 
     Runs in the Ray Train controller, which Ray pins to the driver's node: on a
     cluster that is the head, where MLflow listens on 127.0.0.1, so workers never
-    need a route to the tracking server. Sends that fail are buffered and retried."""
+    need a route to the tracking server. Sends that fail are buffered and retried.
+    A record is only reported with the checkpoint after it, so a resumed worker
+    redoes exactly the records that were lost with it; records at or below the last
+    step already in the run are dropped, so a resumed driver adds no duplicates."""
 
     def __init__(self, tracking_uri: str | None, run_id: str | None):
         self.tracking_uri, self.run_id = tracking_uri, run_id
         self._logger = None
+        self._last_step = None
 
     def after_report(self, run_context, metrics, checkpoint):
         from pipeline.tracking import MetricsLogger
 
         if self._logger is None:
             self._logger = MetricsLogger(self.tracking_uri, self.run_id, enabled=True)
+            self._last_step = self._logger.last_step(STEP_METRIC)
         rank0 = dict(metrics[0])
+        for record in rank0.pop("step_log", None) or []:
+            record = dict(record)
+            step = int(record.pop("step"))
+            if self._last_step is not None and step <= self._last_step:
+                continue
+            self._logger.log({f"step/{k}": v for k, v in record.items()}, step=step)
+            self._last_step = step
         if "val_top1_error" not in rank0:
-            return  # a mid-epoch checkpoint: nothing to plot
+            return  # a mid-epoch checkpoint or a failure inside an epoch: no epoch figures
         epoch = int(rank0.pop("epoch"))
         rank0.pop("step", None)
-        self._logger.log(rank0, step=epoch)
+        self._logger.log({k: v for k, v in rank0.items() if isinstance(v, (int, float))}, step=epoch)
+
+
+STEP_METRIC = "step/train_loss"
 
 
 def say(message: str) -> None:
@@ -73,11 +91,15 @@ def _epochs(recipe, train_images: int) -> int:
     return min(recipe.epochs, math.ceil(recipe.max_iterations * 256 / max(train_images, 1)))
 
 
-def train_loop_per_worker(config: dict) -> None:
+def train_loop_per_worker(config: dict) -> dict | None:
+    """Train one stage on this worker. Returns (on rank 0) None when the stage finished,
+    or {"kind": "stalled" | "diverged", "epoch": n, "reason": ...} when it must FAIL:
+    a training failure is not a crash, so it is not retried from a checkpoint."""
     import ray.train.torch
 
     from pipeline.data import DatasetInfo, eval_loader, train_loader, train_steps
-    from pipeline.engine import PlateauSchedule, evaluate, make_optimizer, train_one_epoch
+    from pipeline.engine import (LrSchedule, NonFiniteLoss, effective_lr, evaluate, make_optimizer, stall_reason,
+                                 train_one_epoch)
     from pipeline.models import build_model, init_from
 
     _quiet_ray_train_info()
@@ -89,6 +111,8 @@ def train_loop_per_worker(config: dict) -> None:
     gpu = device.type == "cuda"
     torch.set_num_threads(max(1, int(stage.resources.cpus_per_worker)))
     torch.manual_seed(recipe.seed)  # same init on every rank (DDP also broadcasts rank 0's)
+    if gpu:
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest conv algorithms once
 
     info = DatasetInfo.load(data.root)
     model = build_model(stage.arch, num_classes=info.num_classes, width_mult=recipe.width_mult,
@@ -101,21 +125,22 @@ def train_loop_per_worker(config: dict) -> None:
         model.load_state_dict(state["model"])
     elif config.get("init_checkpoint") is not None:
         source = _load_state(config["init_checkpoint"])["model"]
-        layers = stage.init_from.layers
+        layers = config.get("init_layers") or stage.init_from.layers
         if layers == "all":
             model.load_state_dict(source)
         else:
             init_from(model, source, layers)
     if gpu and recipe.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    net = ray.train.torch.prepare_model(model)
+    # Gradients as views of DDP's buckets: no copy into the buckets, less memory.
+    net = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"gradient_as_bucket_view": True})
     if recipe.compile:
         net = torch.compile(net)
 
     per_worker = max(1, recipe.batch_size // world)
     optimizer = make_optimizer(net, recipe.optim, per_worker * world)
-    schedule = PlateauSchedule(optimizer, recipe.optim)
     steps = train_steps(info, data.train_split, per_worker, world)
+    schedule = LrSchedule(optimizer, recipe.optim, steps, effective_lr(recipe.optim, per_worker * world))
     start_epoch, start_step = 0, 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -134,21 +159,36 @@ def train_loop_per_worker(config: dict) -> None:
     tag = f"[{stage.name}]"
     if rank == 0:
         how = (f"resumed at epoch {start_epoch + 1} step {start_step}" if state is not None else
+               f"initialised from {config['init_from_label']}" if config.get("init_from_label") else
                f"initialised from {stage.init_from.stage}" if stage.init_from else f"{recipe.init} init")
+        warm = f", {recipe.optim.warmup_epochs:g} warmup epochs" if recipe.optim.warmup_epochs else ""
         say(f"{tag} {stage.arch} S={stage.scale_label} on {world} worker(s), {device}; {how}; "
-            f"{epochs} epochs x {steps} steps of {per_worker * world}")
+            f"{epochs} epochs x {steps} steps of {per_worker * world}, lr {schedule.base_lr:.3g}{warm}")
+    pending_steps: list[dict] = []  # per-interval records not yet reported
 
-    def save_and_report(metrics: dict, epoch: int, step: int) -> None:
-        """Every rank reports (Ray Train needs it); rank 0 attaches the checkpoint."""
+    def report(metrics: dict, epoch: int, step: int, checkpoint: bool = True) -> None:
+        """Every rank reports (Ray Train needs it); rank 0 attaches the checkpoint and the
+        step records since its last report."""
         with tempfile.TemporaryDirectory() as tmp:
             if rank != 0:
                 ray.train.report(metrics)
                 return
-            torch.save({"model": {k.removeprefix("module."): v for k, v in net.state_dict().items()},
+            metrics = dict(metrics, step_log=list(pending_steps))
+            pending_steps.clear()
+            if not checkpoint:
+                ray.train.report(metrics)
+                return
+            torch.save({"model": {k.removeprefix("module.").removeprefix("_orig_mod."): v
+                                  for k, v in net.state_dict().items()},
                         "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                         "epoch": epoch, "step": step, "rng": torch.get_rng_state(), "arch": stage.arch,
                         "num_classes": info.num_classes}, Path(tmp) / CHECKPOINT_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def failed(kind: str, epoch: int, reason: str) -> dict:
+        if rank == 0:
+            say(f"{tag} FAILED ({kind}) in epoch {epoch + 1}: {reason}")
+        return {"kind": kind, "epoch": epoch + 1, "reason": reason}
 
     for epoch in range(start_epoch, epochs):
         t0 = time.monotonic()
@@ -161,25 +201,36 @@ def train_loop_per_worker(config: dict) -> None:
         skip = start_step if epoch == start_epoch else 0
         train_ld.skip(skip)
 
-        def progress(step, loss, rank_rate, epoch=epoch):
-            steps_left = steps - step + (epochs - epoch - 1) * steps
-            eta = steps_left * per_worker / max(rank_rate, 1e-9)  # every rank runs the same steps
-            say(f"{tag} epoch {epoch + 1}/{epochs} step {step}/{steps} loss {loss:.4f} "
-                f"{rank_rate * world:.0f} img/s ETA {eta / 60:.1f} min")
+        def progress(record, epoch=epoch):
+            if rank != 0:
+                return
+            pending_steps.append(dict(record, step=epoch * steps + record["step"]))
+            rate = record["images_per_sec"]
+            steps_left = steps - record["step"] + (epochs - epoch - 1) * steps
+            eta = steps_left * per_worker * world / max(rate, 1e-9)
+            say(f"{tag} epoch {epoch + 1}/{epochs} step {record['step']}/{steps} loss {record['train_loss']:.4f} "
+                f"lr {record.get('lr', schedule.lr):.3g} {rate:.0f} img/s ETA {eta / 60:.1f} min")
 
         def step_checkpoint(step, epoch=epoch):
-            every = recipe.checkpoint_every_steps
-            if every and step % every == 0 and step < steps:
-                save_and_report({"epoch": epoch, "step": step}, epoch, step)
+            if step < steps:
+                report({"epoch": epoch, "step": step}, epoch, step)
 
-        stats = train_one_epoch(net, train_ld, optimizer, device, precision=recipe.precision,
-                                channels_last=gpu and recipe.channels_last, grad_clip=recipe.optim.grad_clip,
-                                log_every=recipe.log_every_steps if rank == 0 else 0, on_log=progress,
-                                on_step=step_checkpoint, start_step=skip, where=f"{tag} epoch {epoch + 1}: ")
+        try:
+            stats = train_one_epoch(net, train_ld, optimizer, device, precision=recipe.precision,
+                                    channels_last=gpu and recipe.channels_last, grad_clip=recipe.optim.grad_clip,
+                                    log_every=recipe.log_every_steps, on_log=progress,
+                                    checkpoint_every=recipe.checkpoint_every_steps, on_checkpoint=step_checkpoint,
+                                    lr_at=lambda s, epoch=epoch: schedule.lr_at(epoch * steps + s),
+                                    start_step=skip, where=f"{tag} epoch {epoch + 1}: ")
+        except NonFiniteLoss as exc:
+            # Every rank raises at the same sync point (the check is a collective). The
+            # bad weights are never checkpointed; the records up to the explosion are.
+            report({"epoch": epoch}, epoch, 0, checkpoint=False)
+            return failed("diverged", epoch, str(exc))
         del train_ld  # frees the epoch's DALI pipeline before the next one is built
         lr = schedule.lr
         val = evaluate(net, val_ld, device, precision=recipe.precision)
-        schedule.step(val["top1_error"])
+        decision = schedule.step(val["top1_error"])
         metrics = {"epoch": epoch, "step": steps, "train_loss": stats.loss, "val_top1_error": val["top1_error"],
                    "val_top5_error": val["top5_error"], "val_loss": val["loss"], "val_images": val["images"],
                    "lr": lr, "images_per_sec": stats.images_per_sec, "data_wait_fraction": stats.data_wait_fraction,
@@ -187,23 +238,32 @@ def train_loop_per_worker(config: dict) -> None:
                    "resumed_at_step": skip}
         if rank == 0:
             say(f"{tag} epoch {epoch + 1}/{epochs}: loss {stats.loss:.4f} val top-1 {val['top1_error']:.2f}% "
-                f"top-5 {val['top5_error']:.2f}% lr {lr:.2g} {stats.images_per_sec:.0f} img/s "
-                f"data wait {100 * stats.data_wait_fraction:.0f}% ({time.monotonic() - t0:.0f}s)")
-        save_and_report(metrics, epoch, steps)
+                f"top-5 {val['top5_error']:.2f}% lr {lr:.3g} {stats.images_per_sec:.0f} img/s "
+                f"data wait {100 * stats.data_wait_fraction:.0f}% ({time.monotonic() - t0:.0f}s)"
+                + {"drop": f"; plateau: lr -> {schedule.lr:.3g}", "finish": "; plateau after the last drop: done"}
+                .get(decision, ""))
+        stalled = stall_reason(val["top1_error"], info.num_classes, epoch + 1, recipe)
+        if stalled:
+            report(metrics, epoch, steps, checkpoint=False)  # the epoch's figures, not its weights
+            return failed("stalled", epoch, stalled)
+        report(metrics, epoch, steps)
         if epoch == epochs - 1 or schedule.finished:
             break
+    return None
 
 
 @dataclass(frozen=True)
 class StageOutcome:
-    checkpoint: object  # ray.train.Checkpoint of the last epoch
-    metrics: dict
+    checkpoint: object  # ray.train.Checkpoint of the last epoch (after a failure: the last good one, or None)
+    metrics: dict  # those reported with that checkpoint
+    failure: dict | None = None  # {"kind", "epoch", "reason"} when training failed (stalled, diverged)
 
 
 def fit_stage(stage, data, *, trial_name: str, storage: str, tracking_uri: str | None, mlflow_run_id: str | None,
-              init_checkpoint=None) -> StageOutcome:
+              init_checkpoint=None, init_layers=None, init_from_label: str | None = None) -> StageOutcome:
     """Train one stage with Ray Train. Reusing `trial_name` under the same `storage`
-    resumes that stage from its last checkpoint."""
+    resumes that stage from its last checkpoint. `init_layers` overrides the stage's
+    `init_from.layers` (a retry fine-tunes "all" of a failed attempt's last good weights)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -211,7 +271,8 @@ def fit_stage(stage, data, *, trial_name: str, storage: str, tracking_uri: str |
     per_worker = {"CPU": res.cpus_per_worker} | ({"GPU": 1} if res.use_gpu else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=dict(stage=stage, data=data, init_checkpoint=init_checkpoint),
+        train_loop_config=dict(stage=stage, data=data, init_checkpoint=init_checkpoint, init_layers=init_layers,
+                               init_from_label=init_from_label),
         scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                      resources_per_worker=per_worker),
         run_config=RunConfig(name=trial_name, storage_path=storage,
@@ -220,9 +281,10 @@ def fit_stage(stage, data, *, trial_name: str, storage: str, tracking_uri: str |
                              callbacks=[MlflowEpochMetrics(tracking_uri, mlflow_run_id)]),
     )
     result = trainer.fit()
-    if result.checkpoint is None:
+    failure = result.return_value if isinstance(result.return_value, dict) else None
+    if failure is None and result.checkpoint is None:
         raise RuntimeError(f"stage {stage.name}: Ray Train finished without a checkpoint")
-    return StageOutcome(result.checkpoint, dict(result.metrics or {}))
+    return StageOutcome(result.checkpoint, dict(result.metrics or {}), failure)
 
 
 def checkpoint_uri(checkpoint) -> str:

@@ -45,8 +45,24 @@ def test_train_dry_run_prints_the_papers_order():
     out = run(["train", "--plan", "pipeline/plans/paper.yaml", "--dry-run"])
     assert out.returncode == 0
     lines = [line.split(":")[0] for line in out.stdout.splitlines()]
-    assert lines[0] == "A" and lines.index("D-256") < lines.index("D-384") < lines.index("D-multi")
-    assert "D-384: D S=384 <- D-256" in out.stdout
+    assert lines[0] == "plan paper, recipe" and "recipe: paper\n" in out.stdout
+    assert lines[1] == "A" and lines.index("D-256") < lines.index("D-384") < lines.index("D-multi")
+    assert "D-384: D S=384 <- D-256" in out.stdout and "warmup" not in out.stdout
+
+
+def test_paper_fast_is_the_paper_plan_at_batch_2048_with_warmup_and_says_so():
+    from pipeline.engine import effective_lr
+    from pipeline.stages import PLANS_DIR, load_plan
+
+    paper, fast = load_plan(PLANS_DIR / "paper.yaml"), load_plan(PLANS_DIR / "paper-fast.yaml")
+    assert list(fast.stages) == list(paper.stages) and fast.experiment == "vgg-paper-fast"
+    a = fast.stages["A"].recipe
+    assert a.batch_size == 2048 and a.optim.warmup_epochs == 5 and effective_lr(a.optim, 2048) == 0.08
+    assert fast.stages["D-384"].recipe.optim.lr == 0.001  # per-stage overrides of the base plan survive
+    assert "deviation from the paper: global batch 2048" in fast.recipe_label and paper.recipe_label == "paper"
+    out = run(["train", "--plan", "pipeline/plans/paper-fast.yaml", "--dry-run"])
+    assert out.returncode == 0 and "deviation from the paper" in out.stdout
+    assert "A: A S=256, 74 epochs, batch 2048, lr 0.01, warmup 5 epochs" in out.stdout
 
 
 @pytest.mark.slow

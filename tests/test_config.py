@@ -64,6 +64,8 @@ def test_overrides_dotted_and_shorthand(tmp_path):
         ("resources.num_workers=two", r"resources\.num_workers: expected int"),
         ("stages.B.init_from.layers=all", r"'all' needs the same config"),
         ("bogus=1", r"bogus: unknown key"),
+        ("optim.warmup_epochs=-1", r"warmup_epochs must be 0 \(off\) or positive"),
+        ("optim.patience=0", r"optim\.patience must be at least 1"),
         ("noequals", r"expected KEY=VALUE"),
     ],
 )
@@ -100,3 +102,37 @@ def test_invalid_plan_fails_before_ray_or_mlflow(tmp_path, capsys, monkeypatch):
     assert "stages.B.arch" in capsys.readouterr().err
     assert not ray.is_initialized()
     assert not db.exists()  # MLflow was never touched
+
+
+@pytest.mark.parametrize("arch, crop, valid, near", [
+    ("A", 56, False, "32 or 64"),  # the last pool would floor 1.75 cells to 1
+    ("D", 100, False, "96 or 128"),
+    ("E", 224, True, ""),
+    ("A", 64, True, ""),
+    # VGG-F/M/S pool with Caffe's ceil rounding: no pool drops input, and conv1's stride-4
+    # remainder at 224 (one border pixel, as in Chatfield et al.'s own nets) is tolerated.
+    ("F", 224, True, ""),
+    ("M", 200, True, ""),
+])
+def test_crop_must_fit_the_nets_strides(tmp_path, arch, crop, valid, near):
+    path = write(tmp_path, f"name: c\ndata: {{root: /x}}\nrecipe: {{crop: {crop}}}\n"
+                           f"stages: {{N: {{arch: {arch}, scale: 256}}}}\n")
+    if valid:
+        assert load_plan(path).stages["N"].recipe.crop == crop
+        return
+    with pytest.raises(ConfigError, match=rf"stages\.N\.recipe\.crop: {crop} does not fit net {arch}: .*; use {near}"):
+        load_plan(path)
+
+
+def test_a_plan_may_build_on_a_base_plan(tmp_path):
+    (tmp_path / "base.yaml").write_text(textwrap.dedent(MINI))
+    variant = tmp_path / "variant.yaml"
+    variant.write_text("base: base.yaml\nname: variant\ndeviation: bigger batch\nrecipe: {batch_size: 512}\n"
+                       "stages: {B: {recipe: {epochs: 7}}}\n")
+    plan = load_plan(variant)
+    assert plan.name == "variant" and plan.deviation == "bigger batch"
+    assert plan.stages["A"].recipe.batch_size == 512 and plan.stages["A"].recipe.optim.lr == 0.05
+    assert plan.stages["B"].recipe.epochs == 7 and plan.stages["B"].init_from.stage == "A"
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\nname: loop\n")
+    with pytest.raises(ConfigError, match="base plans form a cycle"):
+        load_plan(tmp_path / "loop.yaml")

@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.engine import NonFiniteLoss, PlateauSchedule, effective_lr, evaluate, make_optimizer, train_one_epoch
+from pipeline.engine import (LrSchedule, NonFiniteLoss, effective_lr, evaluate, make_optimizer, stall_reason,
+                             train_one_epoch)
 from pipeline.models import build_model
-from pipeline.stages import Optim
+from pipeline.stages import Optim, Recipe
 
 
 def batches(n: int, classes: int = 4, side: int = 32, seed: int = 0):
@@ -30,22 +31,62 @@ def test_lr_scales_with_the_global_batch_and_biases_are_not_decayed():
     assert opt.defaults["momentum"] == 0.9
 
 
-def test_plateau_schedule_drops_three_times_then_finishes():
+def schedule(steps_per_epoch: int = 10, base_lr: float = 0.01, **optim) -> LrSchedule:
     w = nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([w], lr=0.01)
-    sched = PlateauSchedule(opt, Optim(patience=2))
+    return LrSchedule(torch.optim.SGD([w], lr=base_lr), Optim(**optim), steps_per_epoch, base_lr)
+
+
+def test_warmup_ramps_the_lr_linearly_per_step_then_holds():
+    sched = schedule(steps_per_epoch=4, base_lr=0.8, warmup_epochs=1.5, warmup_start_factor=0.25)
+    # 6 warmup steps from 0.25 x 0.8 = 0.2 up, +0.1 a step; full lr from step 6 on
+    assert [sched.apply(s) for s in range(9)] == pytest.approx([0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.8, 0.8])
+    assert sched.optimizer.param_groups[0]["lr"] == pytest.approx(0.8)
+    off = schedule(base_lr=0.8)  # warmup_epochs 0: the paper's recipe, full lr from step 0
+    assert off.apply(0) == pytest.approx(0.8)
+    # a drop scales the whole curve; the same step gives the same lr after a restore
+    sched.drops = 1
+    assert sched.lr_at(2) == pytest.approx(0.04) and sched.lr_at(100) == pytest.approx(0.08)
+    restored = schedule(steps_per_epoch=4, base_lr=0.8, warmup_epochs=1.5, warmup_start_factor=0.25)
+    restored.load_state_dict(sched.state_dict())
+    assert [restored.lr_at(s) for s in range(9)] == [sched.lr_at(s) for s in range(9)]
+
+
+def test_no_drop_before_min_epochs_after_warmup():
+    sched = schedule(patience=1, min_epochs_before_drop=4, warmup_epochs=2, cooldown=0, threshold=0.0)
+    decisions = [sched.step(80.0) for _ in range(6)]  # flat from the first epoch
+    # epochs 1-2 are warmup; epochs 3-5 are 1-3 epochs after it; the drop comes at epoch 6
+    assert decisions == [None, None, None, None, None, "drop"] and sched.drops == 1
+
+
+def test_only_improvements_beyond_the_threshold_reset_patience():
+    sched = schedule(patience=3, min_epochs_before_drop=0, cooldown=0, threshold=0.01)
     sched.step(50.0)
-    sched.step(40.0)  # improving: no drop
-    assert sched.lr == pytest.approx(0.01)
-    lrs = []
-    for _ in range(8):  # flat from here on: a drop every 2 epochs, at most 3
-        sched.step(40.0)
-        lrs.append(sched.lr)
-    assert lrs[:6] == pytest.approx([0.01, 1e-3, 1e-3, 1e-4, 1e-4, 1e-5])
-    assert sched.drops == 3 and sched.finished
-    restored = PlateauSchedule(opt, Optim(patience=2))
+    # creeping by less than 1% of the best (50 -> 49.5 is the bar): no reset; a drop at the third
+    assert [sched.step(e) for e in (49.8, 49.6, 49.55)] == [None, None, "drop"]
+    sched2 = schedule(patience=3, min_epochs_before_drop=0, cooldown=0, threshold=0.01)
+    sched2.step(50.0)
+    assert [sched2.step(e) for e in (49.0, 48.0, 47.0)] == [None, None, None]  # 2% a step: real progress
+
+
+def test_cooldown_then_max_drops_then_finish():
+    sched = schedule(patience=2, min_epochs_before_drop=0, cooldown=2, threshold=0.0, max_drops=2)
+    sched.step(40.0)
+    decisions = [sched.step(40.0) for _ in range(12)]
+    # drop after 2 flat epochs, 2 cooldown epochs unjudged, 2 flat, drop, 2 cooldown, 2 flat: finish
+    assert decisions[:10] == [None, "drop", None, None, None, "drop", None, None, None, "finish"]
+    assert sched.finished and sched.drops == 2 and sched.lr == pytest.approx(1e-4)
+    restored = schedule()
     restored.load_state_dict(sched.state_dict())
     assert restored.state_dict() == sched.state_dict()
+
+
+def test_stall_rule_counts_epochs_after_warmup_and_names_the_figures():
+    recipe = Recipe(stall_epochs=2, chance_margin=2.0, optim=Optim(warmup_epochs=1.5))
+    assert stall_reason(89.0, 10, 3, recipe) is None  # 2 warmup epochs + 1: too early to judge
+    why = stall_reason(89.0, 10, 4, recipe)
+    assert why and "89.00%" in why and "90.00% for 10 classes" in why and "4 epochs" in why
+    assert stall_reason(87.9, 10, 4, recipe) is None  # more than 2 points below chance: learning
+    assert stall_reason(99.0, 10, 40, Recipe(stall_epochs=0)) is None  # 0: off
 
 
 class Exploding(nn.Module):
@@ -61,21 +102,32 @@ class Exploding(nn.Module):
         return out * float("nan") if self.calls > self.good else out
 
 
-def test_non_finite_loss_stops_the_epoch_naming_the_step():
+def test_non_finite_loss_stops_at_the_next_sync_naming_the_steps_and_before_a_checkpoint():
     model = Exploding(good=3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(NonFiniteLoss, match=r"\[A\] epoch 2: loss is nan at step 3"):
-        train_one_epoch(model, batches(6), opt, torch.device("cpu"), log_every=0, where="[A] epoch 2: ")
-    # the three good steps were applied, the bad one was not
-    assert torch.isfinite(model.fc.weight).all()
+    saved = []
+    with pytest.raises(NonFiniteLoss, match=r"\[A\] epoch 2: loss became non-finite between steps 3 and 4"):
+        train_one_epoch(model, batches(8), opt, torch.device("cpu"), log_every=2, where="[A] epoch 2: ",
+                        checkpoint_every=4, on_checkpoint=saved.append)
+    assert saved == []  # the checkpoint at step 4 comes after the sync that caught the NaN
+    assert model.calls == 4  # stopped at the sync after step 4, not at the end of the epoch
 
 
-def test_resumed_epoch_numbers_steps_from_the_checkpoint():
+def test_sync_points_log_interval_figures_and_resumed_steps_count_on():
     model = build_model("A", num_classes=4, width_mult=0.125, input_size=32, init="kaiming")
     opt = make_optimizer(model, Optim(lr=0.01), 4)
-    seen = []
-    stats = train_one_epoch(model, batches(4), opt, torch.device("cpu"), log_every=0, on_step=seen.append,
-                            start_step=6)
-    assert seen == [7, 8, 9, 10] and stats.steps == 4 and stats.images == 16
+    records, saved, lrs = [], [], []
+    stats = train_one_epoch(model, batches(5), opt, torch.device("cpu"), log_every=2, on_log=records.append,
+                            checkpoint_every=3, on_checkpoint=saved.append, start_step=6,
+                            lr_at=lambda s: lrs.append(s) or 0.001 * s)
+    assert lrs == [6, 7, 8, 9, 10] and opt.param_groups[0]["lr"] == pytest.approx(0.010)
+    assert saved == [9] and stats.steps == 5 and stats.images == 20
+    # steps 7-11 run; syncs after 8 (log), 9 (checkpoint), 10 (log) and 11 (the epoch's end)
+    assert [r["step"] for r in records] == [8, 9, 10, 11] == [r["step"] for r in stats.step_log]
+    assert [r["lr"] for r in records] == pytest.approx([0.007, 0.008, 0.009, 0.010])  # each interval's last
+    assert all(r["train_loss"] > 0 and r["images_per_sec"] > 0 and 0 <= r["data_wait_fraction"] <= 1
+               for r in records)
+    per_step = [r["train_loss"] for r in records]
+    assert stats.loss == pytest.approx((per_step[0] * 2 + sum(per_step[1:])) / 5)  # intervals of 2, 1, 1, 1
     result = evaluate(model, batches(3), torch.device("cpu"))
     assert result["images"] == 12 and 0 <= result["top1_error"] <= 100

@@ -24,18 +24,23 @@ def test_report_puts_our_numbers_beside_the_papers():
         "single_Q384/top1_error": 26.0, "single_Q384/top5_error": 8.4,
         "dense_Q256-384-512/top1_error": 25.1, "dense_Q256-384-512/top5_error": 7.9,
         "multicrop_Q256-384-512/top1_error": 24.9, "multicrop_Q256-384-512/top5_error": 7.7})
-    tiny = StageRow("A", "A", "72", "r2", {"single_Q72/top1_error": 3.0, "single_Q72/top5_error": 0.0})
+    d.recipe = "paper; global batch 256, lr 0.01 at batch 256, no warmup"
+    tiny = StageRow("A", "A", "72", "r2", {"single_Q72/top1_error": 3.0, "single_Q72/top5_error": 0.0},
+                    "demo; global batch 32")
     md = render("exp", [d, tiny], [{"name": "ens", "member_stages": "D_jit,E_jit", "protocol": "dense_Q256-384-512",
                                     "top1": 24.2, "top5": 7.2}])
-    assert "| D | [256,512] | 25.6 / 8.1 | 26.00 / 8.40 (single_Q384) |" in md
-    assert "| D | [256,512] | 24.8 / 7.5 | 25.10 / 7.90 (dense_Q256-384-512) |" in md
-    assert "| D | [256,512] | multicrop | 24.6 / 7.5 | 24.90 / 7.70 (multicrop_Q256-384-512) |" in md
+    assert "| D | [256,512] | 25.6 / 8.1 | 26.00 / 8.40 (single_Q384) [R1] |" in md
+    assert "| D | [256,512] | 24.8 / 7.5 | 25.10 / 7.90 (dense_Q256-384-512) [R1] |" in md
+    assert "| D | [256,512] | multicrop | 24.6 / 7.5 | 24.90 / 7.70 (multicrop_Q256-384-512) [R1] |" in md
     assert "| D | [256,512] | dense+multicrop | 24.4 / 7.2 | not evaluated |" in md
-    assert "| A (stage A) | 72 | - | 3.00 / 0.00 (single_Q72) |" in md
+    assert "| A (stage A) | 72 | - | 3.00 / 0.00 (single_Q72) [R2] |" in md
     assert "| A (stage A) | 72 | - | not evaluated |" in md  # no dense result for it: said, not invented
-    assert "| ens (D_jit,E_jit) | - | 24.20 / 7.20 (dense_Q256-384-512) |" in md
+    # every number of ours names its recipe; an ensemble's are its members'
+    assert "| ens (D_jit,E_jit) | - | 24.20 / 7.20 (dense_Q256-384-512) [R1] |" in md
+    assert "| R1 | paper; global batch 256, lr 0.01 at batch 256, no warmup |" in md
+    assert "| R2 | demo; global batch 32 |" in md
     page = markdown_to_html(md, "exp")
-    assert page.count("<table>") == 4 and "<td>26.00 / 8.40 (single_Q384)</td>" in page
+    assert page.count("<table>") == 5 and "<td>26.00 / 8.40 (single_Q384) [R1]</td>" in page
 
 
 def _post(probs, labels=(0, 1, 2, 0)):

@@ -25,8 +25,15 @@ def write_plan(tmp_path: Path, shards: Path, epochs: int, max_failures: int, che
     return tiny_plan(tmp_path, shards, name="crash", experiment="crash-test", max_failures=max_failures,
                      stages={"A": {"arch": "A", "scale": 36},
                              "B": {"arch": "B", "scale": 36, "init_from": {"stage": "A"}, "recipe": {"epochs": 1}}},
-                     epochs=epochs, batch_size=8, checkpoint_every_steps=checkpoint_every,
+                     epochs=epochs, batch_size=8, checkpoint_every_steps=checkpoint_every, log_every_steps=4,
                      optim={"lr": 0.05, "patience": 50})
+
+
+def step_records(epochs: int, checkpoint_every: int) -> list[int]:
+    """Global steps of the per-interval records: every 4 steps, at mid-epoch checkpoints
+    and at each epoch's end (144 images / global batch 8 = 18 steps an epoch)."""
+    marks = set(range(4, 18, 4)) | ({5, 10, 15} if checkpoint_every else set()) | {18}
+    return sorted(e * 18 + m for e in range(epochs) for m in marks)
 
 
 def wait_for(predicate, timeout: float, what: str):
@@ -118,6 +125,11 @@ def test_killed_worker_resumes_from_its_checkpoint(tmp_path, shards, ray_cluster
     assert steps_seen & {5, 10, 15} and 18 in steps_seen, steps_seen
     _, at_step = stage_history(mlflow_uri, "crash-test", "A", "resumed_at_step")
     assert {m.value for m in at_step} <= {0, 5, 10, 15}
+    # per-step curves: every record once, at its global step, across the kill and resume
+    _, per_step = stage_history(mlflow_uri, "crash-test", "A", "step/train_loss")
+    assert [m.step for m in sorted(per_step, key=lambda m: m.step)] == step_records(8, 5)
+    _, lrs = stage_history(mlflow_uri, "crash-test", "A", "step/lr")
+    assert len(lrs) == len(per_step) and all(m.value == pytest.approx(0.05 * 8 / 256) for m in lrs)
 
 
 def test_killed_driver_is_resumed_by_rerunning_the_same_command(tmp_path, shards, mlflow_uri):
@@ -144,6 +156,8 @@ def test_killed_driver_is_resumed_by_rerunning_the_same_command(tmp_path, shards
     runs, history = stage_history(mlflow_uri, "crash-test", "A", "train_loss")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert sorted({m.step for m in history}) == list(range(6))
+    _, per_step = stage_history(mlflow_uri, "crash-test", "A", "step/train_loss")
+    assert [m.step for m in sorted(per_step, key=lambda m: m.step)] == step_records(6, 0)  # no gap, no duplicate
     _, resumed = stage_history(mlflow_uri, "crash-test", "A", "resumed_from_epoch")
     assert max(m.value for m in resumed) >= 1
     b_runs, _ = stage_history(mlflow_uri, "crash-test", "B", "train_loss")

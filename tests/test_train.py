@@ -52,6 +52,12 @@ def test_staged_plan_on_ray_tracks_everything_and_resumes(tmp_path, shards, ray_
     for key in ("val_top1_error", "val_top5_error", "lr", "images_per_sec", "data_wait_fraction"):
         assert len(client.get_metric_history(stages["A"].info.run_id, key)) == 4, key
     assert client.get_metric_history(stages["A"].info.run_id, "val_images")[0].value == 48  # each val image once
+    # per-step curves every 2 steps (and at each epoch's end): 144 images / 16 = 9 steps an epoch
+    per_step = sorted(client.get_metric_history(stages["A"].info.run_id, "step/train_loss"), key=lambda m: m.step)
+    assert [m.step for m in per_step] == [e * 9 + s for e in range(4) for s in (2, 4, 6, 8, 9)]
+    for key in ("step/lr", "step/images_per_sec", "step/data_wait_fraction"):
+        assert len(client.get_metric_history(stages["A"].info.run_id, key)) == len(per_step), key
+    assert stages["A"].data.tags["recipe"] == "tiny; global batch 16, lr 0.05 at batch 256, no warmup"
 
     # B started from A's named tensors (conv1_1, conv2_1, conv3_1, conv3_2, fc6-fc8)
     a = load_checkpoint_model(checkpoint_from_uri(stages["A"].data.tags["checkpoint"]))["model"]

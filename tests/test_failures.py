@@ -1,0 +1,88 @@
+"""A stage that cannot learn FAILS, everywhere a user looks: exit status, MLflow run
+status, the registry, the results table. Real Ray Train (2 gloo workers), real DALI,
+real MLflow; the failures are real: an lr of ~0 leaves the net at chance, an lr of
+1000 makes the loss non-finite within a few steps."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from services import tiny_plan
+
+from pipeline.cli import main as cli_main
+
+pytestmark = pytest.mark.slow
+
+
+def stage_runs(client, experiment: str) -> dict[str, list]:
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], "tags.kind = 'stage'", order_by=["attributes.start_time ASC"])
+    out: dict[str, list] = {}
+    for r in runs:
+        out.setdefault(r.data.tags["stage"], []).append(r)
+    return out
+
+
+def test_stalled_and_diverged_stages_fail_and_a_fixed_recipe_fine_tunes_from_the_last_good_checkpoint(
+        tmp_path, shards, ray_cluster, mlflow_uri, monkeypatch, capsys):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    plan = tiny_plan(tmp_path, shards, name="fail", experiment="fail-test", epochs=3, log_every_steps=1,
+                     optim={"lr": 1.0e-9, "patience": 50}, stall_epochs=2, chance_margin=30.0,
+                     stages={"A": {"arch": "A", "scale": 36},  # lr ~0: still at chance after 2 epochs
+                             "B": {"arch": "B", "scale": 36, "init_from": {"stage": "A"}, "recipe": {"epochs": 1}},
+                             "X": {"arch": "A", "scale": 36, "recipe": {"optim": {"lr": 1000.0}}}})  # diverges
+    argv = ["train", "--plan", str(plan), "--run-name", "fail-1"]
+    assert cli_main(argv) == 1
+    out = capsys.readouterr()
+    assert "stage A FAILED (stalled) in epoch 2: validation top-1 error" in out.err
+    assert "of chance (83.33% for 6 classes)" in out.err and "Nothing was registered" in out.err
+    assert "stage X FAILED (diverged) in epoch 1: [X] epoch 1: loss became non-finite between steps" in out.err
+    assert "not started: B (A failed)" in out.err and "add --run-name fail-1: finished stages are kept" in out.err
+    assert "X failed before its first checkpoint" not in out.err and "no good weights to keep" in out.err
+    table = [line for line in out.out.splitlines() if line.startswith("| ")]
+    assert any("| A " in r and "FAILED (STALLED)" in r for r in table)
+    assert any("| B " in r and "NOT STARTED" in r for r in table)
+
+    client = MlflowClient(mlflow_uri)
+    runs = stage_runs(client, "fail-test")
+    assert set(runs) == {"A", "X"}  # B never started, so it has no run
+    (a,), (x,) = runs["A"], runs["X"]
+    for run, kind in ((a, "stalled"), (x, "diverged")):
+        assert run.info.status == "FAILED" and run.data.tags["stage_status"] == "failed"
+        assert run.data.tags["failure_kind"] == kind and f"FAILED ({kind})" in run.data.tags["failure"]
+    assert a.data.tags["failure_epoch"] == "2"
+    last_good = a.data.tags["last_good_checkpoint"]
+    assert (Path(last_good) / "state.pt").is_file()  # epoch 1's checkpoint; epoch 2's weights were not saved
+    assert x.data.tags["last_good_checkpoint"] == "none"  # it diverged before its first checkpoint
+    # the failing epoch's figures are in MLflow; so are the step records up to the explosion
+    assert [m.step for m in client.get_metric_history(a.info.run_id, "val_top1_error")] == [0, 1]
+    steps = client.get_metric_history(x.info.run_id, "step/train_loss")
+    assert steps and all(math.isfinite(m.value) for m in steps)
+    assert [m.step for m in steps] == list(range(1, len(steps) + 1))
+    parent = client.search_runs([client.get_experiment_by_name("fail-test").experiment_id], "tags.kind = 'plan'")[0]
+    assert parent.info.status == "FAILED" and parent.data.tags["failed_stages"] == "A, X"
+    assert parent.data.tags["not_started_stages"] == "B (A failed)"
+    assert client.search_registered_models() == []  # no version of a failed net
+
+    # The same command again would repeat the failure: refused at once, nothing new trained.
+    assert cli_main(argv) == 1
+    assert "already FAILED (stalled) in plan run fail-1 with this same recipe" in capsys.readouterr().out
+    assert {k: len(v) for k, v in stage_runs(client, "fail-test").items()} == {"A": 1, "X": 1}
+
+    # A fixed recipe under the same plan run: A fine-tunes from its last good checkpoint in
+    # a new MLflow run (the failed attempt stays as it was), B follows, X starts afresh.
+    fixed = ["--set", "optim.lr=0.05", "--set", "stages.X.recipe.optim.lr=0.05", "--set", "recipe.stall_epochs=0"]
+    assert cli_main(argv + fixed) == 0, capsys.readouterr()
+    runs = stage_runs(client, "fail-test")
+    a_failed, a2 = runs["A"]
+    assert a_failed.info.run_id == a.info.run_id and a_failed.info.status == "FAILED"
+    assert a2.info.status == "FINISHED" and a2.data.tags["attempt"] == "2"
+    assert a2.data.tags["retry_of"] == a.info.run_id and a2.data.tags["init_checkpoint"] == last_good
+    assert a2.data.params["recipe.optim.lr"] == "0.05"
+    assert runs["B"][0].info.status == "FINISHED" and runs["X"][-1].info.status == "FINISHED"
+    assert "init_checkpoint" not in runs["X"][-1].data.tags
+    assert {m.name for m in client.search_registered_models()} == {"fail-test-A", "fail-test-B"}
