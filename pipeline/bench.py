@@ -193,13 +193,17 @@ def bench_train(arch: str, shards: str | None = None, device: str = "cpu", batch
 def main(args) -> int:
     import sys
 
+    if args.what == "gpu":
+        from pipeline.gpubench import run
+
+        return run(args.shards, args.seconds, args.out, args.device, args.workdir, args.command)
     if args.what == "train":
         result = bench_train(args.arch, args.shards, args.device, args.batch_size, args.seconds, args.width_mult,
                              args.crop, tuple(args.scale), args.precision, args.compile, args.threads)
     else:
         result = bench_loader(args.shards, args.device, args.batch_size, args.seconds, tuple(args.scale),
                               args.crop, args.threads)
-    result.update(command="python -m pipeline " + " ".join(sys.argv[1:]), date=time.strftime("%Y-%m-%d"),
+    result.update(command=args.command, date=time.strftime("%Y-%m-%d"),
                   machine=f"{platform.node()} ({os.cpu_count()} cores)",
                   versions={"torch": torch.__version__, "dali": __import__("nvidia.dali").dali.__version__})
     print(json.dumps(result))

@@ -241,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-log", action="store_true", help="do not log the report to MLflow")
     r.set_defaults(func=cmd_report)
 
-    b = sub.add_parser("bench", help="benchmarks: `bench loader` (DALI vs webdataset+PIL), `bench train` (net images/s, data wait)")
+    b = sub.add_parser("bench", help="benchmarks: `bench loader` (DALI vs webdataset+PIL), `bench train` (net images/s, "
+                                     "data wait), `bench gpu` (the one-command GPU check)")
     bsub = b.add_subparsers(dest="what", required=True, metavar="WHAT")
     bl = bsub.add_parser("loader", help="training-pipeline images/s vs webdataset + PIL + DataLoader, same run")
     bl.add_argument("--shards", required=True, help="glob of one split's tars, e.g. 'shards/train/*.tar'")
@@ -269,6 +270,16 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--out", help="also write the JSON here, e.g. bench/results/train-cpu.json")
     bt.set_defaults(func=cmd_bench)
 
+    bg = bsub.add_parser("gpu", help="the whole GPU check in one command: DALI GPU vs CPU, loaders, VGG-16 training "
+                                     "and evaluation throughput (no Ray, no MLflow)")
+    bg.add_argument("--shards", help="glob of a train split's tars (default: make ImageNet-like JPEGs here)")
+    bg.add_argument("--seconds", type=float, help="timed seconds per measurement (default: 10 on cuda, 1 on cpu)")
+    bg.add_argument("--out", help="write the JSON here too, e.g. bench/results/gpu-h100.json")
+    bg.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                    help="cpu: the same code at tiny sizes, the GPU graphs replaced by the CPU ones")
+    bg.add_argument("--workdir", help="where the made images and shards go (default: the system temp dir)")
+    bg.set_defaults(func=cmd_bench)
+
     m = sub.add_parser("models", help="table of the model zoo: weight layers, parameters, GMACs")
     m.add_argument("configs", nargs="*", help="configs or aliases (default: all)")
     m.set_defaults(func=cmd_models)
@@ -277,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command = "python -m pipeline " + " ".join(sys.argv[1:] if argv is None else argv)  # for benchmark records
     try:
         return args.func(args)
     except ConfigError as exc:

@@ -10,6 +10,14 @@ AlexNet's PCA colour shift, and subtraction of the training mean RGB. The crop
 window is computed in source pixels and only that window is decoded and resized
 (`decoders.image_slice`): the same geometry as resize-to-S-then-crop, without
 resizing the whole image and discarding most of it (DESIGN.md measured 2.2x).
+On a GPU there is a second way to the same geometry: decode the whole image with
+`decoders.image` (which can use the A100/H100 hardware JPEG decoder; ROI decoding
+cannot) and resize the same sub-pixel window on the GPU. `decode="roi" | "whole"`
+picks one; `python -m pipeline bench gpu` times both on the machine.
+
+GPU decoders get their memory hints from the data (`decode_hints`): buffers sized for
+the split's largest image, so nvJPEG never reallocates mid-epoch, and chroma upsampled
+as libjpeg-turbo does on the CPU, so a GPU batch matches the CPU one.
 """
 
 from __future__ import annotations
@@ -59,6 +67,28 @@ class DatasetInfo:
         cov = np.asarray(self.rgb_eigvec) @ np.diag(self.rgb_eigval) @ np.asarray(self.rgb_eigvec).T
         return tuple(float(math.sqrt(max(v, 1e-6))) for v in np.diag(cov))
 
+    def decode_hints(self, split: str) -> dict:
+        """Arguments for a mixed (GPU) JPEG decoder, from the manifest's image sizes:
+        pinned host and device buffers that fit the split's largest decoded image (DALI's
+        defaults are 8 and 16 MiB, which an ImageNet outlier of 20+ MP outgrows mid-epoch,
+        costing a synchronous reallocation), and the hardware decoder's preallocation at
+        that size. Empty when the manifest has no sizes (shards written elsewhere)."""
+        path = self.root / "manifest.parquet"
+        if not path.is_file():
+            return {}
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path, columns=["split", "width", "height"])
+        table = table.filter(pc.equal(table["split"], split))
+        if table.num_rows == 0:
+            return {}
+        w, h = pc.max(table["width"]).as_py(), pc.max(table["height"]).as_py()
+        area = pc.max(pc.multiply(table["width"], table["height"])).as_py()
+        decoded = int(area) * 3
+        return {"device_memory_padding": max(16 << 20, decoded), "host_memory_padding": max(8 << 20, decoded),
+                "preallocate_width_hint": int(w), "preallocate_height_hint": int(h)}
+
     def shards(self, split: str) -> tuple[list[str], list[str]]:
         """(tar paths, index paths), sorted, so every rank sees the same list."""
         tars = sorted((self.root / split).glob("*.tar"))
@@ -95,12 +125,24 @@ def _crop_window(shape, scale, crop: int, pos_x, pos_y):
     return pos_x * (w - side), pos_y * (h - side), side
 
 
-def _decode_window(jpegs, shape, window, crop: int, gpu: bool):
-    """Decode only the pixels around the window (ROI decoding), then resize the exact
-    sub-pixel window to crop x crop. The margin gives the antialiasing filter the
-    context it has when the whole image is resized (its support is about one
-    output pixel, side / crop source pixels, each way)."""
+def _decoder_args(hints: dict | None, gpu: bool) -> dict:
+    """CPU decoders take none; GPU ones take the data's memory hints and decode chroma
+    like libjpeg-turbo (fancy upsampling), so the GPU graph reproduces the CPU one."""
+    return {"jpeg_fancy_upsampling": True, **(hints or {})} if gpu else {}
+
+
+def _decode_window(jpegs, shape, window, crop: int, gpu: bool, decode: str = "roi", hints: dict | None = None):
+    """The exact sub-pixel window resized to crop x crop. "roi": decode only the pixels
+    around the window, with a margin that gives the antialiasing filter the context it
+    has when the whole image is resized (its support is about one output pixel,
+    side / crop source pixels, each way). "whole": decode the whole image (on a GPU, the
+    hardware decoder can take it) and resize the same window out of it."""
     x, y, side = window
+    if decode == "whole":
+        images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                   **_decoder_args(hints, gpu))
+        return fn.resize(images, size=[crop, crop], antialias=True, roi_relative=False,
+                         roi_start=fn.stack(y, x), roi_end=fn.stack(y + side, x + side))
     hw = fn.cast(shape, dtype=types.FLOAT)
     margin = dmath.ceil(side / crop) + 1.0
     x0, y0 = dmath.max(dmath.floor(x - margin), 0.0), dmath.max(dmath.floor(y - margin), 0.0)
@@ -109,6 +151,7 @@ def _decode_window(jpegs, shape, window, crop: int, gpu: bool):
     images = fn.decoders.image_slice(
         jpegs, fn.stack(x0, y0), fn.stack(x1 - x0, y1 - y0), device="mixed" if gpu else "cpu",
         output_type=types.RGB, normalized_anchor=False, normalized_shape=False, axis_names="WH",
+        **_decoder_args(hints, gpu),
     )
     # roi_* follow the tensor's (H, W) order and are relative to the decoded window.
     return fn.resize(images, size=[crop, crop], antialias=True, roi_relative=False,
@@ -133,16 +176,32 @@ def _reader(info: DatasetInfo, split: str, shard_id: int, num_shards: int, train
     )
 
 
+@dataclass(frozen=True)
+class Draws:
+    """The training graph's random draws, fixed: samples in shard order, every image at
+    scale S, crop position (pos_x, pos_y) in [0, 1], mirrored or not, no colour shift.
+    For comparing the GPU graph with the CPU one on identical work."""
+
+    scale: float
+    pos_x: float = 0.5
+    pos_y: float = 0.5
+    mirror: int = 0
+
+
 @pipeline_def
 def train_pipeline(info: DatasetInfo, split: str, shard_id: int, num_shards: int, scale_range: tuple[int, int],
                    crop: int, color_shift: float, normalize_std: bool, gpu: bool, order_seed: int,
-                   shuffle_buffer: int):
-    jpegs, cls = _reader(info, split, shard_id, num_shards, True, order_seed, shuffle_buffer)
+                   shuffle_buffer: int, decode: str = "roi", draws: Draws | None = None, hints: dict | None = None):
+    jpegs, cls = _reader(info, split, shard_id, num_shards, draws is None, order_seed, shuffle_buffer)
     lo, hi = scale_range
-    scale = fn.random.uniform(range=[float(lo), float(hi) + 1e-3]) if hi > lo else float(lo)
     shape = fn.peek_image_shape(jpegs)
-    window = _crop_window(shape, scale, crop, fn.random.uniform(range=[0.0, 1.0]), fn.random.uniform(range=[0.0, 1.0]))
-    images = _decode_window(jpegs, shape, window, crop, gpu)
+    if draws is not None:
+        scale, pos_x, pos_y, mirror, color_shift = draws.scale, draws.pos_x, draws.pos_y, draws.mirror, 0.0
+    else:
+        scale = fn.random.uniform(range=[float(lo), float(hi) + 1e-3]) if hi > lo else float(lo)
+        pos_x, pos_y = fn.random.uniform(range=[0.0, 1.0]), fn.random.uniform(range=[0.0, 1.0])
+        mirror = None
+    images = _decode_window(jpegs, shape, _crop_window(shape, scale, crop, pos_x, pos_y), crop, gpu, decode, hints)
     # AlexNet's lighting noise: add eigvec @ (alpha * sqrt(eigval)), alpha ~ N(0, color_shift),
     # folded into the subtracted mean. sqrt: stats.json's eigenvalues are variances (0-255).
     # Built even when color_shift is 0 so the other random ops keep their streams.
@@ -153,7 +212,7 @@ def train_pipeline(info: DatasetInfo, split: str, shard_id: int, num_shards: int
     mean = types.Constant(np.asarray(info.mean_rgb, dtype=np.float32)) - fn.reshape(shift, shape=[3])
     out = fn.crop_mirror_normalize(
         images, mean=mean, std=list(info.std_rgb) if normalize_std else [1.0, 1.0, 1.0],
-        mirror=fn.random.coin_flip(probability=0.5), output_layout="CHW",
+        mirror=fn.random.coin_flip(probability=0.5) if mirror is None else mirror, output_layout="CHW",
         dtype=types.FLOAT16 if gpu else types.FLOAT,
     )
     return out, _label(cls, info.label_digits)
@@ -161,11 +220,11 @@ def train_pipeline(info: DatasetInfo, split: str, shard_id: int, num_shards: int
 
 @pipeline_def
 def center_crop_pipeline(info: DatasetInfo, split: str, shard_id: int, num_shards: int, scale: int, crop: int,
-                         normalize_std: bool, gpu: bool):
+                         normalize_std: bool, gpu: bool, hints: dict | None = None):
     """Single-scale test protocol: rescale to Q, centre crop (Section 3.2, Table 3)."""
     jpegs, cls = _reader(info, split, shard_id, num_shards, False, 0, 1)
     shape = fn.peek_image_shape(jpegs)
-    images = _decode_window(jpegs, shape, _crop_window(shape, float(scale), crop, 0.5, 0.5), crop, gpu)
+    images = _decode_window(jpegs, shape, _crop_window(shape, float(scale), crop, 0.5, 0.5), crop, gpu, "roi", hints)
     return _normalize(images, info, normalize_std, gpu), _label(cls, info.label_digits)
 
 
@@ -176,29 +235,30 @@ def _normalize(images, info: DatasetInfo, normalize_std: bool, gpu: bool, **crop
     )
 
 
-def _rescaled(jpegs, scale: int, gpu: bool):
+def _rescaled(jpegs, scale: int, gpu: bool, hints: dict | None = None):
     """The whole image, isotropically rescaled so its shorter side is Q."""
-    images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                               **_decoder_args(hints, gpu))
     return fn.resize(images, resize_shorter=float(scale), antialias=True)
 
 
 @pipeline_def
 def dense_pipeline(info: DatasetInfo, split: str, shard_id: int, num_shards: int, scale: int, normalize_std: bool,
-                   gpu: bool):
+                   gpu: bool, hints: dict | None = None):
     """Dense evaluation (Section 3.2): the whole image rescaled to Q, for the fully
     convolutional net. Sizes vary per image, so run it with batch_size=1."""
     jpegs, cls = _reader(info, split, shard_id, num_shards, False, 0, 1)
-    return _normalize(_rescaled(jpegs, scale, gpu), info, normalize_std, gpu), _label(cls, info.label_digits)
+    return _normalize(_rescaled(jpegs, scale, gpu, hints), info, normalize_std, gpu), _label(cls, info.label_digits)
 
 
 @pipeline_def
 def multi_crop_pipeline(info: DatasetInfo, split: str, shard_id: int, num_shards: int, scale: int, crop: int,
-                        grid: int, normalize_std: bool, gpu: bool):
+                        grid: int, normalize_std: bool, gpu: bool, hints: dict | None = None):
     """Multi-crop evaluation (Section 3.2): a grid x grid regular grid of crops of the
     image rescaled to Q, as (grid*grid, C, crop, crop) per image, row by row. Their
     horizontal flips (the other 25 of the paper's 50) are taken by the consumer."""
     jpegs, cls = _reader(info, split, shard_id, num_shards, False, 0, 1)
-    images = _rescaled(jpegs, scale, gpu)
+    images = _rescaled(jpegs, scale, gpu, hints)
     steps = [i / (grid - 1) if grid > 1 else 0.5 for i in range(grid)]
     crops = [_normalize(images, info, normalize_std, gpu, crop=(crop, crop), crop_pos_x=x, crop_pos_y=y)
              for y in steps for x in steps]
@@ -300,15 +360,20 @@ def train_steps(info: DatasetInfo, split: str, batch_size: int, world_size: int)
 def train_loader(info: DatasetInfo, split: str, *, rank: int, world_size: int, batch_size: int,
                  scale_range: tuple[int, int], crop: int, color_shift: float = 0.1, normalize_std: bool = False,
                  device: torch.device = torch.device("cpu"), seed: int = 0, epoch: int = 0, threads: int = 2,
-                 shuffle_buffer: int = 1024) -> Loader:
+                 shuffle_buffer: int = 1024, decode: str = "roi", draws: Draws | None = None) -> Loader:
     """One epoch of training batches; `batch_size` is per worker. The order and the
     augmentation draws are a function of (seed, epoch, rank) only: build one loader per
     epoch. Ranks take a different slice of the tar list each epoch (DALI's own
-    stick_to_shard=False rotation), so over epochs every rank sees all the data."""
+    stick_to_shard=False rotation), so over epochs every rank sees all the data.
+    `decode`: "roi" or "whole" (see the module's docstring); `draws` fixes the random
+    draws (GPU-versus-CPU checks)."""
+    if decode not in ("roi", "whole"):
+        raise ValueError(f"decode: expected 'roi' or 'whole', got {decode!r}")
     gpu = device.type == "cuda"
     steps = train_steps(info, split, batch_size, world_size)
     pipe = train_pipeline(info, split, (rank + epoch) % world_size, world_size, scale_range, crop, color_shift,
-                          normalize_std, gpu, seed * 100_003 + epoch, shuffle_buffer, batch_size=batch_size,
+                          normalize_std, gpu, seed * 100_003 + epoch, shuffle_buffer, decode, draws,
+                          info.decode_hints(split) if gpu else None, batch_size=batch_size,
                           num_threads=threads, device_id=_device_id(device),
                           seed=(seed * 100_003 + epoch) * 1000 + rank + 1, prefetch_queue_depth=2)
     pipe.build()
@@ -323,7 +388,9 @@ def _build_eval(pipe, info: DatasetInfo, split: str, device: torch.device, what:
 def dense_loader(info: DatasetInfo, split: str, *, rank: int, world_size: int, scale: int,
                  normalize_std: bool = False, device: torch.device = torch.device("cpu"), threads: int = 2) -> Loader:
     """One whole rescaled image per batch: (1, C, H, W) with min(H, W) == Q."""
-    pipe = dense_pipeline(info, split, rank, world_size, scale, normalize_std, device.type == "cuda", batch_size=1,
+    gpu = device.type == "cuda"
+    pipe = dense_pipeline(info, split, rank, world_size, scale, normalize_std, gpu,
+                          info.decode_hints(split) if gpu else None, batch_size=1,
                           num_threads=threads, device_id=_device_id(device), seed=1)
     return _build_eval(pipe, info, split, device, "dense")
 
@@ -332,8 +399,10 @@ def multi_crop_loader(info: DatasetInfo, split: str, *, rank: int, world_size: i
                       crop: int, grid: int = 5, normalize_std: bool = False,
                       device: torch.device = torch.device("cpu"), threads: int = 2) -> Loader:
     """Batches of (N, grid*grid, C, crop, crop)."""
-    pipe = multi_crop_pipeline(info, split, rank, world_size, scale, crop, grid, normalize_std, device.type == "cuda",
-                               batch_size=batch_size, num_threads=threads, device_id=_device_id(device), seed=1)
+    gpu = device.type == "cuda"
+    pipe = multi_crop_pipeline(info, split, rank, world_size, scale, crop, grid, normalize_std, gpu,
+                               info.decode_hints(split) if gpu else None, batch_size=batch_size,
+                               num_threads=threads, device_id=_device_id(device), seed=1)
     return _build_eval(pipe, info, split, device, "multi-crop")
 
 
@@ -342,5 +411,6 @@ def eval_loader(info: DatasetInfo, split: str, *, rank: int, world_size: int, ba
                 threads: int = 2) -> Loader:
     gpu = device.type == "cuda"
     pipe = center_crop_pipeline(info, split, rank, world_size, scale, crop, normalize_std, gpu,
-                                batch_size=batch_size, num_threads=threads, device_id=_device_id(device), seed=1)
+                                info.decode_hints(split) if gpu else None, batch_size=batch_size,
+                                num_threads=threads, device_id=_device_id(device), seed=1)
     return _build_eval(pipe, info, split, device, "eval")

@@ -107,6 +107,10 @@ class Data:
     val_split: str = "val"
     reader_threads: int = 2  # DALI CPU threads per worker
     shuffle_buffer: int = 1024  # DALI random_shuffle initial_fill
+    # GPU training decode: "roi" decodes only the crop window; "whole" decodes the whole
+    # image (the hardware JPEG decoder can) and resizes the window on the GPU. Same
+    # geometry; `python -m pipeline bench gpu` says which is faster on a machine.
+    gpu_decode: Literal["roi", "whole"] = "roi"
 
 
 @dataclass(frozen=True)

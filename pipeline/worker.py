@@ -197,7 +197,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
         train_ld = train_loader(info, data.train_split, rank=rank, world_size=world, batch_size=per_worker,
                                 scale_range=(lo, hi), crop=recipe.crop, color_shift=recipe.color_shift,
                                 normalize_std=normalize_std, device=device, seed=recipe.seed, epoch=epoch,
-                                threads=data.reader_threads, shuffle_buffer=data.shuffle_buffer)
+                                threads=data.reader_threads, shuffle_buffer=data.shuffle_buffer,
+                                decode=data.gpu_decode if gpu else "roi")
         skip = start_step if epoch == start_epoch else 0
         train_ld.skip(skip)
 

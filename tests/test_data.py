@@ -14,7 +14,7 @@ from PIL import Image, ImageFilter
 
 from data_prep.layouts import Source
 from data_prep.writer import Sample, write_shard
-from pipeline.data import DatasetInfo, dense_loader, eval_loader, multi_crop_loader, train_loader
+from pipeline.data import DatasetInfo, _index_keys, dense_loader, eval_loader, multi_crop_loader, train_loader
 
 
 def test_train_batches_shape_dtype_and_exact_epochs(shards):
@@ -199,3 +199,37 @@ def test_multi_crop_grid_matches_the_centre_crop(tmp_path):
         assert _psnr(crops[i, 12].numpy(), centre[i].numpy()) > 30
     # corners are different regions of the same image
     assert _psnr(crops[0, 0].numpy(), crops[0, 24].numpy()) < 30
+
+
+def test_fixed_draws_and_both_decode_paths_give_the_same_crops(shards):
+    """The training graph with its draws fixed reads samples in shard order and is
+    reproducible; decoding the whole image and resizing the window out of it (the GPU's
+    hardware-decoder path) gives the ROI path's crop: same geometry, same pixels up to
+    the resampling context at the window's edge."""
+    from pipeline.data import Draws
+
+    info = DatasetInfo.load(shards)
+    args = dict(rank=0, world_size=1, batch_size=8, scale_range=(80, 80), crop=64, threads=1,
+                draws=Draws(scale=80.0, pos_x=0.3, pos_y=0.7, mirror=1))
+    roi, labels = next(iter(train_loader(info, "train", **args)))
+    again, labels2 = next(iter(train_loader(info, "train", seed=5, epoch=3, **args)))
+    assert torch.equal(roi, again) and torch.equal(labels, labels2)  # no random draw left
+    first_keys = _index_keys(info.shards("train")[1][0])[:8]
+    manifest = pq.read_table(shards / "manifest.parquet").to_pandas().set_index("key")
+    assert labels.tolist() == [int(manifest.loc[k, "label"]) for k in first_keys]  # shard order
+    whole, labels3 = next(iter(train_loader(info, "train", decode="whole", **args)))
+    assert torch.equal(labels, labels3) and whole.shape == roi.shape == (8, 3, 64, 64)
+    assert float((whole - roi).abs().mean()) < 0.05  # of 255; a window off by one pixel gives several
+    with pytest.raises(ValueError, match="decode: expected 'roi' or 'whole'"):
+        train_loader(info, "train", decode="gpu", **args)
+
+
+def test_gpu_decoder_hints_fit_the_largest_image_of_the_split(shards):
+    info = DatasetInfo.load(shards)
+    hints = info.decode_hints("train")
+    table = pq.read_table(shards / "manifest.parquet").to_pandas()
+    train = table[table["split"] == "train"]
+    assert hints["preallocate_width_hint"] == train["width"].max()
+    assert hints["preallocate_height_hint"] == train["height"].max()
+    assert hints["device_memory_padding"] == max(16 << 20, int((train["width"] * train["height"]).max()) * 3)
+    assert info.decode_hints("nosuchsplit") == {}
