@@ -29,21 +29,51 @@ def cmd_train(a) -> int:
 
     plan = load_plan(a.plan, a.overrides)  # raises ConfigError before any cluster work
     if a.dry_run:
-        print(f"plan {plan.name}, recipe: {plan.recipe_label}")
-        for st in plan.order():
-            src = f" <- {st.init_from.stage}" if st.init_from else ""
-            warm = f", warmup {st.recipe.optim.warmup_epochs:g} epochs" if st.recipe.optim.warmup_epochs else ""
-            print(f"{st.name}: {st.arch} S={st.scale_label}{src}, {st.recipe.epochs} epochs, "
-                  f"batch {st.recipe.batch_size}, lr {st.recipe.optim.lr}{warm}, {st.resources.num_workers} workers")
+        from pipeline.schedule import IMAGENET_TRAIN, describe, measured_throughput
+
+        throughput, source = _throughput(a.throughput), "--throughput"
+        if not throughput and a.gpus:
+            found = measured_throughput(REPO / "bench" / "results")
+            throughput, source = found if found else ({}, "")
+        images = a.train_images or _train_images(plan) or IMAGENET_TRAIN
+        try:
+            print(describe(plan, a.gpus, throughput, source, images))
+        except ValueError as exc:
+            print(f"dry run: {exc}", file=sys.stderr)
+            return 2
         return 0
     uri = tracking_uri(REPO / "mlflow.db")
     try:
-        results = run_plan(plan, run_name=a.run_name, tracking_uri=uri, ray_address=a.address)
+        results = run_plan(plan, run_name=a.run_name, tracking_uri=uri, ray_address=a.address,
+                           max_concurrent=a.max_concurrent_stages)
     except PlanFailed as exc:
         return _report_failure(exc, uri)
     print(results_table(results))
     print(f"\nMLflow UI: {ui_command(uri)}")
     return 0
+
+
+def _throughput(pairs: list[str]) -> dict[str, float]:
+    from pipeline.archs import get_arch
+
+    out = {}
+    for pair in pairs or []:
+        arch, _, rate = pair.partition("=")
+        try:
+            out[get_arch(arch).name] = float(rate)
+        except (KeyError, ValueError):
+            raise ConfigError(f"--throughput {pair!r}: expected ARCH=IMAGES_PER_SEC_PER_GPU, e.g. D=1200") from None
+    return out
+
+
+def _train_images(plan) -> int | None:
+    """The plan's training-set size, when its shards are on this machine."""
+    try:
+        from pipeline.data import DatasetInfo
+
+        return DatasetInfo.load(plan.data.root).counts[plan.data.train_split]
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def _report_failure(exc, uri: str) -> int:
@@ -201,7 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run-name", help="plan run name; rerunning with the same name resumes it "
                                       "(default: plan name + content hash, so the same command resumes)")
     t.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
-    t.add_argument("--dry-run", action="store_true", help="validate the plan and print its stages, then stop")
+    t.add_argument("--dry-run", action="store_true",
+                   help="validate the plan and print its schedule as waves (with --gpus: estimated times), then stop")
+    t.add_argument("--max-concurrent-stages", type=int, metavar="N",
+                   help="train at most N stages at once (default: every stage whose source has finished; "
+                        "those that do not fit the cluster wait for Ray to place them)")
+    t.add_argument("--gpus", type=int, help="with --dry-run: estimate each stage's time and the plan's wall time, in "
+                                            "parallel and one stage at a time, on a cluster of this many GPUs")
+    t.add_argument("--throughput", action="append", metavar="ARCH=IMG_S",
+                   help="with --gpus: training images/s per GPU of an arch (default: bench/results/gpu-*.json; "
+                        "archs not given are scaled by GMACs); repeatable")
+    t.add_argument("--train-images", type=int, help="with --gpus: training-set size (default: the plan's shards, "
+                                                    "else ImageNet's 1,281,167)")
     _add_set(t)
     t.set_defaults(func=cmd_train)
 

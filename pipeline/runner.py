@@ -153,13 +153,17 @@ def _attempt(tracker, plan: Plan, stage: Stage, srun, parent_id: str, run_name: 
 
 
 def run_plan(plan: Plan, *, run_name: str | None = None, tracking_uri: str, ray_address: str | None = None,
-             out=None) -> list[StageResult]:
-    """Train the plan's stages in dependency order. A stage that stalls or diverges is
-    marked FAILED (nothing registered), the stages that depend on it are not started,
-    independent stages still run, and then PlanFailed is raised naming them all."""
-    from pipeline.evaluate import load_stage_model
+             out=None, max_concurrent: int | None = None) -> list[StageResult]:
+    """Train the plan as a parallel schedule: every stage whose init_from stage has
+    finished starts at once (at most `max_concurrent` at a time), each its own Ray Train
+    run in a driver thread; a stage that does not fit the cluster waits for Ray to place
+    it. A stage that stalls, diverges or crashes is marked FAILED (nothing registered),
+    the stages that depend on it are not started, independent stages carry on, and then
+    PlanFailed is raised naming them all. Results come in plan order."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
     from pipeline.tracking import Tracker
-    from pipeline.worker import checkpoint_from_uri, checkpoint_uri, fit_stage
+    from pipeline.worker import checkpoint_from_uri, fit_stage
 
     out = out or sys.stdout
     run_name = run_name or default_run_name(plan)
@@ -173,71 +177,111 @@ def run_plan(plan: Plan, *, run_name: str | None = None, tracking_uri: str, ray_
     print(f"plan {plan.name}: run {run_name} ({'resumed' if resumed else 'new'}), MLflow run {parent_id}"
           + (f"; recipe deviates from the paper: {plan.deviation}" if plan.deviation else ""), file=out, flush=True)
     _ensure_ray(ray_address, plan)
+    say = lambda line: print(line, file=out, flush=True)  # noqa: E731
     checkpoints: dict[str, object] = {}
-    results: list[StageResult] = []
+    results: dict[str, StageResult] = {}
     failed: dict[str, str] = {}  # stage -> message
     unstarted: dict[str, str] = {}  # stage -> why
-    for stage in plan.order():
-        src = stage.init_from.stage if stage.init_from else None
-        if src in failed or src in unstarted:
-            unstarted[stage.name] = f"{src} {'failed' if src in failed else 'was not started'}"
-            print(f"[{stage.name}] not started: {unstarted[stage.name]}", file=out, flush=True)
-            results.append(_missing(stage, "not started", unstarted[stage.name]))
-            continue
-        params = flatten(to_dict(stage)) | {"data.root": plan.data.root}
-        srun = tracker.stage_run(parent_id, run_name, stage.name, params, _stage_tags(plan, stage))
-        if srun.finished:
-            checkpoints[stage.name] = checkpoint_from_uri(srun.checkpoint)
-            print(f"[{stage.name}] already finished in this plan run; skipped", file=out, flush=True)
-            results.append(_result(stage, tracker, srun.run_id, skipped=True))
-            continue
-        attempt = _attempt(tracker, plan, stage, srun, parent_id, run_name, params, checkpoints)
-        if isinstance(attempt, str):
-            failed[stage.name] = attempt
-            print(f"[{stage.name}] {attempt}", file=out, flush=True)
-            results.append(_missing(stage, f"failed ({srun.failure_kind})", attempt, srun.run_id))
-            continue
-        srun, trial, init_ckpt, init_layers, init_label = attempt
-        if srun.tags.get("trial") != trial:  # so a resumed driver finds this attempt's Ray Train run
-            tracker.client.set_tag(srun.run_id, "trial", trial)
-        try:
-            outcome = fit_stage(stage, plan.data, trial_name=trial, storage=storage, tracking_uri=tracking_uri,
-                                mlflow_run_id=srun.run_id, init_checkpoint=init_ckpt, init_layers=init_layers,
-                                init_from_label=init_label)
-        except Exception as exc:
-            tracker.fail(srun.run_id, f"{type(exc).__name__}: {exc}")
-            raise
-        if outcome.failure is not None:
-            last_good = checkpoint_uri(outcome.checkpoint) if outcome.checkpoint is not None else None
-            message = _failure_message(plan, stage, outcome.failure, run_name, last_good)
-            tracker.fail(srun.run_id, message, {"stage_status": "failed", "failure_kind": outcome.failure["kind"],
-                                                "failure_epoch": outcome.failure["epoch"],
-                                                "last_good_checkpoint": last_good or "none"})
-            failed[stage.name] = message
-            print(message, file=out, flush=True)
-            results.append(_missing(stage, f"failed ({outcome.failure['kind']})", message, srun.run_id))
-            continue
-        checkpoints[stage.name] = outcome.checkpoint
-        model = load_stage_model(stage, outcome.checkpoint)
-        final = {"top1_error": outcome.metrics["val_top1_error"], "top5_error": outcome.metrics["val_top5_error"],
-                 f"single_Q{stage.eval_scale}/top1_error": outcome.metrics["val_top1_error"],
-                 f"single_Q{stage.eval_scale}/top5_error": outcome.metrics["val_top5_error"],
-                 "epochs_trained": outcome.metrics["epoch"] + 1}
-        tracker.finish_stage(srun.run_id, final, checkpoint_uri(outcome.checkpoint), model=model,
-                             registered_name=registered_model_name(plan, stage))
-        results.append(_result(stage, tracker, srun.run_id, skipped=False))
-    done = [r for r in results if r.status == "finished"]
-    best = min(done, key=lambda x: x.top1_error) if done else None
+    pending = [s.name for s in plan.order()]
+    running: dict = {}  # future -> (stage, stage run)
+    cap = max_concurrent or len(pending)
+    # Several stages at once: one line per stage per epoch, not one per logging interval.
+    step_lines = cap == 1 or len(plan.stages) == 1
+    with ThreadPoolExecutor(max_workers=cap, thread_name_prefix="stage") as pool:
+        while pending or running:
+            for name in list(pending):
+                stage = plan.stages[name]
+                src = stage.init_from.stage if stage.init_from else None
+                if src in failed or src in unstarted:
+                    unstarted[name] = f"{src} {'failed' if src in failed else 'was not started'}"
+                    say(f"[{name}] not started: {unstarted[name]}")
+                    results[name] = _missing(stage, "not started", unstarted[name])
+                    pending.remove(name)
+                    continue
+                if (src is not None and src not in checkpoints) or len(running) >= cap:
+                    continue
+                pending.remove(name)
+                params = flatten(to_dict(stage)) | {"data.root": plan.data.root}
+                srun = tracker.stage_run(parent_id, run_name, name, params, _stage_tags(plan, stage))
+                if srun.finished:
+                    checkpoints[name] = checkpoint_from_uri(srun.checkpoint)
+                    say(f"[{name}] already finished in this plan run; skipped")
+                    results[name] = _result(stage, tracker, srun.run_id, skipped=True)
+                    continue
+                attempt = _attempt(tracker, plan, stage, srun, parent_id, run_name, params, checkpoints)
+                if isinstance(attempt, str):
+                    failed[name] = attempt
+                    say(f"[{name}] {attempt}")
+                    results[name] = _missing(stage, f"failed ({srun.failure_kind})", attempt, srun.run_id)
+                    continue
+                srun, trial, init_ckpt, init_layers, init_label = attempt
+                if srun.tags.get("trial") != trial:  # so a resumed driver finds this attempt's Ray Train run
+                    tracker.client.set_tag(srun.run_id, "trial", trial)
+                say(f"[{name}] starting ({len(running) + 1} stage(s) now running)")
+                future = pool.submit(fit_stage, stage, plan.data, trial_name=trial, storage=storage,
+                                     tracking_uri=tracking_uri, mlflow_run_id=srun.run_id, init_checkpoint=init_ckpt,
+                                     init_layers=init_layers, init_from_label=init_label, step_lines=step_lines)
+                running[future] = (stage, srun)
+            if not running:
+                if pending:  # cannot happen: plan order puts every source before its dependants
+                    raise RuntimeError(f"plan {plan.name}: stages {pending} can never start")
+                continue  # everything left was decided without training (skipped, refused, not started)
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                stage, srun = running.pop(future)
+                result = _finish(tracker, plan, stage, srun, future, run_name, checkpoints, failed, say)
+                results[stage.name] = result
+    order = [s.name for s in plan.order()]
+    final = [results[n] for n in order]
+    done_ = [r for r in final if r.status == "finished"]
+    best = min(done_, key=lambda x: x.top1_error) if done_ else None
     metrics = {"best_top1_error": best.top1_error, "best_top5_error": best.top5_error} if best else {}
-    tags = {"failed_stages": ", ".join(failed) or "none",
-            "not_started_stages": "; ".join(f"{k} ({v})" for k, v in unstarted.items()) or "none"}
+    tags = {"failed_stages": ", ".join(n for n in order if n in failed) or "none",
+            "not_started_stages": "; ".join(f"{k} ({unstarted[k]})" for k in order if k in unstarted) or "none"}
     tracker.finish_parent(parent_id, metrics, status="FAILED" if failed else "FINISHED", tags=tags)
     if failed:
-        lines = [f"plan run {run_name} FAILED: stage(s) {', '.join(failed)} failed"
+        lines = [f"plan run {run_name} FAILED: stage(s) {tags['failed_stages']} failed"
                  + (f"; not started: {tags['not_started_stages']}" if unstarted else "")]
-        lines += [failed[name] for name in failed]
-        raise PlanFailed("\n".join(lines), results)
-    return results
+        lines += [failed[name] for name in order if name in failed]
+        raise PlanFailed("\n".join(lines), final)
+    return final
+
+
+def _finish(tracker, plan: Plan, stage: Stage, srun, future, run_name: str, checkpoints: dict, failed: dict,
+            say) -> StageResult:
+    """Book a stage's Ray Train run: FAILED with the reason (a training failure, or a
+    crash that a rerun resumes), or FINISHED with its model registered."""
+    from pipeline.evaluate import load_stage_model
+    from pipeline.worker import checkpoint_uri
+
+    try:
+        outcome = future.result()
+    except Exception as exc:  # noqa: BLE001 - a crashed stage must not take its independent siblings down
+        message = (f"stage {stage.name} crashed: {type(exc).__name__}: {exc}. Rerunning the same command resumes it "
+                   "from its last checkpoint.")
+        tracker.fail(srun.run_id, f"{type(exc).__name__}: {exc}")
+        failed[stage.name] = message
+        say(message)
+        return _missing(stage, "failed (crashed)", message, srun.run_id)
+    if outcome.failure is not None:
+        last_good = checkpoint_uri(outcome.checkpoint) if outcome.checkpoint is not None else None
+        message = _failure_message(plan, stage, outcome.failure, run_name, last_good)
+        tracker.fail(srun.run_id, message, {"stage_status": "failed", "failure_kind": outcome.failure["kind"],
+                                            "failure_epoch": outcome.failure["epoch"],
+                                            "last_good_checkpoint": last_good or "none"})
+        failed[stage.name] = message
+        say(message)
+        return _missing(stage, f"failed ({outcome.failure['kind']})", message, srun.run_id)
+    checkpoints[stage.name] = outcome.checkpoint
+    model = load_stage_model(stage, outcome.checkpoint)
+    final = {"top1_error": outcome.metrics["val_top1_error"], "top5_error": outcome.metrics["val_top5_error"],
+             f"single_Q{stage.eval_scale}/top1_error": outcome.metrics["val_top1_error"],
+             f"single_Q{stage.eval_scale}/top5_error": outcome.metrics["val_top5_error"],
+             "epochs_trained": outcome.metrics["epoch"] + 1}
+    tracker.finish_stage(srun.run_id, final, checkpoint_uri(outcome.checkpoint), model=model,
+                         registered_name=registered_model_name(plan, stage))
+    say(f"[{stage.name}] finished: top-1 error {final['top1_error']:.2f}%")
+    return _result(stage, tracker, srun.run_id, skipped=False)
 
 
 def _missing(stage: Stage, status: str, reason: str, run_id: str = "") -> StageResult:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -78,6 +79,12 @@ class Recipe:
     chance_margin: float = 2.0  # error points
     seed: int = 0
     optim: Optim = field(default_factory=Optim)
+
+    def epochs_for(self, train_images: int) -> int:
+        """74 epochs or 370K iterations of batch 256, whichever comes first (Section 3.1)."""
+        if self.max_iterations is None:
+            return self.epochs
+        return min(self.epochs, math.ceil(self.max_iterations * 256 / max(train_images, 1)))
 
     def __post_init__(self):
         if self.checkpoint_every_steps < 0:

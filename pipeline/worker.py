@@ -84,13 +84,6 @@ def _load_state(checkpoint) -> dict:
         return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
 
 
-def _epochs(recipe, train_images: int) -> int:
-    """74 epochs or 370K iterations of batch 256, whichever comes first (Section 3.1)."""
-    if recipe.max_iterations is None:
-        return recipe.epochs
-    return min(recipe.epochs, math.ceil(recipe.max_iterations * 256 / max(train_images, 1)))
-
-
 def train_loop_per_worker(config: dict) -> dict | None:
     """Train one stage on this worker. Returns (on rank 0) None when the stage finished,
     or {"kind": "stalled" | "diverged", "epoch": n, "reason": ...} when it must FAIL:
@@ -150,7 +143,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
         done = state.get("step", steps)
         start_epoch, start_step = (state["epoch"], done) if done < steps else (state["epoch"] + 1, 0)
 
-    epochs = _epochs(recipe, info.counts[data.train_split])
+    epochs = recipe.epochs_for(info.counts[data.train_split])
     lo, hi = stage.scale_range
     normalize_std = recipe.normalize_std
     val_ld = eval_loader(info, data.val_split, rank=rank, world_size=world, batch_size=per_worker,
@@ -206,6 +199,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
             if rank != 0:
                 return
             pending_steps.append(dict(record, step=epoch * steps + record["step"]))
+            if not config.get("step_lines", True):
+                return
             rate = record["images_per_sec"]
             steps_left = steps - record["step"] + (epochs - epoch - 1) * steps
             eta = steps_left * per_worker * world / max(rate, 1e-9)
@@ -261,10 +256,13 @@ class StageOutcome:
 
 
 def fit_stage(stage, data, *, trial_name: str, storage: str, tracking_uri: str | None, mlflow_run_id: str | None,
-              init_checkpoint=None, init_layers=None, init_from_label: str | None = None) -> StageOutcome:
+              init_checkpoint=None, init_layers=None, init_from_label: str | None = None,
+              step_lines: bool = True) -> StageOutcome:
     """Train one stage with Ray Train. Reusing `trial_name` under the same `storage`
     resumes that stage from its last checkpoint. `init_layers` overrides the stage's
-    `init_from.layers` (a retry fine-tunes "all" of a failed attempt's last good weights)."""
+    `init_from.layers` (a retry fine-tunes "all" of a failed attempt's last good weights).
+    `step_lines=False` keeps the console to one line per epoch (stages running side by
+    side); the step figures still go to MLflow."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -273,7 +271,7 @@ def fit_stage(stage, data, *, trial_name: str, storage: str, tracking_uri: str |
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=dict(stage=stage, data=data, init_checkpoint=init_checkpoint, init_layers=init_layers,
-                               init_from_label=init_from_label),
+                               init_from_label=init_from_label, step_lines=step_lines),
         scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                      resources_per_worker=per_worker),
         run_config=RunConfig(name=trial_name, storage_path=storage,

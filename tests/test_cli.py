@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -46,8 +47,43 @@ def test_train_dry_run_prints_the_papers_order():
     assert out.returncode == 0
     lines = [line.split(":")[0] for line in out.stdout.splitlines()]
     assert lines[0] == "plan paper, recipe" and "recipe: paper\n" in out.stdout
-    assert lines[1] == "A" and lines.index("D-256") < lines.index("D-384") < lines.index("D-multi")
+    assert lines.index("A") < lines.index("D-256") < lines.index("D-384") < lines.index("D-multi")
     assert "D-384: D S=384 <- D-256" in out.stdout and "warmup" not in out.stdout
+    # 12 stages, 4 waves deep: what a parallel schedule runs side by side
+    assert "  wave 1: A, A-LRN\n  wave 2: B-256, C-256, D-256, E-256\n  wave 3: C-384, D-384, E-384\n" \
+           "  wave 4: C-multi, D-multi, E-multi\n" in out.stdout
+
+
+def test_dry_run_estimates_the_plan_on_n_gpus(tmp_path):
+    from pipeline.schedule import estimate, measured_throughput
+    from pipeline.stages import PLANS_DIR, load_plan
+
+    out = run(["train", "--plan", "pipeline/plans/paper.yaml", "--dry-run", "--gpus", "32", "--throughput", "D=1500"])
+    assert out.returncode == 0, out.stderr
+    assert "estimate on 32 GPUs, 1,281,167 training images, throughput from --throughput" in out.stdout
+    assert "critical path A -> E-256 -> E-384 -> E-multi" in out.stdout
+    plan = load_plan(PLANS_DIR / "paper.yaml")
+    e = estimate(plan, 32, {"D": 1500.0}, 1_281_167)
+    hours = {s.stage: s for s in e["stages"]}
+    d = hours["D-256"]
+    assert d.hours == pytest.approx(74 * 1_281_167 / (1500 * 8) / 3600) and not d.scaled
+    assert hours["E-256"].scaled and hours["E-256"].img_s_per_gpu < 1500  # E costs more GMACs than D
+    # on 32 GPUs the 4 waves overlap: the critical path bounds it; one stage at a time is the sum
+    assert e["parallel_hours"] == pytest.approx(e["critical_path_hours"])
+    assert e["sequential_hours"] == pytest.approx(sum(s.hours for s in e["stages"]))
+    assert e["sequential_hours"] > 2 * e["parallel_hours"]
+    # on 8 GPUs nothing runs side by side: parallel = sequential
+    assert estimate(plan, 8, {"D": 1500.0}, 1_281_167)["parallel_hours"] == pytest.approx(e["sequential_hours"])
+    # a bench gpu result is read when no figure is given
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "gpu-h100.json").write_text(json.dumps({
+        "environment": {"device": "cuda:0", "device_name": "NVIDIA H100", "date": "2026-11-23"},
+        "train": {"crop": 224, "batch_256": {"loader_fed": {"img_s": 1234.0}}, "batch_128": {"loader_fed": {"img_s": 1100.0}}}}))
+    rates, source = measured_throughput(results)
+    assert rates == {"D": 1234.0} and "NVIDIA H100" in source
+    assert run(["train", "--plan", "pipeline/plans/paper.yaml", "--dry-run", "--gpus", "4", "--throughput",
+                "D=1"]).returncode == 2  # a stage of 8 GPUs cannot fit on 4
 
 
 def test_paper_fast_is_the_paper_plan_at_batch_2048_with_warmup_and_says_so():
