@@ -8,7 +8,9 @@ the fewest call-sized parts.
 What it leaves behind, and why that is safe:
 - DALI's extension modules for every other Python ABI (backend_impl, the python
   function plugin; nvImageCodec's Python binding likewise): ~45 MB unpacked.
-- C++ headers (nvidia/dali/include, for building plugins), bytecode caches.
+- C++ headers (nvidia/dali/include, for building plugins), bytecode caches, and the
+  `nvidia/__init__.py` one wheel ships (it would hide the machine's own nvidia.*
+  namespace packages, the CUDA libraries beside torch, behind the staged folder).
 - nvJPEG2000, nvTIFF and nvCOMP, with nvImageCodec's JPEG2000 and TIFF extensions that
   would load them: no library DALI or nvImageCodec links (ELF NEEDED) names them; they
   are opened on demand for JPEG 2000 and TIFF decoding and for
@@ -61,6 +63,8 @@ def keep(rel: str, abi: str) -> bool:
     """Whether the file at `rel` (a path inside site-packages) is staged."""
     if "__pycache__" in rel or any(rel == d or rel.startswith(d + "/") for d in _DROP_DIRS):
         return False
+    if rel == "nvidia/__init__.py":  # would make `nvidia` a regular package in front of the machine's own
+        return False                 # nvidia.* namespace (CUDA libraries next to torch)
     m = _ABI_SO.search(rel)
     if m and m.group(1) != abi:
         return False
@@ -111,9 +115,9 @@ def split(archive: Path, out: Path, part_mib: int) -> list[Path]:
     return parts
 
 
-INSTALL = ("[ -f /tmp/site/.staged ] || (mkdir -p /tmp/site && cat .gpu-stage/dali-stage.tar.xz.* | python3 -c "
+INSTALL = ("{ [ -f /tmp/site/.staged ] || { mkdir -p /tmp/site && cat .gpu-stage/dali-stage.tar.xz.* | python3 -c "
            "\"import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall('/tmp/site')\" "
-           "&& touch /tmp/site/.staged) && export PYTHONPATH=/tmp/site:$PWD")
+           "&& touch /tmp/site/.staged; }; } && export PYTHONPATH=/tmp/site:$PWD")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         pack(tree, tmp / "dali-stage.tar.xz")
         xz_mb = round((tmp / "dali-stage.tar.xz").stat().st_size / 1e6, 1)
         parts = split(tmp / "dali-stage.tar.xz", out, a.part_mib)
-    wheel_mb = round(sum(w.stat().st_size for w in wheels) / 1e6, 1)
+        wheel_mb = round(sum(w.stat().st_size for w in wheels) / 1e6, 1)
     print(f"staged for Python {a.python}: {sizes['kept_mb']} MB unpacked ({sizes['dropped_mb']} MB left behind, "
           f"and {', '.join(LEFT_BEHIND)}); {xz_mb} MB as tar.xz (the wheels: {wheel_mb} MB); {len(parts)} part(s)")
     print("\nDevice calls, back to back in one lease (an idle machine is given back after ~30 s); the last")
