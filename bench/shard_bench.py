@@ -6,7 +6,8 @@ Makes ImageNet-like JPEGs (natural-looking content; "typical": longer side 500 a
 in most of ILSVRC-2012; "large": shorter side 600-900, which --resize-shorter 512
 re-encodes), then times, on one worker:
 - tar: `tar -cf` of the same files (the raw cost of reading and writing the bytes);
-- repack: data_prep/shard.py's build (full decode check, tar, index, stats);
+- repack: data_prep/shard.py's build (DCT-scaled decode check, tar, index, stats);
+- repack_full_decode: the same with --full-decode (the full-resolution check it replaced);
 - resize512: the same with --resize-shorter 512.
 Prints one JSON line and writes it to --out.
 """
@@ -54,6 +55,8 @@ def main() -> None:
                                                  check=True))
             t_repack = timed(lambda: build(src, tmp / f"{kind}-repack", splits=["train"], samples_per_shard=100,
                                            workers=1, progress=False))
+            t_full = timed(lambda: build(src, tmp / f"{kind}-full", splits=["train"], samples_per_shard=100,
+                                         workers=1, progress=False, full_decode=True))
             t_resize = timed(lambda: build(src, tmp / f"{kind}-resize", splits=["train"], samples_per_shard=100,
                                            workers=1, resize_shorter=512, progress=False))
             shard_bytes = sum(f.stat().st_size for f in (tmp / f"{kind}-resize" / "train").glob("*.tar"))
@@ -61,6 +64,8 @@ def main() -> None:
                 "mean_kb": round(nbytes / a.images / 1024, 1),
                 "tar_img_s": round(a.images / t_tar, 1),
                 "repack_img_s": round(a.images / t_repack, 1),
+                "repack_full_decode_img_s": round(a.images / t_full, 1),
+                "repack_vs_full_decode": round(t_full / t_repack, 2),
                 "resize512_img_s": round(a.images / t_resize, 1),
                 "repack_vs_tar": round(t_tar / t_repack, 4),
                 "resize512_bytes_ratio": round(shard_bytes / nbytes, 3),

@@ -52,6 +52,10 @@ class Source:
         return f"{self.path}:{self.member}" if self.member else self.path
 
     def read(self) -> bytes:
+        if self.path.startswith("s3://"):
+            from data_prep.store import read_bytes
+
+            return read_bytes(self.path, max(self.offset, 0), self.size)
         with open(self.path, "rb") as fh:
             if self.offset < 0:
                 return fh.read()
@@ -215,7 +219,28 @@ def _val_archive(archive: Path, src: Path) -> list[Source]:
 # ---------------------------------------------------------------- entry points
 
 
-def list_split(src: Path, split: str) -> list[Source]:
+def _remote_folder_split(src: str, split: str) -> list[Source]:
+    """The folder layout in object storage: s3://.../SRC/<split>/<wnid>/<file>."""
+    from data_prep.store import join, listdir
+
+    base = join(src, split)
+    found = listdir(base, recursive=True)
+    if not found:
+        raise LayoutError(f"{base}: no objects; on object storage the source must be the folder layout "
+                          f"{src}/{split}/<wnid>/*.JPEG (archives and devkit files: copy them to a disk)")
+    sources = []
+    for rel, _ in found:
+        wnid, _, name = rel.partition("/")
+        if not name or "/" in name or not WNID.match(wnid):
+            raise LayoutError(f"{join(base, rel)}: expected {base}/<wnid>/<file>, e.g. n01440764/x.JPEG")
+        if not name.startswith("."):
+            sources.append(Source(join(base, rel), wnid))
+    return sources
+
+
+def list_split(src: Path | str, split: str) -> list[Source]:
+    if str(src).startswith("s3://"):
+        return _remote_folder_split(str(src), split)
     split_dir = src / split
     archive = src / (TRAIN_TAR if split == "train" else VAL_TAR if split == "val" else "")
     if not split_dir.is_dir():
@@ -233,15 +258,23 @@ def list_split(src: Path, split: str) -> list[Source]:
     raise LayoutError(f"{split_dir}: found neither <wnid>/ class folders nor images")
 
 
-def class_names(src: Path) -> dict[str, str]:
+def class_names(src: Path | str) -> dict[str, str]:
+    if str(src).startswith("s3://"):
+        from data_prep.store import exists, join, read_bytes
+
+        path = join(str(src), "LOC_synset_mapping.txt")
+        return _synset_names(read_bytes(path).decode()) if exists(path) else {}
     synsets = devkit_synsets(src)
     if synsets is not None:
         return synsets[1]
-    names: dict[str, str] = {}
     mapping = _find(src, "LOC_synset_mapping.txt")
-    if mapping is not None:
-        for line in mapping.read_text().splitlines():
-            wnid, _, name = line.strip().partition(" ")
-            if WNID.match(wnid):
-                names[wnid] = name.strip()
+    return _synset_names(mapping.read_text()) if mapping is not None else {}
+
+
+def _synset_names(text: str) -> dict[str, str]:
+    names: dict[str, str] = {}
+    for line in text.splitlines():
+        wnid, _, name = line.strip().partition(" ")
+        if WNID.match(wnid):
+            names[wnid] = name.strip()
     return names

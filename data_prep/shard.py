@@ -3,6 +3,10 @@
     python data_prep/shard.py --src SRC --out OUT [--splits train,val]
         [--samples-per-shard N] [--workers N] [--resize-shorter PX] [--seed N] [--strict]
     python data_prep/shard.py --out OUT --verify
+    python data_prep/shard.py --index DIR [--stats-sample N] [--label-field label]
+    python data_prep/shard.py --stage-in s3://bucket/shards --to /mnt/nvme/shards
+
+SRC and OUT may be s3://bucket/prefix (AWS_ENDPOINT_URL for S3-compatible servers).
 
 OUT/<split>/<split>-NNNNNN.tar (+ .idx for DALI, + .meta.json), OUT/manifest.parquet,
 OUT/classes.json, OUT/stats.json (counts, mean RGB, RGB eigen-decomposition),
@@ -80,7 +84,25 @@ def _job_fingerprint(split_samples: dict[str, list[Sample]], args: dict) -> str:
 
 
 def _run_shard(job) -> ShardResult:
-    return write_shard(*job)
+    """Write one shard. For object storage (`remote` set), it is written to a local temp
+    folder and uploaded index and metadata first, the tar last: the tar object's
+    existence is the commit, as the rename is locally."""
+    *args, remote = job
+    if remote is None:
+        return write_shard(*args)
+    import shutil
+    import tempfile
+
+    from data_prep.store import join, upload
+
+    tmp = tempfile.mkdtemp(prefix="shard-")
+    try:
+        result = write_shard(tmp, *args[1:])
+        for ext in ("idx", "meta.json", "tar"):
+            upload(os.path.join(tmp, f"{result.shard}.{ext}"), join(remote, f"{result.shard}.{ext}"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
 
 
 def _run_on_ray(jobs, address: str):
@@ -130,8 +152,13 @@ def build(
     strict: bool = False,
     progress: bool = True,
     ray_address: str | None = None,
+    full_decode: bool = False,
 ) -> Summary:
-    src, out = Path(src).resolve(), Path(out).resolve()
+    from data_prep import store
+
+    remote = store.is_remote(out)
+    src = str(src) if store.is_remote(src) else Path(src).resolve()
+    out = str(out).rstrip("/") if remote else Path(out).resolve()
     splits = list(splits)
     if samples_per_shard < 1:
         raise ValueError("--samples-per-shard must be at least 1")
@@ -149,31 +176,37 @@ def build(
     samples = {split: _assign_keys(items, labels) for split, items in sources.items()}
     label_digits = len(str(len(wnids) - 1))
 
-    out.mkdir(parents=True, exist_ok=True)
+    if not remote:
+        out.mkdir(parents=True, exist_ok=True)
     args = dict(samples_per_shard=samples_per_shard, resize_shorter=resize_shorter, seed=seed)
+    if full_decode:  # only then: the fingerprints of jobs from before the flag stay valid
+        args["full_decode"] = True
     fingerprint = _job_fingerprint(samples, args)
-    job_path = out / JOB_FILE
-    if job_path.exists():
-        previous = json.loads(job_path.read_text())
+    job_path = store.join(out, JOB_FILE)
+    if store.exists(job_path):
+        previous = json.loads(store.read_bytes(job_path))
         if previous.get("fingerprint") != fingerprint:
             raise RuntimeError(
                 f"{out} holds shards of a different job (other sources or options); "
                 "use a new --out or empty it first"
             )
     else:
-        _write_text(job_path, json.dumps(dict(args, fingerprint=fingerprint, splits=splits), indent=1))
+        store.write_bytes(job_path, json.dumps(dict(args, fingerprint=fingerprint, splits=splits), indent=1).encode())
 
     jobs, done, written = [], {}, 0
     for split in splits:
-        split_dir = out / split
-        split_dir.mkdir(exist_ok=True)
-        for leftover in split_dir.glob("*.tmp"):
-            leftover.unlink()  # a killed run's partial files; never counted as done
+        split_dir = store.join(out, split)
+        if not remote:
+            Path(split_dir).mkdir(exist_ok=True)
+            for leftover in Path(split_dir).glob("*.tmp"):
+                leftover.unlink()  # a killed run's partial files; never counted as done
+        present = {name for name, _ in store.listdir(split_dir)}
         for shard, members in plan_shards(samples[split], split, samples_per_shard, seed):
-            if (split_dir / f"{shard}.tar").exists() and (split_dir / f"{shard}.meta.json").exists():
-                done[(split, shard)] = read_meta(str(split_dir), shard)
+            if f"{shard}.tar" in present and f"{shard}.meta.json" in present:
+                done[(split, shard)] = read_meta(split_dir, shard)
             else:
-                jobs.append((str(split_dir), shard, members, label_digits, resize_shorter, split == train_split))
+                jobs.append((split_dir, shard, members, label_digits, resize_shorter, split == train_split,
+                             full_decode, split_dir if remote else None))
     skipped = len(done)
     bar = Progress(sum(len(j[2]) for j in jobs), "sharding", progress)
     if ray_address is not None and jobs:
@@ -193,6 +226,10 @@ def build(
             written += 1
             bar.update(len(job[2]))
 
+    for (split, shard), res in done.items():  # shards from before hashes were recorded
+        for name in (f"{shard}.tar", f"{shard}.idx"):
+            if name not in res.files:
+                res.files[name] = store.digest(store.join(out, split, name))
     counts, rejects = _finalise(out, splits, train_split, done, wnids, class_names(src), label_digits, args)
     summary = Summary(str(out), counts, len(rejects), written, skipped, time.monotonic() - started)
     if strict and rejects:
@@ -200,13 +237,7 @@ def build(
     return summary
 
 
-def _write_text(path: Path, text: str | bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(text.encode() if isinstance(text, str) else text)
-    os.replace(tmp, path)
-
-
-def _finalise(out, splits, train_split, done, wnids, names, label_digits, args):
+def _finalise(out, splits, train_split, done, wnids, names, label_digits, args, extra_stats=None):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -221,15 +252,18 @@ def _finalise(out, splits, train_split, done, wnids, names, label_digits, args):
             pixels += res.pixels
             rgb_sum += np.asarray(res.rgb_sum)
             rgb_outer += np.asarray(res.rgb_outer)
+    from data_prep.store import join, write_bytes
+    from data_prep.writer import _digest_bytes
+
     columns = ["split", "key", "label", "wnid", "shard", "source", "bytes", "width", "height", "action"]
     table = pa.table({c: [r[c] for r in rows] for c in columns})
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    _write_text(out / "manifest.parquet", buf.getvalue())
+    outputs = {}  # written in this order; the manifest last: its presence means the set is complete
     classes = [{"index": i, "wnid": w, "name": names.get(w, w)} for i, w in enumerate(wnids)]
-    _write_text(out / "classes.json", json.dumps(classes, indent=1))
+    outputs["classes.json"] = json.dumps(classes, indent=1).encode()
     stats = {"counts": {s: counts.get(s, 0) for s in splits}, "num_classes": len(wnids),
-             "label_digits": label_digits, "rejects": len(rejects), "options": args}
+             "label_digits": label_digits, "rejects": len(rejects), "options": args, **(extra_stats or {})}
     if pixels:
         # The paper subtracts the training mean RGB; AlexNet's colour shift uses the
         # eigen-decomposition of the RGB covariance (both on 0-255 values).
@@ -239,12 +273,20 @@ def _finalise(out, splits, train_split, done, wnids, names, label_digits, args):
         order = np.argsort(eigval)[::-1]
         stats.update(mean_rgb=mean.round(4).tolist(), rgb_eigval=eigval[order].round(4).tolist(),
                      rgb_eigvec=eigvec[:, order].round(6).tolist(), stats_pixels=int(pixels))
-    _write_text(out / "stats.json", json.dumps(stats, indent=1))
+    outputs["stats.json"] = json.dumps(stats, indent=1).encode()
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=["split", "source", "reason"])
     writer.writeheader()
     writer.writerows(rejects)
-    _write_text(out / "rejects.csv", text.getvalue())
+    outputs["rejects.csv"] = text.getvalue().encode()
+    outputs["manifest.parquet"] = buf.getvalue()
+    # Size and SHA-256 of every file of the set, as written: what --stage-in checks copies by.
+    files = {f"{split}/{name}": digest for (split, _), res in sorted(done.items()) for name, digest in res.files.items()}
+    files.update({name: _digest_bytes(data) for name, data in outputs.items()})
+    outputs = {"files.json": json.dumps(files, indent=1, sort_keys=True).encode(), **outputs}
+    order = [n for n in outputs if n != "manifest.parquet"] + ["manifest.parquet"]
+    for name in order:
+        write_bytes(join(out, name), outputs[name])
     return counts, rejects
 
 
@@ -284,7 +326,19 @@ def verify(out: str | Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", help="ImageNet root: SRC/train/<wnid>/*.JPEG, SRC/val/... (see layouts)")
-    p.add_argument("--out", required=True, help="output directory for shards, manifest and stats")
+    p.add_argument("--out", help="output directory for shards, manifest and stats")
+    p.add_argument("--index", metavar="DIR", help="make WebDataset shards written elsewhere (DIR/<split>/*.tar) usable "
+                                                  "as they are: DALI indexes, classes.json, manifest, stats; the tars "
+                                                  "are never rewritten")
+    p.add_argument("--stage-in", metavar="SRC", help="copy a shard set (s3://bucket/prefix or a folder) to --to, "
+                                                     "checking every file against its recorded size and SHA-256")
+    p.add_argument("--to", help="with --stage-in: the local folder, e.g. /mnt/nvme/shards")
+    p.add_argument("--rehash", action="store_true", help="with --stage-in: re-check files already verified")
+    p.add_argument("--stats-sample", type=int, default=10_000, metavar="N",
+                   help="with --index: training images (a seeded sample) the colour statistics come from")
+    p.add_argument("--label-field", default="label", help="with --index: the label's key in .json labels")
+    p.add_argument("--num-classes", type=int, help="with --index: labels must be below this (default: the largest "
+                                                    "training label + 1)")
     p.add_argument("--splits", default="train,val", help="comma-separated splits to shard (default: train,val)")
     p.add_argument("--samples-per-shard", type=int, default=1000, help="images per tar (default: 1000)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
@@ -296,8 +350,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ray", metavar="ADDRESS", default=None,
                    help="run each shard as a Ray task on this cluster ('auto', host:port, or 'local' for a "
                         "local Ray); OUT must be shared by every node")
+    p.add_argument("--full-decode", action="store_true",
+                   help="check each kept JPEG with a full-resolution decode (default: a DCT-scaled decode, which "
+                        "reads every entropy-coded byte, so truncation is still caught, at a fraction of the cost)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
+    if a.stage_in:
+        from data_prep.stagein import stage_in
+
+        if not a.to:
+            p.error("--stage-in needs --to DIR")
+        try:
+            r = stage_in(a.stage_in, a.to, workers=a.workers, rehash=a.rehash,
+                         log=lambda m: print(m, file=sys.stderr))
+        except (OSError, RuntimeError, ValueError) as exc:
+            print(f"shard.py: error: {exc}", file=sys.stderr)
+            return 1
+        print(f"staged {a.stage_in} into {a.to}: {r['copied']} files copied and verified "
+              f"({r['bytes'] / 1e9:.2f} GB), {r['skipped']} already verified")
+        return 0
+    if a.index:
+        from data_prep.foreign import index
+
+        try:
+            r = index(a.index, [x for x in a.splits.split(",") if x] if a.splits != "train,val" else None,
+                      label_field=a.label_field, num_classes=a.num_classes, stats_sample=a.stats_sample, seed=a.seed,
+                      workers=a.workers)
+        except (OSError, ValueError) as exc:
+            print(f"shard.py: error: {exc}", file=sys.stderr)
+            return 2
+        counts = ", ".join(f"{k} {v}" for k, v in r["counts"].items())
+        print(f"indexed {counts} images in {a.index} ({r['label_format']} labels, {r['num_classes']} classes, "
+              f"{r['rejects']} rejected: see {Path(a.index) / 'rejects.csv'})")
+        return 0
+    if not a.out:
+        p.error("--out is required unless --index")
     if a.verify:
         problems = verify(a.out)
         for line in problems:
@@ -308,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--src is required unless --verify")
     try:
         s = build(a.src, a.out, [x for x in a.splits.split(",") if x], a.samples_per_shard, a.workers,
-                  a.resize_shorter, a.seed, a.strict, progress=not a.quiet, ray_address=a.ray)
+                  a.resize_shorter, a.seed, a.strict, progress=not a.quiet, ray_address=a.ray,
+                  full_decode=a.full_decode)
     except (LayoutError, RuntimeError, OSError, ValueError) as exc:
         print(f"shard.py: error: {exc}", file=sys.stderr)
         return 2

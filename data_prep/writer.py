@@ -7,6 +7,7 @@ under a temporary name and renamed last, after its index and metadata.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -44,6 +45,9 @@ class ShardResult:
     pixels: int = 0
     rgb_sum: list[float] = field(default_factory=lambda: [0.0] * 3)
     rgb_outer: list[list[float]] = field(default_factory=lambda: [[0.0] * 3 for _ in range(3)])
+    # name -> {"bytes", "sha256"} of the shard's files, recorded as they are written, so a
+    # copy anywhere else (a GPU node's local disk) can be verified against them.
+    files: dict = field(default_factory=dict)
 
 
 def safe_key(stem: str) -> str:
@@ -52,22 +56,34 @@ def safe_key(stem: str) -> str:
     return key[:100] or "sample"
 
 
-def prepare_image(data: bytes, resize_shorter: int | None) -> tuple[bytes, int, int, str, Image.Image]:
+def prepare_image(data: bytes, resize_shorter: int | None,
+                  full_decode: bool = False) -> tuple[bytes, int, int, str, Image.Image]:
     """Check that `data` is a whole image; return (jpeg_bytes, width, height, action, image).
 
     JPEGs in RGB or greyscale are kept byte for byte; CMYK JPEGs, PNGs and others
     are converted to RGB JPEG (real ImageNet has both). Raises ValueError with a
-    reason for files that are empty, truncated or not images."""
+    reason for files that are empty, truncated or not images.
+
+    A kept JPEG is checked with a DCT-scaled decode (libjpeg's 1/8 scaling): it still
+    entropy-decodes every coefficient of every
+    block, so a truncated or corrupt file fails exactly as in a full decode, but it
+    skips most of the inverse DCT, upsampling and colour conversion. The returned
+    image is then that reduced one, which is all the colour statistics use.
+    `full_decode` restores the full-resolution check."""
     if not data:
         raise ValueError("empty file")
     try:
         with Image.open(io.BytesIO(data)) as probe:
-            fmt = probe.format
-            probe.load()  # a full decode: truncated files fail here
+            fmt, (width, height) = probe.format, probe.size
+            re_encode = fmt != "JPEG" or probe.mode not in ("RGB", "L")
+            resize = bool(resize_shorter and min(width, height) > resize_shorter)
+            if not (full_decode or re_encode or resize):
+                # libjpeg scales by 1/2, 1/4 or 1/8; ask for 1/8 (at least 16 pixels a side)
+                probe.draft(probe.mode, (max(16, width // 8), max(16, height // 8)))
+            probe.load()  # truncated files fail here
             img = probe.copy()
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"not a decodable image ({type(exc).__name__}: {exc})") from None
-    width, height = img.size
     action = "kept"
     if fmt != "JPEG" or img.mode not in ("RGB", "L"):
         action = f"converted {fmt} {img.mode} to RGB JPEG"
@@ -84,25 +100,44 @@ def prepare_image(data: bytes, resize_shorter: int | None) -> tuple[bytes, int, 
     return data, width, height, action, img
 
 
-def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> tuple[int, int]:
-    """Add a member with fixed metadata; return (data offset, size) for the index."""
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(payload), 0, 0o444
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    header = len(info.tobuf(tar.format, tar.encoding, tar.errors))
-    offset = tar.offset + header
-    tar.addfile(info, io.BytesIO(payload))
-    return offset, len(payload)
+class _Tar:
+    """A USTAR tar written straight to a file, byte for byte what `tarfile` writes
+    (headers of fixed metadata, 512-byte blocks, two zero blocks and padding to a
+    10 KiB record at the end), without its per-member overhead."""
+
+    def __init__(self, fh):
+        self.fh, self.offset = fh, 0
+
+    def add(self, name: str, payload: bytes) -> tuple[int, int]:
+        """Append a member; return (data offset, size) for the index."""
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(payload), 0, 0o444
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+        pad = -len(payload) % tarfile.BLOCKSIZE
+        self.fh.write(header + payload + b"\0" * pad)
+        offset = self.offset + len(header)
+        self.offset = offset + len(payload) + pad
+        return offset, len(payload)
+
+    def close(self) -> None:
+        end = self.offset + 2 * tarfile.BLOCKSIZE
+        self.fh.write(b"\0" * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
 
 
 def _accumulate(result: ShardResult, img: Image.Image) -> None:
-    small = img.convert("RGB")
-    small.thumbnail((STATS_SIDE, STATS_SIDE))
+    """Add an image's pixels to the colour statistics. A DCT-scaled decode is small
+    already; anything larger is reduced first (a mean and a 3x3 covariance do not need
+    full resolution)."""
+    small = img if img.mode == "RGB" else img.convert("RGB")
+    if max(small.size) > 2 * STATS_SIDE:
+        small = small.copy()
+        small.thumbnail((STATS_SIDE, STATS_SIDE))
     px = np.asarray(small, dtype=np.float64).reshape(-1, 3)
     result.pixels += px.shape[0]
-    result.rgb_sum = (np.asarray(result.rgb_sum) + px.sum(0)).tolist()
-    result.rgb_outer = (np.asarray(result.rgb_outer) + px.T @ px).tolist()
+    result.rgb_sum = np.asarray(result.rgb_sum) + px.sum(0)
+    result.rgb_outer = np.asarray(result.rgb_outer) + px.T @ px
 
 
 def _write_atomic(path: str, data: bytes) -> None:
@@ -121,6 +156,7 @@ def write_shard(
     label_digits: int,
     resize_shorter: int | None = None,
     collect_stats: bool = False,
+    full_decode: bool = False,
 ) -> ShardResult:
     """Write `out_dir/<shard>.tar`, `.idx` and `.meta.json`; return rows and rejects."""
     result = ShardResult(shard)
@@ -128,10 +164,11 @@ def write_shard(
     tmp_tar = f"{tar_path}.tmp"
     index_lines: list[str] = []
     try:
-        with open(tmp_tar, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        with open(tmp_tar, "wb") as raw:
+            tar = _Tar(raw)
             for s in samples:
                 try:
-                    jpeg, width, height, action, img = prepare_image(s.source.read(), resize_shorter)
+                    jpeg, width, height, action, img = prepare_image(s.source.read(), resize_shorter, full_decode)
                 except (ValueError, OSError) as exc:
                     result.rejects.append({"source": s.source.label, "reason": str(exc)})
                     continue
@@ -144,7 +181,7 @@ def write_shard(
                 # .cls is zero-padded to a fixed width so DALI can turn it into an
                 # int64 inside the graph; int("007") == 7 for webdataset users.
                 for ext, payload in (("cls", f"{s.label:0{label_digits}d}".encode()), ("jpg", jpeg), ("json", meta)):
-                    offset, size = _add(tar, f"{s.key}.{ext}", payload)
+                    offset, size = tar.add(f"{s.key}.{ext}", payload)
                     parts.append(f"{ext} {offset} {size} {s.key}.{ext}")
                 index_lines.append(" ".join(parts))
                 if collect_stats:
@@ -153,12 +190,17 @@ def write_shard(
                     {"key": s.key, "label": s.label, "wnid": s.wnid, "source": s.source.label,
                      "bytes": len(jpeg), "width": width, "height": height, "action": action}
                 )
+            tar.close()
             raw.flush()
             os.fsync(raw.fileno())
+        result.rgb_sum, result.rgb_outer = np.asarray(result.rgb_sum).tolist(), np.asarray(result.rgb_outer).tolist()
         index = f"{IDX_VERSION} {len(index_lines)}\n" + "".join(f"{line}\n" for line in index_lines)
         _write_atomic(os.path.join(out_dir, f"{shard}.idx"), index.encode())
-        meta = {k: getattr(result, k) for k in ("shard", "rows", "rejects", "pixels", "rgb_sum", "rgb_outer")}
-        _write_atomic(os.path.join(out_dir, f"{shard}.meta.json"), json.dumps(meta, sort_keys=True).encode())
+        result.files = {f"{shard}.tar": _digest(tmp_tar), f"{shard}.idx": _digest(os.path.join(out_dir, f"{shard}.idx"))}
+        meta = {k: getattr(result, k) for k in ("shard", "rows", "rejects", "pixels", "rgb_sum", "rgb_outer", "files")}
+        meta_bytes = json.dumps(meta, sort_keys=True).encode()
+        _write_atomic(os.path.join(out_dir, f"{shard}.meta.json"), meta_bytes)
+        result.files[f"{shard}.meta.json"] = _digest_bytes(meta_bytes)
         os.replace(tmp_tar, tar_path)  # last: from here on the shard counts as done
     except OSError as exc:
         for leftover in (tmp_tar,):
@@ -168,7 +210,21 @@ def write_shard(
     return result
 
 
+def _digest_bytes(data: bytes) -> dict:
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _digest(path: str) -> dict:
+    from data_prep.store import sha256_file
+
+    return {"bytes": os.path.getsize(path), "sha256": sha256_file(path)}
+
+
 def read_meta(out_dir: str, shard: str) -> ShardResult:
-    with open(os.path.join(out_dir, f"{shard}.meta.json")) as fh:
-        meta = json.load(fh)
-    return ShardResult(**meta)
+    """A finished shard's metadata (local folder or object storage)."""
+    from data_prep.store import join, read_bytes
+
+    data = read_bytes(join(out_dir, f"{shard}.meta.json"))
+    result = ShardResult(**json.loads(data))
+    result.files[f"{shard}.meta.json"] = _digest_bytes(data)
+    return result

@@ -52,6 +52,8 @@ class PilAugment:
         from PIL import Image
 
         img, label = sample
+        if isinstance(label, dict):  # a .json label (shards indexed in place)
+            label = label[self.info.label_field]
         img = img.convert("RGB")
         s = random.uniform(*self.scale_range)
         w, h = img.size
@@ -71,7 +73,8 @@ def baseline_loader(tars: list[str], augment: PilAugment, batch_size: int, worke
     import webdataset as wds
 
     dataset = (wds.WebDataset(tars, shardshuffle=len(tars), nodesplitter=wds.split_by_node)
-               .shuffle(1000).decode("pil").to_tuple("jpg", "cls").map(augment))
+               .shuffle(1000).select(lambda s: "cls" in s or "json" in s)  # unlabelled samples: skipped
+               .decode("pil").to_tuple("jpg;jpeg;JPEG", "cls;json").map(augment))
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                        persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
 

@@ -49,6 +49,12 @@ class DatasetInfo:
     mean_rgb: tuple[float, float, float]
     rgb_eigval: tuple[float, float, float]
     rgb_eigvec: tuple[tuple[float, ...], ...]  # columns are eigenvectors
+    # Labels: "cls" (ASCII digits, parsed inside the graph) or "json" (shards written
+    # elsewhere and indexed in place: the object's `label_field`, parsed per batch on
+    # the host; `label_bytes` is the largest such member).
+    label_format: str = "cls"
+    label_field: str = "label"
+    label_bytes: int = 0
 
     @classmethod
     def load(cls, root: str | Path) -> "DatasetInfo":
@@ -60,7 +66,8 @@ class DatasetInfo:
         if "mean_rgb" not in s:
             raise ValueError(f"{path}: no colour statistics (was a train split sharded?)")
         return cls(root, s["counts"], s["num_classes"], s["label_digits"], tuple(s["mean_rgb"]),
-                   tuple(s["rgb_eigval"]), tuple(tuple(r) for r in s["rgb_eigvec"]))
+                   tuple(s["rgb_eigval"]), tuple(tuple(r) for r in s["rgb_eigvec"]),
+                   s.get("label_format", "cls"), s.get("label_field", "label"), s.get("label_bytes", 0))
 
     @property
     def std_rgb(self) -> tuple[float, ...]:
@@ -105,11 +112,20 @@ def _index_count(idx: Path) -> int:
         return int(fh.readline().split()[1])
 
 
-def _label(cls_bytes, digits: int):
-    """ASCII, zero-padded to `digits` (data_prep/writer.py) -> int64, inside the graph."""
-    values = fn.cast(cls_bytes, dtype=types.INT64) - 48
-    weights = fn.constant(idata=[10 ** (digits - 1 - i) for i in range(digits)], dtype=types.INT64)
-    return fn.reductions.sum(values * weights, axes=[0])
+def _label(raw, info: "DatasetInfo"):
+    """The label inside the graph. `.cls`: ASCII digits, zero-padded to `label_digits`
+    (data_prep/writer.py) or not (other tools' shards: "7", "7\\n"), parsed to int64 as
+    sum(digit_i * 10^(n-1-i)) over the n leading digits. `.json`: the raw bytes,
+    zero-padded to a fixed width, for the Loader to parse on the host."""
+    if info.label_format == "json":
+        return fn.pad(raw, axes=[0], shape=[max(info.label_bytes, 1)], fill_value=0)
+    width = max(info.label_digits, info.label_bytes, 1)
+    values = fn.cast(fn.pad(raw, axes=[0], shape=[width], fill_value=0), dtype=types.FLOAT)
+    is_digit = fn.cast((values >= 48.0) & (values <= 57.0), dtype=types.FLOAT)
+    count = fn.reductions.sum(is_digit, axes=[0])
+    place = dmath.pow(10.0, count - 1.0 - types.Constant(np.arange(width, dtype=np.float32)))
+    value = fn.reductions.sum((values - 48.0) * is_digit * place, axes=[0])
+    return fn.cast(dmath.floor(value + 0.5), dtype=types.INT64)
 
 
 def _crop_window(shape, scale, crop: int, pos_x, pos_y):
@@ -169,7 +185,7 @@ def _reader(info: DatasetInfo, split: str, shard_id: int, num_shards: int, train
         perm = np.random.default_rng(order_seed).permutation(len(paths))
         paths, index_paths = [paths[i] for i in perm], [index_paths[i] for i in perm]
     return fn.readers.webdataset(
-        paths=paths, index_paths=index_paths, ext=["jpg", "cls"], missing_component_behavior="error",
+        paths=paths, index_paths=index_paths, ext=["jpg", info.label_format], missing_component_behavior="error",
         dtypes=[types.UINT8, types.UINT8], shard_id=shard_id, num_shards=num_shards, name=READER,
         random_shuffle=train, initial_fill=shuffle_buffer if train else 1,
         pad_last_batch=not train,  # eval: pad, and the iterator drops the padding
@@ -215,7 +231,7 @@ def train_pipeline(info: DatasetInfo, split: str, shard_id: int, num_shards: int
         mirror=fn.random.coin_flip(probability=0.5) if mirror is None else mirror, output_layout="CHW",
         dtype=types.FLOAT16 if gpu else types.FLOAT,
     )
-    return out, _label(cls, info.label_digits)
+    return out, _label(cls, info)
 
 
 @pipeline_def
@@ -225,7 +241,7 @@ def center_crop_pipeline(info: DatasetInfo, split: str, shard_id: int, num_shard
     jpegs, cls = _reader(info, split, shard_id, num_shards, False, 0, 1)
     shape = fn.peek_image_shape(jpegs)
     images = _decode_window(jpegs, shape, _crop_window(shape, float(scale), crop, 0.5, 0.5), crop, gpu, "roi", hints)
-    return _normalize(images, info, normalize_std, gpu), _label(cls, info.label_digits)
+    return _normalize(images, info, normalize_std, gpu), _label(cls, info)
 
 
 def _normalize(images, info: DatasetInfo, normalize_std: bool, gpu: bool, **crop):
@@ -248,7 +264,7 @@ def dense_pipeline(info: DatasetInfo, split: str, shard_id: int, num_shards: int
     """Dense evaluation (Section 3.2): the whole image rescaled to Q, for the fully
     convolutional net. Sizes vary per image, so run it with batch_size=1."""
     jpegs, cls = _reader(info, split, shard_id, num_shards, False, 0, 1)
-    return _normalize(_rescaled(jpegs, scale, gpu, hints), info, normalize_std, gpu), _label(cls, info.label_digits)
+    return _normalize(_rescaled(jpegs, scale, gpu, hints), info, normalize_std, gpu), _label(cls, info)
 
 
 @pipeline_def
@@ -262,7 +278,7 @@ def multi_crop_pipeline(info: DatasetInfo, split: str, shard_id: int, num_shards
     steps = [i / (grid - 1) if grid > 1 else 0.5 for i in range(grid)]
     crops = [_normalize(images, info, normalize_std, gpu, crop=(crop, crop), crop_pos_x=x, crop_pos_y=y)
              for y in steps for x in steps]
-    return fn.stack(*crops), _label(cls, info.label_digits)
+    return fn.stack(*crops), _label(cls, info)
 
 
 def _index_keys(idx: str) -> list[str]:
@@ -333,8 +349,11 @@ class Loader:
                 if i < skip:
                     continue
                 data = batch[0]
+                labels = data["labels"]
+                if self.source and self.source[0].label_format == "json":
+                    labels = _json_labels(labels, self.source[0].label_field)
                 yield (data["images"].to(self.device, non_blocking=True),
-                       data["labels"].view(-1).to(self.device, non_blocking=True))
+                       labels.view(-1).to(self.device, non_blocking=True))
         except RuntimeError as exc:
             culprit = find_undecodable(*self.source) if self.source else None
             if culprit:
@@ -342,6 +361,13 @@ class Loader:
                 raise RuntimeError(f"DALI {self.what}: sample {key!r} in shard {tar} cannot be decoded "
                                    f"({reason}); re-shard it or remove it from the shard") from exc
             raise RuntimeError(f"DALI {self.what}: {exc}") from exc
+
+
+def _json_labels(raw: torch.Tensor, field: str) -> torch.Tensor:
+    """Labels from the zero-padded bytes of each sample's .json member (a batch of a
+    few hundred small objects: microseconds on the host)."""
+    rows = raw.cpu().numpy()
+    return torch.tensor([json.loads(bytes(row[row != 0]))[field] for row in rows], dtype=torch.int64)
 
 
 def _device_id(device: torch.device) -> int | None:

@@ -132,3 +132,40 @@ def tiny_plan(tmp_path: Path, shards: Path, *, name: str, experiment: str, stage
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(plan, sort_keys=False))
     return path
+
+
+@contextlib.contextmanager
+def s3_server(bucket: str = "vgg-test"):
+    """moto's standalone S3 server on a free loopback port, with one bucket; the AWS
+    environment (endpoint, dummy keys) for this process and its children."""
+    import urllib.request
+
+    port = free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # until it answers
+            try:
+                urllib.request.urlopen(endpoint, timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("moto_server did not start") from None
+                time.sleep(0.1)
+        req = urllib.request.Request(f"{endpoint}/{bucket}", method="PUT")
+        urllib.request.urlopen(req, timeout=10).close()
+        yield {"endpoint": endpoint, "bucket": bucket, "env": env}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -354,3 +354,23 @@ def test_write_failure_names_the_shard_and_records_nothing(image_tree, shards, t
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert tree_bytes(out) == tree_bytes(shards)
+
+
+@pytest.mark.parametrize("keep", [0.9, 0.99, "no EOI"])
+def test_the_scaled_decode_check_rejects_truncation_as_the_full_one_does(keep):
+    import numpy as np
+    from PIL import Image
+
+    from data_prep.writer import prepare_image
+
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray((rng.random((375, 500, 3)) * 255).astype("uint8")).save(buf, "JPEG", quality=90)
+    data = buf.getvalue()
+    cut = data[:-2] if keep == "no EOI" else data[: int(len(data) * keep)]
+    for full in (False, True):
+        with pytest.raises(ValueError, match="truncated"):
+            prepare_image(cut, None, full_decode=full)
+    _, w, h, action, small = prepare_image(data, None)
+    assert (w, h, action) == (500, 375, "kept") and max(small.size) < 500  # checked at reduced scale
+    assert prepare_image(data, None, full_decode=True)[4].size == (500, 375)
