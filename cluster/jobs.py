@@ -9,6 +9,7 @@ tracking server as the person who submitted it.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -27,12 +28,70 @@ def runtime_env(tracking_uri: str | None = None, env: dict[str, str] | None = No
     return {"working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": env_vars}
 
 
+class AuthError(RuntimeError):
+    """The cluster wants Ray's authentication token and none was found here."""
+
+
+def auth_token() -> str | None:
+    """The cluster token the way Ray's own clients find it: RAY_AUTH_TOKEN, else the file
+    RAY_AUTH_TOKEN_PATH names, else ~/.ray/auth_token (where `ray start --head` and
+    `ray get-auth-token --generate` keep it)."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if token:
+        return token
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _needs_token(address: str) -> bool:
+    """Whether the dashboard at `address` refuses a request that carries no token."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{address.rstrip('/')}/api/jobs/", timeout=10).close()
+    except urllib.error.HTTPError as exc:
+        return exc.code in (401, 403)
+    except OSError:
+        return False  # unreachable: the client reports that itself
+    return False
+
+
+def ensure_auth(address: str | None) -> str:
+    """The dashboard address (http://HOST:8265; default RAY_ADDRESS, else the local
+    head's), with Ray's token authentication settled for this process. Ray 2.60's
+    `ray start --head` turns it on: the token is found as Ray's clients find it and
+    token mode is switched on; with none, and a dashboard that wants one, AuthError
+    says what to run, before anything is submitted."""
+    address = address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
+    if "://" not in address:
+        address = f"http://{address}"
+    if auth_token():
+        if "RAY_AUTH_MODE" not in os.environ:  # an explicit choice (e.g. disabled) is the user's
+            os.environ["RAY_AUTH_MODE"] = "token"
+            if "ray" in sys.modules:  # Ray caches its config at import: make it read the mode again
+                from ray._raylet import Config
+
+                Config.initialize("")
+    elif os.environ.get("RAY_AUTH_MODE", "").lower() != "disabled" and _needs_token(address):
+        raise AuthError(
+            f"the Ray cluster at {address} uses token authentication and no token was found here "
+            "(RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token). On the head node run "
+            "`ray get-auth-token`, then here: export RAY_AUTH_TOKEN=<that token> (for ray_cluster.yaml: "
+            "export RAY_AUTH_TOKEN=$(ray exec ray_cluster.yaml 'ray get-auth-token' 2>/dev/null | tail -1)), "
+            "and run this again")
+    return address
+
+
 def client(address: str | None):
-    """A Jobs API client for the dashboard at `address` (http://HOST:8265; default
-    RAY_ADDRESS, else the local head's dashboard)."""
+    """A Jobs API client for the dashboard at `address` (see ensure_auth)."""
+    address = ensure_auth(address)  # before Ray is imported, so it reads the auth mode from the start
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265")
+    return JobSubmissionClient(address)
 
 
 def train_entrypoint(plan: str, run_name: str | None = None, overrides: list[str] | None = None) -> str:

@@ -119,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"plan error: {exc}", file=sys.stderr)
         return 2
+    try:  # the cluster's token before any work: a missing one is said at once
+        jobs.ensure_auth(a.address)
+    except jobs.AuthError as exc:
+        print(f"cluster.retrain: {exc}", file=sys.stderr)
+        return 2
     final = plan.order()[-1]
     model = a.model or registered_model_name(plan, final)
     uri = tracking_uri()

@@ -48,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"plan error: {exc}", file=sys.stderr)
         return 2
-    client = jobs.client(a.address)
+    try:
+        client = jobs.client(a.address)
+    except jobs.AuthError as exc:
+        print(f"cluster.submit: {exc}", file=sys.stderr)
+        return 2
     job_id = jobs.submit(client, jobs.train_entrypoint(a.plan, a.run_name, a.overrides),
                          submission_id=a.submission_id, tracking_uri=a.tracking_uri)
     print(f"submitted {job_id}\n  follow: ray job logs --follow {job_id}\n  stop:   ray job stop {job_id}", flush=True)

@@ -169,3 +169,53 @@ def s3_server(bucket: str = "vgg-test"):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+class Postgres:
+    """A real PostgreSQL 15 server for one test: initdb and pg_ctl run as the unprivileged
+    `nobody` when this process is root (initdb refuses root), in a world-traversable temp
+    dir, on a free loopback port, with a generated password (scram-sha-256 over TCP)."""
+
+    def __init__(self):
+        import tempfile
+
+        # Directly under /tmp: `nobody` must traverse every parent (pytest's are private).
+        self.dir = Path(tempfile.mkdtemp(prefix="vgg-pg-", dir="/tmp"))
+        self.dir.chmod(0o755)
+        self.data, self.port, self.password = self.dir / "data", free_port(), secrets.token_hex(12)
+        bins = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
+        self.bin = bins[-1] if bins else Path(shutil.which("initdb") or "/usr/bin/initdb").parent
+        pwfile = self.dir / "pw"
+        pwfile.write_text(self.password + "\n")
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, "nobody")
+            shutil.chown(pwfile, "nobody")
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth-local=trust",
+                  "--auth-host=scram-sha-256", f"--pwfile={pwfile}")
+        pwfile.unlink()
+        self.start()
+        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "mlflow")
+
+    def _run(self, tool: str, *args: str) -> None:
+        cmd = [str(self.bin / tool), *args]
+        if os.geteuid() == 0:
+            cmd = ["runuser", "-u", "nobody", "--", *cmd]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PGPASSWORD=self.password),
+                             cwd=self.dir)
+        assert out.returncode == 0, f"{tool} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
+
+    @property
+    def uri(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/mlflow"
+
+    def start(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.dir / "server.log"), "-w", "start", "-o",
+                  f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def remove(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
