@@ -133,3 +133,16 @@ def sha256_file(path: str | Path) -> str:
         while chunk := fh.read(8 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def data_hash(root: str | Path) -> str:
+    """Content hash of what data_prep/shard.py wrote about a shard set (its manifest and
+    classes): the retrain gate's `data_hash` and the digest of the MLflow dataset input."""
+    h = hashlib.sha256()
+    for name in ("manifest.parquet", "classes.json"):
+        path = join(root, name)
+        if not exists(path):
+            raise FileNotFoundError(f"{path}: not found; is {root} the output of data_prep/shard.py?")
+        h.update(name.encode())
+        h.update(read_bytes(path))
+    return h.hexdigest()

@@ -8,6 +8,7 @@ since 3.13). A tracking server that is down must not stop training:
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -15,6 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_DB = "mlflow.db"
+# MLflow 3's UI picks an experiment's view from this tag: the model-training one (runs,
+# metrics, charts), not the GenAI one (traces) it otherwise opens on.
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+DESCRIPTION = "mlflow.note.content"  # a run's or experiment's description in the UI
 
 
 def tracking_uri(default_db: str | Path = DEFAULT_DB) -> str:
@@ -82,7 +87,10 @@ class Tracker:
         self.client = _client(uri)
         exp = self.client.get_experiment_by_name(experiment)
         self.experiment_id = (exp.experiment_id if exp else
-                              self.client.create_experiment(experiment, artifact_location=artifact_root(uri)))
+                              self.client.create_experiment(experiment, artifact_location=artifact_root(uri),
+                                                            tags={EXPERIMENT_KIND: MODEL_TRAINING}))
+        if exp is not None and exp.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:
+            self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
 
     def _find(self, filter_string: str):
         runs = self.client.search_runs([self.experiment_id], filter_string, max_results=1,
@@ -119,7 +127,13 @@ class Tracker:
                         **{"mlflow.parentRunId": parent_id})
         run = self.client.create_run(self.experiment_id, run_name=f"{run_name}/{stage}{suffix}", tags=all_tags)
         self._log_params(run.info.run_id, params)
+        self.client.set_tag(run.info.run_id, DESCRIPTION, stage_description(all_tags))
         return StageRun(run.info.run_id, False, None, all_tags)
+
+    def describe(self, run_id: str) -> None:
+        """The run's description in the UI, from its tags (updated with the final errors
+        when the stage finishes)."""
+        self.client.set_tag(run_id, DESCRIPTION, stage_description(self.client.get_run(run_id).data.tags))
 
     def _log_params(self, run_id: str, params: dict) -> None:
         from mlflow.entities import Param
@@ -134,6 +148,8 @@ class Tracker:
 
         now = int(time.time() * 1000)
         self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        tags = self.client.get_run(run_id).data.tags
+        self.client.set_tag(run_id, DESCRIPTION, stage_description(tags, metrics))
         if model is not None:
             self.log_model(run_id, model, registered_name)
         self.client.set_tag(run_id, "checkpoint", checkpoint)
@@ -177,15 +193,29 @@ class Tracker:
         version = getattr(info, "registered_model_version", None)
         if registered_name and version is not None:
             tags = self.client.get_run(run_id).data.tags
-            for key in ("stage", "plan_run", "train_scale", "init_from"):
+            for key in ("stage", "plan_run", "train_scale", "init_from", "recipe", "deviation"):
                 if key in tags:
                     self.client.set_model_version_tag(registered_name, str(version), key, tags[key])
+            self.client.update_model_version(registered_name, str(version),
+                                             description=tags.get(DESCRIPTION) or stage_description(tags))
 
     def stage_results(self, run_name: str) -> list[dict]:
         runs = self.client.search_runs([self.experiment_id],
                                        f"tags.plan_run = '{run_name}' and tags.kind = 'stage'",
                                        order_by=["attributes.start_time ASC"])
         return [dict(run_id=r.info.run_id, status=r.info.status, **r.data.tags, **r.data.metrics) for r in runs]
+
+
+def stage_description(tags: dict, metrics: dict | None = None) -> str:
+    """What a stage run is, in a line or two: arch, scale, init, final errors, recipe."""
+    text = (f"VGG {tags.get('arch', '?')} trained at S={tags.get('train_scale', '?')}, initialised from "
+            f"{tags.get('init_from', '?')} (stage {tags.get('stage', '?')} of plan run {tags.get('plan_run', '?')}).")
+    if metrics and "top1_error" in metrics:
+        text += (f" Final validation error: top-1 {metrics['top1_error']:.2f}%, top-5 {metrics['top5_error']:.2f}%"
+                 f" after {int(metrics.get('epochs_trained', 0))} epochs.")
+    if tags.get("recipe"):
+        text += f" Recipe: {tags['recipe']}."
+    return text
 
 
 class MetricsLogger:
@@ -207,6 +237,25 @@ class MetricsLogger:
         except Exception:  # noqa: BLE001 - an unreachable server must not stop training
             return None
         return max((m.step for m in history), default=None)
+
+    def log_dataset(self, name: str, digest: str, source: str) -> None:
+        """The shard set as the run's training dataset input (once per digest; MLflow keeps
+        at most 36 characters of a digest: the data hash's first 32 hex digits)."""
+        if not self.enabled:
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        try:
+            run = self._client.get_run(self.run_id)
+            if any(d.dataset.digest == digest[:32] for d in run.inputs.dataset_inputs):
+                return
+            dataset = Dataset(name=name, digest=digest[:32], source_type="local" if "://" not in source else "s3",
+                              source=json.dumps({"uri": source, "data_hash": digest}))
+            self._client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context",
+                                                                                          "training")])])
+        except Exception as exc:  # noqa: BLE001 - a tracking failure must not stop training
+            print(f"warning: could not log the dataset input ({type(exc).__name__}: {str(exc)[:200]})",
+                  file=sys.stderr)
 
     def log(self, metrics: dict, step: int) -> None:
         if not self.enabled:

@@ -47,6 +47,8 @@ class MlflowEpochMetrics(ray.train.UserCallback):
             self._logger = MetricsLogger(self.tracking_uri, self.run_id, enabled=True)
             self._last_step = self._logger.last_step(STEP_METRIC)
         rank0 = dict(metrics[0])
+        if "data_hash" in rank0:  # the shard set, as the run's MLflow dataset input
+            self._logger.log_dataset(rank0.pop("data_name"), rank0.pop("data_hash"), rank0.pop("data_root"))
         for record in rank0.pop("step_log", None) or []:
             record = dict(record)
             step = int(record.pop("step"))
@@ -158,6 +160,17 @@ def train_loop_per_worker(config: dict) -> dict | None:
         say(f"{tag} {stage.arch} S={stage.scale_label} on {world} worker(s), {device}; {how}; "
             f"{epochs} epochs x {steps} steps of {per_worker * world}, lr {schedule.base_lr:.3g}{warm}")
     pending_steps: list[dict] = []  # per-interval records not yet reported
+    # The shard set's content hash (the retrain gate's) rides with the first report, for
+    # the driver side to log as the run's dataset input: the driver may not see the shards.
+    from data_prep.store import data_hash
+
+    dataset = {}
+    if rank == 0:
+        try:
+            dataset = {"data_hash": data_hash(data.root), "data_root": str(data.root),
+                       "data_name": f"shards:{Path(str(data.root).rstrip('/')).name}"}
+        except FileNotFoundError:  # shards without a manifest: nothing to name them by
+            pass
 
     def report(metrics: dict, epoch: int, step: int, checkpoint: bool = True) -> None:
         """Every rank reports (Ray Train needs it); rank 0 attaches the checkpoint and the
@@ -166,8 +179,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
             if rank != 0:
                 ray.train.report(metrics)
                 return
-            metrics = dict(metrics, step_log=list(pending_steps))
+            metrics = dict(metrics, step_log=list(pending_steps), **dataset)
             pending_steps.clear()
+            dataset.clear()
             if not checkpoint:
                 ray.train.report(metrics)
                 return

@@ -58,6 +58,15 @@ def test_staged_plan_on_ray_tracks_everything_and_resumes(tmp_path, shards, ray_
     for key in ("step/lr", "step/images_per_sec", "step/data_wait_fraction"):
         assert len(client.get_metric_history(stages["A"].info.run_id, key)) == len(per_step), key
     assert stages["A"].data.tags["recipe"] == "tiny; global batch 16, lr 0.05 at batch 256, no warmup"
+    # as a training user expects the UI: the model-training view, descriptions, the data as an input
+    from data_prep.store import data_hash
+
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    described = stages["B"].data.tags["mlflow.note.content"]
+    assert "VGG B trained at S=[36,48], initialised from A" in described and "Final validation error: top-1" in described
+    (inp,) = stages["A"].inputs.dataset_inputs
+    assert inp.dataset.digest == data_hash(shards)[:32] and inp.dataset.name == f"shards:{shards.name}"
+    assert [(t.key, t.value) for t in inp.tags] == [("mlflow.data.context", "training")]
 
     # B started from A's named tensors (conv1_1, conv2_1, conv3_1, conv3_2, fc6-fc8)
     a = load_checkpoint_model(checkpoint_from_uri(stages["A"].data.tags["checkpoint"]))["model"]
@@ -75,6 +84,7 @@ def test_staged_plan_on_ray_tracks_everything_and_resumes(tmp_path, shards, ray_
     for arch in ("A", "B"):
         versions = client.search_model_versions(f"name='tiny-test-{arch}'")
         assert len(versions) == 1 and versions[0].tags["stage"] == arch
+        assert versions[0].tags["recipe"].startswith("tiny; global batch 16") and f"VGG {arch}" in versions[0].description
         assert versions[0].run_id == stages[arch].info.run_id
 
     # the same plan run again: both stages skipped, no new MLflow runs
