@@ -47,9 +47,9 @@ def cmd_train(a) -> int:
         results = run_plan(plan, run_name=a.run_name, tracking_uri=uri, ray_address=a.address,
                            max_concurrent=a.max_concurrent_stages)
     except PlanFailed as exc:
-        return _report_failure(exc, uri)
+        return _report_failure(exc, uri, plan.experiment)
     print(results_table(results))
-    print(f"\nMLflow UI: {ui_command(uri)}")
+    print(f"\nMLflow UI: {ui_command(uri, plan.experiment)}")
     return 0
 
 
@@ -76,7 +76,7 @@ def _train_images(plan) -> int | None:
         return None
 
 
-def _report_failure(exc, uri: str) -> int:
+def _report_failure(exc, uri: str, experiment: str | None = None) -> int:
     """A failed plan never looks like a result: the table says FAILED, the reason goes
     to stderr, and the exit status is 1."""
     from pipeline.runner import results_table
@@ -84,7 +84,7 @@ def _report_failure(exc, uri: str) -> int:
 
     print(results_table(exc.results))
     print(f"\n{exc}", file=sys.stderr)
-    print(f"\nMLflow UI: {ui_command(uri)}")
+    print(f"\nMLflow UI: {ui_command(uri, experiment)}")
     return 1
 
 
@@ -111,7 +111,7 @@ def cmd_demo(a) -> int:
     try:
         results = run_plan(plan, run_name=a.run_name or default_run_name(plan, fresh=True), tracking_uri=uri)
     except PlanFailed as exc:
-        return _report_failure(exc, uri)
+        return _report_failure(exc, uri, plan.experiment)
     print("\n== results (validation set of the built-in dataset, single-scale centre crop)")
     print(results_table(results))
     print("\n== the paper's test protocols: dense and multi-crop over three scales, 2 Ray tasks each", flush=True)
@@ -129,7 +129,7 @@ def cmd_demo(a) -> int:
     md, out = make_report(uri, plan.experiment, work / "report")
     print(md)
     print(f"report files: {out}/")
-    print(f"\nMLflow UI: {ui_command(uri)}")
+    print(f"\nMLflow UI: {ui_command(uri, plan.experiment)}")
     return 0
 
 

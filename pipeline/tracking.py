@@ -50,10 +50,26 @@ def finished_stage_run(client, experiment: str, stage: str):
     return found[0]
 
 
-def ui_command(uri: str) -> str:
+def experiment_link(base: str, experiment_id: str) -> str:
+    """The experiment's page in MLflow 3's model-training view. The UI opens every page
+    in its GenAI view unless the link says otherwise (the experiment's kind tag alone
+    does not switch the first page; checked in headless Chromium)."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def ui_command(uri: str, experiment: str | None = None) -> str:
+    """How to look at `uri` (and `experiment`, when given) in the MLflow UI."""
+    exp_id = None
+    if experiment:
+        try:
+            found = _client(uri).get_experiment_by_name(experiment)
+            exp_id = found.experiment_id if found else None
+        except Exception:  # noqa: BLE001 - a hint, never a failure
+            exp_id = None
     if uri.startswith(("http://", "https://")):
-        return f"open {uri} in a browser"
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+        return f"open {experiment_link(uri, exp_id) if exp_id else uri} in a browser"
+    then = f", then open {experiment_link('http://127.0.0.1:5000', exp_id)}" if exp_id else ""
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000{then}"
 
 
 def _client(uri: str):

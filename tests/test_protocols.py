@@ -72,7 +72,14 @@ def test_protocols_match_the_per_image_reference(net, info, protocol):
     assert ours.probs.shape == ref.shape == (48, 6)
     np.testing.assert_allclose(ours.probs, ref, atol=2e-5)
     truth = Posteriors(ours.keys, ours.labels, ref).errors()
-    assert ours.errors() == pytest.approx(truth)
+    # The errors agree except where the reference itself is a tie within the tolerance
+    # above at the top-k boundary (the 1st/2nd or 5th/6th probability): such an image may
+    # rank either way, in ours as in any float reduction order.
+    ranked = np.sort(ref, axis=1)[:, ::-1]
+    for k, key in ((1, "top1_error"), (5, "top5_error")):
+        ties = int((ranked[:, k - 1] - ranked[:, k] < 4e-5).sum())
+        assert abs(ours.errors()[key] - truth[key]) <= ties * 100 / 48 + 1e-9, (key, ties)
+    assert ours.errors()["images"] == truth["images"] == 48
 
 
 def test_single_scale_and_every_image_once_over_uneven_ranks(net, info, shards):
