@@ -117,10 +117,17 @@ def run_ensemble(refs: list[str], *, tracking_uri: str, experiment: str | None, 
         *[Metric("greedy_top1_error", err, now, step) for step, (_, err) in enumerate(choice.trail)
           if greedy_max]])
     if register:
+        from pipeline.evaluate import stage_bundle
+
         nets = [load_stage_model(by_id[i][1], by_id[i][0].data.tags["checkpoint"]) for i in choice.run_ids]
+        parts = [stage_bundle(by_id[i][1], by_id[i][0].data.tags["checkpoint"], by_id[i][0].data.params.get("data.root"))
+                 for i in choice.run_ids]
+        # the classifier averages the members' softmax, each with its own preprocessing
+        bundle = None if any(p is None for p in parts) else (
+            [n for p in parts for n in p[0]], [m for p in parts for m in p[1]], parts[0][2])
         experiment_name = client.get_experiment(exp_id).name
         Tracker(tracking_uri, experiment_name).log_model(run.info.run_id, Ensemble(nets),
-                                                         f"{experiment_name}-ensemble")
+                                                         f"{experiment_name}-ensemble", bundle)
     client.set_terminated(run.info.run_id, "FINISHED")
     return {"run_id": run.info.run_id, "name": label, "members": choice.run_ids,
             "member_stages": [by_id[i][1].name for i in choice.run_ids], "metric_prefix": prefix,

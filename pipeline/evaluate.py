@@ -46,6 +46,35 @@ def load_stage_model(stage: Stage, checkpoint):
     return model.eval()
 
 
+def stage_bundle(stage: Stage, checkpoint, data_root: str | None = None):
+    """(nets, members, classes) for a registered model that classifies images on its own
+    (pipeline/serving.py): the stage's net, its evaluation preprocessing (Q, crop, the
+    training mean and std) and the class names, from the checkpoint (or, for checkpoints
+    from before they carried them, from the shards at `data_root`); None if neither has them."""
+    from pipeline.serving import Member
+    from pipeline.worker import checkpoint_from_uri, load_checkpoint_model
+
+    if isinstance(checkpoint, str):
+        checkpoint = checkpoint_from_uri(checkpoint)
+    state = load_checkpoint_model(checkpoint)
+    mean, std, classes = state.get("mean_rgb"), state.get("std_rgb"), state.get("classes")
+    if mean is None and data_root:
+        from pipeline.data import DatasetInfo
+
+        try:
+            info = DatasetInfo.load(data_root)
+            mean, std = info.mean_rgb, info.std_rgb if stage.recipe.normalize_std else None
+            classes = json.loads((Path(data_root) / "classes.json").read_text())
+        except (OSError, ValueError):
+            return None
+    if mean is None:
+        return None
+    r = stage.recipe
+    member = Member(stage.arch, state["num_classes"], r.width_mult, r.batch_norm, r.crop, stage.eval_scale,
+                    tuple(mean), tuple(std) if std else None)
+    return [load_stage_model(stage, checkpoint)], [member], classes or []
+
+
 def _stage_posteriors(stage: Stage, checkpoint: str, root: str, split: str, protocol: str, scales: list[int],
                       rank: int, world: int, batch_size: int, threads: int):
     from pipeline.data import DatasetInfo

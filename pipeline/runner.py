@@ -251,7 +251,7 @@ def _finish(tracker, plan: Plan, stage: Stage, srun, future, run_name: str, chec
             say) -> StageResult:
     """Book a stage's Ray Train run: FAILED with the reason (a training failure, or a
     crash that a rerun resumes), or FINISHED with its model registered."""
-    from pipeline.evaluate import load_stage_model
+    from pipeline.evaluate import load_stage_model, stage_bundle
     from pipeline.worker import checkpoint_uri
 
     try:
@@ -279,7 +279,8 @@ def _finish(tracker, plan: Plan, stage: Stage, srun, future, run_name: str, chec
              f"single_Q{stage.eval_scale}/top5_error": outcome.metrics["val_top5_error"],
              "epochs_trained": outcome.metrics["epoch"] + 1}
     tracker.finish_stage(srun.run_id, final, checkpoint_uri(outcome.checkpoint), model=model,
-                         registered_name=registered_model_name(plan, stage))
+                         registered_name=registered_model_name(plan, stage),
+                         bundle=stage_bundle(stage, outcome.checkpoint, plan.data.root))
     say(f"[{stage.name}] finished: top-1 error {final['top1_error']:.2f}%")
     return _result(stage, tracker, srun.run_id, skipped=False)
 

@@ -159,7 +159,7 @@ class Tracker:
             self.client.log_batch(run_id, params=items[i : i + 100])
 
     def finish_stage(self, run_id: str, metrics: dict, checkpoint: str, model=None,
-                     registered_name: str | None = None) -> None:
+                     registered_name: str | None = None, bundle=None) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -167,7 +167,7 @@ class Tracker:
         tags = self.client.get_run(run_id).data.tags
         self.client.set_tag(run_id, DESCRIPTION, stage_description(tags, metrics))
         if model is not None:
-            self.log_model(run_id, model, registered_name)
+            self.log_model(run_id, model, registered_name, bundle)
         self.client.set_tag(run_id, "checkpoint", checkpoint)
         self.client.set_tag(run_id, "stage_status", "finished")
         self.client.set_terminated(run_id, "FINISHED")
@@ -190,10 +190,14 @@ class Tracker:
             self.client.set_tag(run_id, key, str(value)[:5000])
         self.client.set_terminated(run_id, status)
 
-    def log_model(self, run_id: str, model, registered_name: str | None = None) -> None:
-        """The trained net as an MLflow PyTorch model (loadable with mlflow.pytorch.load_model),
-        registered as a new version of `registered_name` (one registered model per arch)
-        with the run's stage and plan run as version tags."""
+    def log_model(self, run_id: str, model, registered_name: str | None = None, bundle=None) -> None:
+        """The trained net as an MLflow PyTorch model (`model`, loadable with
+        mlflow.pytorch.load_model) and, given a `bundle` (nets, members, classes; see
+        pipeline/serving.py), as a classifier (`classifier`, mlflow.pyfunc) that takes JPEG
+        bytes or uint8 arrays and returns class ids, names and top-5 probabilities. The
+        classifier, or without a bundle the net, is registered as a new version of
+        `registered_name` (one registered model per arch), with the run's stage, plan
+        run and recipe as version tags and a description."""
         import mlflow
         import torch
 
@@ -202,10 +206,13 @@ class Tracker:
         # pt2 export traces the forward pass with this example; a batch of 1 would pin the
         # exported batch dimension to 1 (0/1 specialisation), so the example has 2.
         example = torch.zeros(2, 3, side, side).numpy()
+        torch_req = f"torch=={torch.__version__.split('+')[0]}"
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pytorch.log_model(model.eval(), name="model", input_example=example,
-                                            registered_model_name=registered_name,
-                                            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+                                            registered_model_name=None if bundle else registered_name,
+                                            pip_requirements=[torch_req])
+            if bundle:
+                info = self._log_classifier(bundle, registered_name, torch_req)
         version = getattr(info, "registered_model_version", None)
         if registered_name and version is not None:
             tags = self.client.get_run(run_id).data.tags
@@ -215,11 +222,56 @@ class Tracker:
             self.client.update_model_version(registered_name, str(version),
                                              description=tags.get(DESCRIPTION) or stage_description(tags))
 
+    @staticmethod
+    def _log_classifier(bundle, registered_name: str | None, torch_req: str):
+        import tempfile
+
+        import mlflow.pyfunc
+
+        from pipeline.serving import write_bundle
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = write_bundle(Path(tmp) / "bundle", *bundle)
+            return mlflow.pyfunc.log_model(name="classifier", python_model=_classifier_model(),
+                                           artifacts={"bundle": str(folder)},
+                                           code_paths=[str(Path(__file__).resolve().parent)],
+                                           registered_model_name=registered_name,
+                                           pip_requirements=[torch_req, "pillow", "numpy", "pandas"])
+
     def stage_results(self, run_name: str) -> list[dict]:
         runs = self.client.search_runs([self.experiment_id],
                                        f"tags.plan_run = '{run_name}' and tags.kind = 'stage'",
                                        order_by=["attributes.start_time ASC"])
         return [dict(run_id=r.info.run_id, status=r.info.status, **r.data.tags, **r.data.metrics) for r in runs]
+
+
+def _classifier_model():
+    """An mlflow.pyfunc model over pipeline.serving's Classifier (defined here, the only
+    module that imports MLflow; pickled by value, with `pipeline/` shipped as code)."""
+    import mlflow.pyfunc
+
+    class VGGClassifier(mlflow.pyfunc.PythonModel):
+        def load_context(self, context):
+            from pipeline.serving import load_bundle
+
+            self.classifier = load_bundle(context.artifacts["bundle"])
+
+        def predict(self, context, model_input, params=None):
+            import numpy as np
+            import pandas as pd
+
+            if isinstance(model_input, pd.DataFrame):
+                column = "image" if "image" in model_input.columns else model_input.columns[0]
+                images = list(model_input[column])
+            elif isinstance(model_input, np.ndarray) and model_input.dtype == np.uint8 and model_input.ndim in (2, 3):
+                images = [model_input]  # one image
+            elif isinstance(model_input, (bytes, bytearray)):
+                images = [model_input]
+            else:
+                images = list(model_input)
+            return pd.DataFrame(self.classifier.predict(images))
+
+    return VGGClassifier()
 
 
 def stage_description(tags: dict, metrics: dict | None = None) -> str:

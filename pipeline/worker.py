@@ -8,8 +8,8 @@ the checkpoint. A restarted worker group resumes from `ray.train.get_checkpoint(
 
 from __future__ import annotations
 
+import json
 import logging
-import math
 import sys
 import tempfile
 import time
@@ -160,6 +160,11 @@ def train_loop_per_worker(config: dict) -> dict | None:
         say(f"{tag} {stage.arch} S={stage.scale_label} on {world} worker(s), {device}; {how}; "
             f"{epochs} epochs x {steps} steps of {per_worker * world}, lr {schedule.base_lr:.3g}{warm}")
     pending_steps: list[dict] = []  # per-interval records not yet reported
+    # What a registered model needs to classify an image on its own (pipeline/serving.py),
+    # kept in every checkpoint: the driver that registers it may not see the shards.
+    classes_file = Path(str(data.root)) / "classes.json"
+    serving_facts = {"mean_rgb": list(info.mean_rgb), "std_rgb": list(info.std_rgb) if normalize_std else None,
+                     "classes": json.loads(classes_file.read_text()) if classes_file.is_file() else []}
     # The shard set's content hash (the retrain gate's) rides with the first report, for
     # the driver side to log as the run's dataset input: the driver may not see the shards.
     from data_prep.store import data_hash
@@ -189,7 +194,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
                                   for k, v in net.state_dict().items()},
                         "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                         "epoch": epoch, "step": step, "rng": torch.get_rng_state(), "arch": stage.arch,
-                        "num_classes": info.num_classes}, Path(tmp) / CHECKPOINT_FILE)
+                        "num_classes": info.num_classes, **serving_facts}, Path(tmp) / CHECKPOINT_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     def failed(kind: str, epoch: int, reason: str) -> dict:

@@ -136,9 +136,15 @@ def test_demo_end_to_end_then_report_and_evaluate(tmp_path):
     import torch
 
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    ensemble = mlflow.pytorch.load_model("models:/vgg-demo-ensemble/1")  # averaged softmax of A and B
+    ensemble = mlflow.pytorch.load_model(f"runs:/{ens.info.run_id}/model")  # averaged softmax of A and B
     probs = ensemble(torch.randn(3, 3, 64, 64))
     torch.testing.assert_close(probs.sum(1), torch.ones(3), atol=1e-4, rtol=0)
+    # the registered ensemble (the champion's kind) classifies JPEG files on its own
+    import mlflow.pyfunc
+
+    jpegs = sorted((tmp_path / "demo" / "imagenet" / "val").rglob("*.JPEG"))[:3]
+    rows = mlflow.pyfunc.load_model("models:/vgg-demo-ensemble/1").predict([p.read_bytes() for p in jpegs])
+    assert list(rows["class_name"]) and all(len(t) == 5 for t in rows["top5_ids"])
     assert "## Table 6: ensembles" in out.stdout and "| ensemble-A+B (A,B) | - |" in out.stdout
 
     report = run(["report", "--experiment", "vgg-demo", "--out", str(tmp_path / "report")], env=env)

@@ -4,6 +4,8 @@ rerun of the same plan run skips finished stages."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from services import tiny_plan
@@ -86,6 +88,40 @@ def test_staged_plan_on_ray_tracks_everything_and_resumes(tmp_path, shards, ray_
         assert len(versions) == 1 and versions[0].tags["stage"] == arch
         assert versions[0].tags["recipe"].startswith("tiny; global batch 16") and f"VGG {arch}" in versions[0].description
         assert versions[0].run_id == stages[arch].info.run_id
+
+    # The registered version classifies images on its own, in a fresh process through MLflow's
+    # own loader: real JPEG files in, class ids, names and top-5 out; its top-1 is the
+    # pipeline's own single-scale evaluation of the same images.
+    import json
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    from pipeline.data import DatasetInfo
+    from pipeline.evaluate import load_stage_model, stage_from_run
+    from pipeline.protocols import posteriors
+
+    stage_a = stage_from_run(stages["A"])
+    info = DatasetInfo.load(shards)
+    ours = posteriors(load_stage_model(stage_a, stages["A"].data.tags["checkpoint"]), info, "val", "single",
+                      [stage_a.eval_scale], crop=32, normalize_std=True, batch_size=8, threads=1)
+    source = {r["key"]: r["source"] for r in pq.read_table(shards / "manifest.parquet").to_pylist()}
+    files = [source[k] for k in ours.keys]
+    script = ("import json, sys, mlflow.pyfunc; m = mlflow.pyfunc.load_model('models:/tiny-test-A/1'); "
+              "out = m.predict([open(f, 'rb').read() for f in json.load(sys.stdin)]); "
+              "print(json.dumps(out.to_dict('records')))")
+    done = subprocess.run([sys.executable, "-c", script], input=json.dumps(files), capture_output=True, text=True,
+                          env=dict(os.environ, MLFLOW_TRACKING_URI=mlflow_uri), cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    names = {c["index"]: c["name"] for c in json.loads((shards / "classes.json").read_text())}
+    assert len(rows) == 48 and all(r["class_name"] == names[r["class_id"]] and len(r["top5_ids"]) == 5 for r in rows)
+    assert all(r["top5_probs"] == sorted(r["top5_probs"], reverse=True) and 0 < sum(r["top5_probs"]) <= 1 + 1e-5
+               and r["top5_ids"][0] == r["class_id"] for r in rows), rows[0]
+    agree = sum(r["class_id"] == int(p.argmax()) for r, p in zip(rows, ours.probs))
+    assert agree == 48, f"top-1 agrees with the pipeline's evaluation on {agree} of 48 images"
+    assert mlflow.pytorch.load_model(f"runs:/{stages['A'].info.run_id}/model") is not None  # the plain module too
 
     # the same plan run again: both stages skipped, no new MLflow runs
     again = run_plan(plan, run_name="tiny-1", tracking_uri=mlflow_uri)
