@@ -6,7 +6,10 @@ STAMP := $(VENV)/.installed
 # CPU machines: the CPU build of torch (on local disk here). For a GPU node, see README.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-fast clean models mlflow-server
+.PHONY: install demo test test-fast clean models mlflow-server image
+# The image cluster/k8s/*.yaml name (see Dockerfile); CONTAINER=podman works the same.
+CONTAINER ?= docker
+IMAGE ?= ghcr.io/your-org/vgg-pipeline:latest
 
 install: $(STAMP)
 
@@ -33,6 +36,9 @@ models: $(STAMP)
 # mlflow-server/); then `export MLFLOW_TRACKING_URI=http://127.0.0.1:5000`.
 mlflow-server: $(STAMP)
 	$(PY) -m cluster.tracking_server
+
+image:
+	$(CONTAINER) build -t $(IMAGE) .
 
 clean:
 	rm -rf data/demo runs mlflow.db mlartifacts

@@ -1,0 +1,51 @@
+"""The image the Kubernetes manifests run, checked without building it (no image
+registry is reachable here): hadolint finds nothing, its base image carries this
+project's Ray and Python, every path it copies exists, its import check names real
+modules, and the manifests and `make image` name the same image."""
+
+from __future__ import annotations
+
+import importlib.util
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import ray
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DOCKERFILE = REPO / "Dockerfile"
+
+
+def test_hadolint_finds_nothing():
+    out = subprocess.run([str(Path(sys.executable).parent / "hadolint"), "--no-color", str(DOCKERFILE)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_base_image_matches_our_ray_and_python_and_the_build_steps_are_real():
+    text = DOCKERFILE.read_text()
+    base = re.search(r"^ARG BASE_IMAGE=rayproject/ray:(\d+\.\d+\.\d+)-py(\d)(\d+)-gpu$", text, re.M)
+    assert base, "the base image must be a Ray GPU image"
+    assert base.group(1) == ray.__version__
+    assert (base.group(2), base.group(3)) == tuple(platform.python_version_tuple()[:2])
+    for src in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", text, re.M):
+        for path in src.split():
+            assert (REPO / path).exists(), path
+    check = re.search(r'python -c "import ([^"]+)"', text).group(1)
+    for module in [m.strip() for m in check.split(",")]:
+        assert importlib.util.find_spec(module) is not None, module
+    assert "cu130" in text  # DALI's nvidia-dali-cuda130 needs torch built for CUDA 13
+
+
+def test_manifests_and_make_image_name_the_same_image():
+    make = (REPO / "Makefile").read_text()
+    image = re.search(r"^IMAGE \?= (\S+)$", make, re.M).group(1)
+    named = {}
+    for path in (REPO / "cluster" / "k8s").glob("*.yaml"):
+        for doc in yaml.safe_load_all(path.read_text()):
+            named[path.name] = set(re.findall(r"'image': '([^']+)'", str(doc)))
+    assert named["raycluster.yaml"] == named["retrain-cronjob.yaml"] == {image}
+    assert all(found <= {image} for found in named.values()), named  # rayjob.yaml runs on the RayCluster
