@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 import re
 import tarfile
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
+from data_prep import store
 from data_prep.writer import IDX_VERSION, ShardResult, _accumulate, _digest_bytes, prepare_image
 
 IMAGE_EXTS = ("jpg", "jpeg", "JPEG", "JPG")
@@ -48,12 +48,20 @@ def _split_name(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext if dot else ""
 
 
+def _open(path: str):
+    """A seekable binary file: local, or an object read by ranges (pyarrow)."""
+    if not store.is_remote(path):
+        return open(path, "rb")
+    filesystem, inner = store._fs(path)
+    return filesystem.open_input_file(inner)
+
+
 def scan_tar(path: str, label_field: str) -> tuple[list[Entry], list[dict], int]:
-    """(entries, rejects, largest label member) of one tar, reading member headers,
-    labels and the first bytes of each image only."""
+    """(entries, rejects, largest label member) of one tar (a file or an s3:// object),
+    reading member headers, labels and the first bytes of each image only."""
     groups: dict[str, dict[str, tarfile.TarInfo]] = {}
     entries, rejects, label_bytes = [], [], 0
-    with tarfile.open(path, "r:") as tar:
+    with _open(path) as fh, tarfile.open(fileobj=fh, mode="r:") as tar:
         for m in tar:
             if m.isfile():
                 key, ext = _split_name(m.name)
@@ -118,25 +126,22 @@ def _index_line(e: Entry) -> str:
     return f"jpg {off} {size} {name} {ext} {loff} {lsize} {lname}"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def index(root: str | Path, splits: list[str] | None = None, *, label_field: str = "label",
           num_classes: int | None = None, stats_sample: int = 10_000, seed: int = 0, workers: int = 1) -> dict:
     """Index DIR/<split>/*.tar in place; returns counts, rejects and the label format."""
     from data_prep.shard import _finalise
 
-    root = Path(root).resolve()
-    splits = splits or sorted(d.name for d in root.iterdir() if d.is_dir() and any(d.glob("*.tar")))
+    root = str(root).rstrip("/") if store.is_remote(root) else str(Path(root).resolve())
+    listing = [rel for rel, _ in store.listdir(root, recursive=True)]
+    found = sorted({rel.split("/")[0] for rel in listing if rel.count("/") == 1 and rel.endswith(".tar")})
+    splits = splits or found
     if not splits:
         raise FileNotFoundError(f"{root}: no <split>/*.tar shards")
-    tars = {s: sorted(str(t) for t in (root / s).glob("*.tar")) for s in splits}
-    for split, found in tars.items():
-        if not found:
-            raise FileNotFoundError(f"{root / split}: no .tar shards")
+    tars = {s: [store.join(root, rel) for rel in listing if rel.startswith(f"{s}/") and rel.count("/") == 1
+                and rel.endswith(".tar")] for s in splits}
+    for split, names in tars.items():
+        if not names:
+            raise FileNotFoundError(f"{store.join(root, split)}: no .tar shards")
     jobs = [(t, label_field) for s in splits for t in tars[s]]
     if workers > 1 and len(jobs) > 1:
         with get_context("spawn").Pool(workers) as pool:
@@ -150,7 +155,7 @@ def index(root: str | Path, splits: list[str] | None = None, *, label_field: str
     train_split = "train" if "train" in splits else splits[0]
     labels = [e.label for t in tars[train_split] for e in scanned[t][0]]
     if not labels:
-        raise ValueError(f"{root / train_split}: no usable samples (see the rejects)")
+        raise ValueError(f"{store.join(root, train_split)}: no usable samples (see the rejects)")
     classes = num_classes or max(labels) + 1
     good: dict[tuple[str, str], list[Entry]] = {}
     bad: dict[tuple[str, str], list[dict]] = {}
@@ -159,7 +164,7 @@ def index(root: str | Path, splits: list[str] | None = None, *, label_field: str
         for tar in tars[split]:
             entries, rejects, jb, _ = scanned[tar]
             label_bytes = max(label_bytes, jb)
-            key = (split, Path(tar).stem)
+            key = (split, Path(tar).name[:-len(".tar")])
             bad[key] = list(rejects)
             good[key] = []
             for e in entries:
@@ -170,13 +175,13 @@ def index(root: str | Path, splits: list[str] | None = None, *, label_field: str
     stats = _stats_sample(root, train_split, good, bad, stats_sample, seed)
     done = {}
     for (split, stem), entries in good.items():
-        tar = root / split / f"{stem}.tar"
+        tar = store.join(root, split, f"{stem}.tar")
         idx = f"{IDX_VERSION} {len(entries)}\n" + "".join(_index_line(e) + "\n" for e in entries)
-        _write_atomic(tar.with_suffix(".idx"), idx.encode())
+        store.write_bytes(store.join(root, split, f"{stem}.idx"), idx.encode())
         result = ShardResult(stem, rejects=bad[(split, stem)])
-        result.files = {tar.name: scanned[str(tar)][3], f"{stem}.idx": _digest_bytes(idx.encode())}
+        result.files = {f"{stem}.tar": scanned[tar][3], f"{stem}.idx": _digest_bytes(idx.encode())}
         result.rows = [{"key": e.key, "label": e.label, "wnid": f"class_{e.label}", "bytes": e.image[1],
-                        "width": e.width, "height": e.height, "action": "indexed", "source": f"{tar.name}:{e.image[2]}"}
+                        "width": e.width, "height": e.height, "action": "indexed", "source": f"{stem}.tar:{e.image[2]}"}
                        for e in entries]
         done[(split, stem)] = result
     first = next(key for key in sorted(done) if key[0] == train_split)
@@ -199,13 +204,14 @@ def _stats_sample(root: Path, train_split: str, good: dict, bad: dict, n: int, s
     handles: dict[tuple[str, str], object] = {}
     try:
         for key, e in sorted(chosen, key=lambda ke: (ke[0], ke[1].image[0])):
-            fh = handles.setdefault(key, open(root / key[0] / f"{key[1]}.tar", "rb"))
+            tar = store.join(root, key[0], f"{key[1]}.tar")
+            fh = handles.setdefault(key, _open(tar))
             fh.seek(e.image[0])
             try:
                 img = prepare_image(fh.read(e.image[1]), None)[4]
             except ValueError as exc:
                 good[key].remove(e)
-                bad[key].append({"source": f"{root / key[0] / key[1]}.tar:{e.key}", "reason": str(exc)})
+                bad[key].append({"source": f"{tar}:{e.key}", "reason": str(exc)})
                 continue
             _accumulate(stats, img)
     finally:

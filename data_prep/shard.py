@@ -233,7 +233,8 @@ def build(
     counts, rejects = _finalise(out, splits, train_split, done, wnids, class_names(src), label_digits, args)
     summary = Summary(str(out), counts, len(rejects), written, skipped, time.monotonic() - started)
     if strict and rejects:
-        raise RuntimeError(f"{len(rejects)} inputs rejected (see {out / 'rejects.csv'}); --strict forbids rejects")
+        raise RuntimeError(f"{len(rejects)} inputs rejected (see {store.join(out, 'rejects.csv')}); "
+                           "--strict forbids rejects")
     return summary
 
 

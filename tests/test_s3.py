@@ -108,3 +108,24 @@ def test_stage_in_verifies_resumes_after_a_kill_and_refetches_a_corrupted_copy(s
     bad = tmp_path / "fresh"
     assert shard_main(["--stage-in", "s3://vgg-test/stage", "--to", str(bad)]) == 1
     assert not (bad / "val" / "val-000000.idx").exists() and not (bad / "files.json").exists()
+
+
+def test_foreign_shards_in_a_bucket_are_indexed_in_place_then_staged_in(s3, tmp_path):
+    from test_foreign import write_wds
+
+    from pipeline.data import DatasetInfo, eval_loader
+    from pipeline.protocols import rank_keys
+
+    labels = write_wds(tmp_path / "wds", "json")
+    upload_tree(tmp_path / "wds", "s3://vgg-test/wds")
+    tars_before = {k: v for k, v in objects("s3://vgg-test/wds").items() if k.endswith(".tar")}
+    assert shard_main(["--index", "s3://vgg-test/wds", "--num-classes", "6", "--workers", "1"]) == 0
+    after = objects("s3://vgg-test/wds")
+    assert {k: v for k, v in after.items() if k.endswith(".tar")} == tars_before  # never rewritten
+    assert {"files.json", "manifest.parquet", "stats.json", "train/train-0000.idx"} <= set(after)
+    dest = tmp_path / "nvme"
+    assert shard_main(["--stage-in", "s3://vgg-test/wds", "--to", str(dest)]) == 0
+    info = DatasetInfo.load(dest)
+    got = [int(v) for _, y in eval_loader(info, "val", rank=0, world_size=1, batch_size=4, scale=72, crop=64,
+                                          threads=1) for v in y]
+    assert got == [labels[k] for k in rank_keys(info, "val", 0, 1)]
