@@ -1,10 +1,13 @@
 """Scheduled retrains against real local services: a Ray head started with `ray start`
-on loopback, a real `mlflow server`, and jobs submitted through the Ray Jobs API.
+on loopback, cluster.tracking_server on a real PostgreSQL (started here as an
+unprivileged user), and jobs submitted through the Ray Jobs API.
 
 One sequence, as a schedule would see it: two overlapping retrains start one job and
 crown a first champion; an unchanged dataset is not retrained; a forced retrain
 that is better takes the alias, one that is worse does not, and a failed job
-leaves the champion as it was."""
+leaves the champion as it was. Then the tracking server and the database restart
+(as after `ray down` / `ray up` with an external database) and every model version,
+its tags and the champion alias read back unchanged."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from services import mlflow_server, ray_cluster_on_loopback, tiny_plan
+from services import Postgres, free_port, ray_cluster_on_loopback, tiny_plan
 
 from cluster.retrain import data_hash
 
@@ -58,44 +61,71 @@ def jobs_submitted(cluster) -> list[str]:
 def test_retrain_schedule(tmp_path, shards):
     from mlflow.tracking import MlflowClient
 
+    from cluster import tracking_server
+
     plan = write_plan(tmp_path, shards)
     overrides = [x for o in STUCK for x in ("--set", o)]
-    with ray_cluster_on_loopback("rt", [{"cpus": 2, "resources": {}}]) as cluster, mlflow_server(tmp_path) as uri:
-        client = MlflowClient(uri)
+    pg = Postgres()
+    server = (pg.uri, str(tmp_path / "artifacts"), free_port())
+    proc, uri = tracking_server.start(*server, log=tmp_path / "server.log", password=pg.password)
+    try:
+        with ray_cluster_on_loopback("rt", [{"cpus": 2, "resources": {}}]) as cluster:
+            client = MlflowClient(uri)
+            _schedule(client, cluster, uri, plan, overrides, shards)
+        before = _registry(client)
+        tracking_server.stop(proc)
+        pg.stop()
+        pg.start()
+        proc, uri = tracking_server.start(*server, log=tmp_path / "server.log", password=pg.password)
+        assert _registry(MlflowClient(uri)) == before
+    finally:
+        tracking_server.stop(proc)
+        pg.remove()
 
-        # two schedules fire together on new data: one job, one first champion
-        first, second = retrain(cluster, uri, plan, *overrides), retrain(cluster, uri, plan, *overrides)
-        (rc1, out1), (rc2, out2) = finish(first), finish(second)
-        assert rc1 == 0 and rc2 == 0, out1[-3000:] + out2[-3000:]
-        assert len(jobs_submitted(cluster)) == 1
-        assert "already submitted" in out1 + out2
-        assert (out1 + out2).count("is the new champion") == 1  # one decision per job
-        champ = client.get_model_version_by_alias(MODEL, "champion")
-        assert champ.tags["data_hash"] == data_hash(shards)
-        assert champ.tags["promotion"].startswith("promoted: first champion")
-        stuck_error = float(champ.tags["val_top1_error"])
 
-        # the data has not changed: nothing is submitted
-        rc, out = finish(retrain(cluster, uri, plan, *overrides))
-        assert rc == 0 and "data unchanged" in out and len(jobs_submitted(cluster)) == 1
+def _registry(client) -> dict:
+    versions = client.search_model_versions(f"name = '{MODEL}'")
+    return {"versions": sorted((v.version, v.run_id, tuple(sorted(v.tags.items())), v.description) for v in versions),
+            "champion": client.get_model_version_by_alias(MODEL, "champion").version,
+            "runs": sorted((r.info.run_id, r.info.status, tuple(sorted(r.data.metrics.items())))
+                           for r in client.search_runs([client.get_experiment_by_name("retrain-test").experiment_id]))}
 
-        # forced, with a recipe that learns: better, so it becomes the champion
-        rc, out = finish(retrain(cluster, uri, plan, "--force"))
-        assert rc == 0, out[-3000:]
-        better = client.get_model_version_by_alias(MODEL, "champion")
-        assert better.version != champ.version, out[-3000:]
-        assert float(better.tags["val_top1_error"]) < stuck_error
-        assert "new champion" in out
 
-        # forced again with the net that cannot learn: not better, the alias stays
-        rc, out = finish(retrain(cluster, uri, plan, "--force", *overrides))
-        assert rc == 0 and "not promoted" in out, out[-3000:]
-        assert client.get_model_version_by_alias(MODEL, "champion").version == better.version
-        newest = max(client.search_model_versions(f"name = '{MODEL}'"), key=lambda v: int(v.version))
-        assert newest.tags["promotion"].startswith("kept the champion")
+def _schedule(client, cluster, uri, plan, overrides, shards) -> None:
+    """The schedule's sequence (see the module docstring)."""
+    # two schedules fire together on new data: one job, one first champion
+    first, second = retrain(cluster, uri, plan, *overrides), retrain(cluster, uri, plan, *overrides)
+    (rc1, out1), (rc2, out2) = finish(first), finish(second)
+    assert rc1 == 0 and rc2 == 0, out1[-3000:] + out2[-3000:]
+    assert len(jobs_submitted(cluster)) == 1
+    assert "already submitted" in out1 + out2
+    assert (out1 + out2).count("is the new champion") == 1  # one decision per job
+    champ = client.get_model_version_by_alias(MODEL, "champion")
+    assert champ.tags["data_hash"] == data_hash(shards)
+    assert champ.tags["promotion"].startswith("promoted: first champion")
+    stuck_error = float(champ.tags["val_top1_error"])
 
-        # a job that fails on the cluster (no global batch fits the data) changes nothing
-        rc, out = finish(retrain(cluster, uri, plan, "--force", "--set", "recipe.batch_size=100000"))
-        assert rc == 1 and "FAILED" in out and f"champion untouched ({MODEL} v{better.version})" in out
-        assert client.get_model_version_by_alias(MODEL, "champion").version == better.version
-        assert len(jobs_submitted(cluster)) == 4
+    # the data has not changed: nothing is submitted
+    rc, out = finish(retrain(cluster, uri, plan, *overrides))
+    assert rc == 0 and "data unchanged" in out and len(jobs_submitted(cluster)) == 1
+
+    # forced, with a recipe that learns: better, so it becomes the champion
+    rc, out = finish(retrain(cluster, uri, plan, "--force"))
+    assert rc == 0, out[-3000:]
+    better = client.get_model_version_by_alias(MODEL, "champion")
+    assert better.version != champ.version, out[-3000:]
+    assert float(better.tags["val_top1_error"]) < stuck_error
+    assert "new champion" in out
+
+    # forced again with the net that cannot learn: not better, the alias stays
+    rc, out = finish(retrain(cluster, uri, plan, "--force", *overrides))
+    assert rc == 0 and "not promoted" in out, out[-3000:]
+    assert client.get_model_version_by_alias(MODEL, "champion").version == better.version
+    newest = max(client.search_model_versions(f"name = '{MODEL}'"), key=lambda v: int(v.version))
+    assert newest.tags["promotion"].startswith("kept the champion")
+
+    # a job that fails on the cluster (no global batch fits the data) changes nothing
+    rc, out = finish(retrain(cluster, uri, plan, "--force", "--set", "recipe.batch_size=100000"))
+    assert rc == 1 and "FAILED" in out and f"champion untouched ({MODEL} v{better.version})" in out
+    assert client.get_model_version_by_alias(MODEL, "champion").version == better.version
+    assert len(jobs_submitted(cluster)) == 4

@@ -44,8 +44,8 @@ def test_plan_evaluation_ensemble_and_alias_survive_a_restart_of_server_and_data
     secret = tmp_path / "db-password"
     secret.write_text(pg.password + "\n")
     log, port = tmp_path / "server.log", free_port()
+    args, proc = (pg.uri, str(tmp_path / "artifacts"), port), None
     try:
-        args = (pg.uri, str(tmp_path / "artifacts"), port)
         proc, url = tracking_server.start(*args, log=log, password=secret.read_text().strip())
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
         assert pg.password.encode() not in cmdline and pg.password not in log.read_text()
@@ -71,8 +71,9 @@ def test_plan_evaluation_ensemble_and_alias_survive_a_restart_of_server_and_data
         proc, url = tracking_server.start(*args, log=log, password=secret.read_text().strip())  # db upgrade too
         assert snapshot(url, "pg-test") == before
         assert pg.password not in log.read_text()
-        tracking_server.stop(proc)
     finally:
+        if proc is not None:
+            tracking_server.stop(proc)
         pg.remove()
 
 
