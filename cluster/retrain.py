@@ -26,7 +26,6 @@ import hashlib
 import os
 import sys
 import time
-from pathlib import Path
 
 from cluster import jobs
 from data_prep.store import data_hash  # noqa: F401 - the gate's hash (tests import it from here)

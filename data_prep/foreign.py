@@ -169,7 +169,8 @@ def index(root: str | Path, splits: list[str] | None = None, *, label_field: str
             good[key] = []
             for e in entries:
                 if e.label >= classes:
-                    bad[key].append({"source": f"{tar}:{e.key}", "reason": f"label {e.label} out of range [0, {classes})"})
+                    reason = f"label {e.label} out of range [0, {classes})"
+                    bad[key].append({"source": f"{tar}:{e.key}", "reason": reason})
                 else:
                     good[key].append(e)
     stats = _stats_sample(root, train_split, good, bad, stats_sample, seed)

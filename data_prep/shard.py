@@ -282,7 +282,8 @@ def _finalise(out, splits, train_split, done, wnids, names, label_digits, args, 
     outputs["rejects.csv"] = text.getvalue().encode()
     outputs["manifest.parquet"] = buf.getvalue()
     # Size and SHA-256 of every file of the set, as written: what --stage-in checks copies by.
-    files = {f"{split}/{name}": digest for (split, _), res in sorted(done.items()) for name, digest in res.files.items()}
+    files = {f"{split}/{name}": digest
+             for (split, _), res in sorted(done.items()) for name, digest in res.files.items()}
     files.update({name: _digest_bytes(data) for name, data in outputs.items()})
     outputs = {"files.json": json.dumps(files, indent=1, sort_keys=True).encode(), **outputs}
     order = [n for n in outputs if n != "manifest.parquet"] + ["manifest.parquet"]

@@ -13,7 +13,6 @@ presence means the whole set is here and verified.
 from __future__ import annotations
 
 import json
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path

@@ -196,7 +196,8 @@ def write_shard(
         result.rgb_sum, result.rgb_outer = np.asarray(result.rgb_sum).tolist(), np.asarray(result.rgb_outer).tolist()
         index = f"{IDX_VERSION} {len(index_lines)}\n" + "".join(f"{line}\n" for line in index_lines)
         _write_atomic(os.path.join(out_dir, f"{shard}.idx"), index.encode())
-        result.files = {f"{shard}.tar": _digest(tmp_tar), f"{shard}.idx": _digest(os.path.join(out_dir, f"{shard}.idx"))}
+        result.files = {f"{shard}.tar": _digest(tmp_tar),
+                        f"{shard}.idx": _digest(os.path.join(out_dir, f"{shard}.idx"))}
         meta = {k: getattr(result, k) for k in ("shard", "rows", "rejects", "pixels", "rgb_sum", "rgb_outer", "files")}
         meta_bytes = json.dumps(meta, sort_keys=True).encode()
         _write_atomic(os.path.join(out_dir, f"{shard}.meta.json"), meta_bytes)

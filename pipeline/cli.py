@@ -282,8 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-log", action="store_true", help="do not log the report to MLflow")
     r.set_defaults(func=cmd_report)
 
-    b = sub.add_parser("bench", help="benchmarks: `bench loader` (DALI vs webdataset+PIL), `bench train` (net images/s, "
-                                     "data wait), `bench gpu` (the one-command GPU check)")
+    b = sub.add_parser("bench", help="benchmarks: `bench loader` (DALI vs webdataset+PIL), `bench train` "
+                                     "(net images/s, data wait), `bench gpu` (the one-command GPU check)")
     bsub = b.add_subparsers(dest="what", required=True, metavar="WHAT")
     bl = bsub.add_parser("loader", help="training-pipeline images/s vs webdataset + PIL + DataLoader, same run")
     bl.add_argument("--shards", required=True, help="glob of one split's tars, e.g. 'shards/train/*.tar'")

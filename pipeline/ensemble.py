@@ -120,8 +120,8 @@ def run_ensemble(refs: list[str], *, tracking_uri: str, experiment: str | None, 
         from pipeline.evaluate import stage_bundle
 
         nets = [load_stage_model(by_id[i][1], by_id[i][0].data.tags["checkpoint"]) for i in choice.run_ids]
-        parts = [stage_bundle(by_id[i][1], by_id[i][0].data.tags["checkpoint"], by_id[i][0].data.params.get("data.root"))
-                 for i in choice.run_ids]
+        parts = [stage_bundle(by_id[i][1], by_id[i][0].data.tags["checkpoint"],
+                              by_id[i][0].data.params.get("data.root")) for i in choice.run_ids]
         # the classifier averages the members' softmax, each with its own preprocessing
         bundle = None if any(p is None for p in parts) else (
             [n for p in parts for n in p[0]], [m for p in parts for m in p[1]], parts[0][2])

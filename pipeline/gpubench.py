@@ -254,9 +254,9 @@ def check_exactly_once(info: DatasetInfo, device: torch.device, sizes: dict, wor
     seen, ok = [], True
     for rank in range(world):
         keys = rank_keys(info, "val", rank, world)
-        labels = [int(v) for _, y in eval_loader(info, "val", rank=rank, world_size=world, batch_size=sizes["check_batch"],
-                                                 scale=sizes["eval_scales"][0], crop=sizes["crop"], device=device,
-                                                 threads=2) for v in y.cpu()]
+        loader = eval_loader(info, "val", rank=rank, world_size=world, batch_size=sizes["check_batch"],
+                             scale=sizes["eval_scales"][0], crop=sizes["crop"], device=device, threads=2)
+        labels = [int(v) for _, y in loader for v in y.cpu()]
         ok &= labels == [label_of[k] for k in keys]
         seen += keys
     ok &= len(seen) == len(set(seen)) == info.counts["val"]

@@ -47,7 +47,8 @@ def measured_throughput(results_dir: str | Path) -> tuple[dict[str, float], str]
         rows = [(int(k.split("_")[1]), v) for k, v in train.items() if k.startswith("batch_") and isinstance(v, dict)]
         rows = [(b, r["loader_fed"]["img_s"]) for b, r in rows if isinstance(r.get("loader_fed"), dict)]
         if rows:
-            found.append((doc["environment"].get("date", ""), path, max(rows)[1], doc["environment"].get("device_name")))
+            env = doc["environment"]
+            found.append((env.get("date", ""), path, max(rows)[1], env.get("device_name")))
     if not found:
         return None
     _, path, rate, device = max(found)
@@ -142,8 +143,8 @@ def describe(plan: Plan, gpus: int | None, throughput: dict[str, float] | None, 
     if gpus is None:
         return "\n".join(lines)
     if not throughput:
-        lines.append(f"no throughput figure for an estimate: run `python -m pipeline bench gpu --out "
-                     f"bench/results/gpu-<device>.json` on a GPU, or pass --throughput D=IMG_S (images/s per GPU)")
+        lines.append("no throughput figure for an estimate: run `python -m pipeline bench gpu --out "
+                     "bench/results/gpu-<device>.json` on a GPU, or pass --throughput D=IMG_S (images/s per GPU)")
         return "\n".join(lines)
     e = estimate(plan, gpus, throughput, train_images)
     lines.append(f"estimate on {gpus} GPUs, {train_images:,} training images, throughput from {source}:")

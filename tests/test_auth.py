@@ -5,7 +5,6 @@ with the commands to run. A real head on loopback; nothing is mocked."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path

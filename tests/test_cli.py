@@ -79,7 +79,8 @@ def test_dry_run_estimates_the_plan_on_n_gpus(tmp_path):
     results.mkdir()
     (results / "gpu-h100.json").write_text(json.dumps({
         "environment": {"device": "cuda:0", "device_name": "NVIDIA H100", "date": "2026-11-23"},
-        "train": {"crop": 224, "batch_256": {"loader_fed": {"img_s": 1234.0}}, "batch_128": {"loader_fed": {"img_s": 1100.0}}}}))
+        "train": {"crop": 224, "batch_256": {"loader_fed": {"img_s": 1234.0}},
+                  "batch_128": {"loader_fed": {"img_s": 1100.0}}}}))
     rates, source = measured_throughput(results)
     assert rates == {"D": 1234.0} and "NVIDIA H100" in source
     assert run(["train", "--plan", "pipeline/plans/paper.yaml", "--dry-run", "--gpus", "4", "--throughput",

@@ -65,7 +65,8 @@ def test_staged_plan_on_ray_tracks_everything_and_resumes(tmp_path, shards, ray_
 
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     described = stages["B"].data.tags["mlflow.note.content"]
-    assert "VGG B trained at S=[36,48], initialised from A" in described and "Final validation error: top-1" in described
+    assert "VGG B trained at S=[36,48], initialised from A" in described
+    assert "Final validation error: top-1" in described
     (inp,) = stages["A"].inputs.dataset_inputs
     assert inp.dataset.digest == data_hash(shards)[:32] and inp.dataset.name == f"shards:{shards.name}"
     assert [(t.key, t.value) for t in inp.tags] == [("mlflow.data.context", "training")]
@@ -86,7 +87,8 @@ def test_staged_plan_on_ray_tracks_everything_and_resumes(tmp_path, shards, ray_
     for arch in ("A", "B"):
         versions = client.search_model_versions(f"name='tiny-test-{arch}'")
         assert len(versions) == 1 and versions[0].tags["stage"] == arch
-        assert versions[0].tags["recipe"].startswith("tiny; global batch 16") and f"VGG {arch}" in versions[0].description
+        assert versions[0].tags["recipe"].startswith("tiny; global batch 16")
+        assert f"VGG {arch}" in versions[0].description
         assert versions[0].run_id == stages[arch].info.run_id
 
     # The registered version classifies images on its own, in a fresh process through MLflow's
