@@ -48,20 +48,12 @@ def _split_name(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext if dot else ""
 
 
-def _open(path: str):
-    """A seekable binary file: local, or an object read by ranges (pyarrow)."""
-    if not store.is_remote(path):
-        return open(path, "rb")
-    filesystem, inner = store._fs(path)
-    return filesystem.open_input_file(inner)
-
-
 def scan_tar(path: str, label_field: str) -> tuple[list[Entry], list[dict], int]:
     """(entries, rejects, largest label member) of one tar (a file or an s3:// object),
     reading member headers, labels and the first bytes of each image only."""
     groups: dict[str, dict[str, tarfile.TarInfo]] = {}
     entries, rejects, label_bytes = [], [], 0
-    with _open(path) as fh, tarfile.open(fileobj=fh, mode="r:") as tar:
+    with store.open_random(path) as fh, tarfile.open(fileobj=fh, mode="r:") as tar:
         for m in tar:
             if m.isfile():
                 key, ext = _split_name(m.name)
@@ -206,7 +198,7 @@ def _stats_sample(root: Path, train_split: str, good: dict, bad: dict, n: int, s
     try:
         for key, e in sorted(chosen, key=lambda ke: (ke[0], ke[1].image[0])):
             tar = store.join(root, key[0], f"{key[1]}.tar")
-            fh = handles.setdefault(key, _open(tar))
+            fh = handles.setdefault(key, store.open_random(tar))
             fh.seek(e.image[0])
             try:
                 img = prepare_image(fh.read(e.image[1]), None)[4]

@@ -57,6 +57,14 @@ def size(uri: str | Path) -> int:
     return filesystem.get_file_info(path).size
 
 
+def open_random(uri: str | Path):
+    """A seekable binary file over a local file or an object (read by ranges)."""
+    if not is_remote(uri):
+        return open(uri, "rb")  # noqa: SIM115 - the caller closes it
+    filesystem, path = _fs(uri)
+    return filesystem.open_input_file(path)
+
+
 def read_bytes(uri: str | Path, offset: int = 0, length: int = -1) -> bytes:
     filesystem, path = _fs(uri)
     with filesystem.open_input_file(path) as fh:
@@ -125,14 +133,6 @@ def digest(uri: str | Path) -> dict:
             h.update(chunk)
             n += len(chunk)
     return {"bytes": n, "sha256": h.hexdigest()}
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def data_hash(root: str | Path) -> str:

@@ -216,9 +216,9 @@ def _digest_bytes(data: bytes) -> dict:
 
 
 def _digest(path: str) -> dict:
-    from data_prep.store import sha256_file
+    from data_prep.store import digest
 
-    return {"bytes": os.path.getsize(path), "sha256": sha256_file(path)}
+    return digest(path)
 
 
 def read_meta(out_dir: str, shard: str) -> ShardResult:
