@@ -186,7 +186,10 @@ def run_plan(plan: Plan, *, run_name: str | None = None, tracking_uri: str, ray_
     running: dict = {}  # future -> (stage, stage run)
     cap = max_concurrent or len(pending)
     # Several stages at once: one line per stage per epoch, not one per logging interval.
-    step_lines = cap == 1 or len(plan.stages) == 1
+    # A plan that is one chain (each stage from the one before) never runs two at once.
+    from pipeline.schedule import waves
+
+    step_lines = cap == 1 or all(len(wave) == 1 for wave in waves(plan))
     with ThreadPoolExecutor(max_workers=cap, thread_name_prefix="stage") as pool:
         while pending or running:
             for name in list(pending):
