@@ -75,7 +75,8 @@ def test_stalled_and_diverged_stages_fail_and_a_fixed_recipe_fine_tunes_from_the
 
     # A fixed recipe under the same plan run: A fine-tunes from its last good checkpoint in
     # a new MLflow run (the failed attempt stays as it was), B follows, X starts afresh.
-    fixed = ["--set", "optim.lr=0.05", "--set", "stages.X.recipe.optim.lr=0.05", "--set", "recipe.stall_epochs=0"]
+    fixed = ["--set", "optim.lr=0.05", "--set", "stages.X.recipe.optim.lr=0.05", "--set", "recipe.stall_epochs=0",
+             "--set", "recipe.epochs=2"]
     assert cli_main(argv + fixed) == 0, capsys.readouterr()
     runs = stage_runs(client, "fail-test")
     a_failed, a2 = runs["A"]

@@ -41,7 +41,7 @@ def stage_runs(uri: str, experiment: str) -> dict:
 def test_independent_stages_overlap_and_a_dependant_waits(tmp_path, shards, ray_cluster, mlflow_uri):
     from pipeline.runner import run_plan
 
-    plan = load_plan(plan_file(tmp_path, shards, "par"))
+    plan = load_plan(plan_file(tmp_path, shards, "par", epochs=2))
     results = run_plan(plan, run_name="par-1", tracking_uri=mlflow_uri, max_concurrent=2)
     assert [r.stage for r in results] == ["A", "A-LRN", "B"] and all(r.status == "finished" for r in results)
     runs = stage_runs(mlflow_uri, "par-test")

@@ -1,13 +1,15 @@
 """Scheduled retrains against real local services: a Ray head started with `ray start`
 on loopback, cluster.tracking_server on a real PostgreSQL (started here as an
-unprivileged user), and jobs submitted through the Ray Jobs API.
+unprivileged user, the password in the server's environment only), and jobs submitted
+through the Ray Jobs API.
 
 One sequence, as a schedule would see it: two overlapping retrains start one job and
 crown a first champion; an unchanged dataset is not retrained; a forced retrain
 that is better takes the alias, one that is worse does not, and a failed job
-leaves the champion as it was. Then the tracking server and the database restart
-(as after `ray down` / `ray up` with an external database) and every model version,
-its tags and the champion alias read back unchanged."""
+leaves the champion as it was. Two of the nets are evaluated and ensembled. Then the
+tracking server and the database restart (as after `ray down` / `ray up` with an
+external database) and every run, metric, model version, tag and the champion alias
+read back unchanged."""
 
 from __future__ import annotations
 
@@ -68,16 +70,28 @@ def test_retrain_schedule(tmp_path, shards):
     pg = Postgres()
     server = (pg.uri, str(tmp_path / "artifacts"), free_port())
     proc, uri = tracking_server.start(*server, log=tmp_path / "server.log", password=pg.password)
+    assert pg.password.encode() not in Path(f"/proc/{proc.pid}/cmdline").read_bytes()
     try:
         with ray_cluster_on_loopback("rt", [{"cpus": 2, "resources": {}}]) as cluster:
             client = MlflowClient(uri)
             _schedule(client, cluster, uri, plan, overrides, shards)
+        # an evaluation and an ensemble of two retrained nets, on the same PostgreSQL store
+        from pipeline.ensemble import run_ensemble
+        from pipeline.evaluate import evaluate_run
+
+        members = [v.run_id for v in client.search_model_versions(f"name = '{MODEL}'")][:2]
+        for run_id in members:
+            evaluate_run(run_id, tracking_uri=uri, protocol="single", workers=1)
+        ens = run_ensemble(members, tracking_uri=uri, experiment=None, protocol="single", scales=None,
+                           register=False)
+        assert ens["images"] == 48
         before = _registry(client)
         tracking_server.stop(proc)
         pg.stop()
         pg.start()
         proc, uri = tracking_server.start(*server, log=tmp_path / "server.log", password=pg.password)
         assert _registry(MlflowClient(uri)) == before
+        assert pg.password not in (tmp_path / "server.log").read_text()
     finally:
         tracking_server.stop(proc)
         pg.remove()
@@ -87,8 +101,11 @@ def _registry(client) -> dict:
     versions = client.search_model_versions(f"name = '{MODEL}'")
     return {"versions": sorted((v.version, v.run_id, tuple(sorted(v.tags.items())), v.description) for v in versions),
             "champion": client.get_model_version_by_alias(MODEL, "champion").version,
-            "runs": sorted((r.info.run_id, r.info.status, tuple(sorted(r.data.metrics.items())))
-                           for r in client.search_runs([client.get_experiment_by_name("retrain-test").experiment_id]))}
+            "runs": sorted((r.info.run_id, r.info.status, tuple(sorted(r.data.metrics.items())),
+                            tuple(sorted(r.data.tags.items())))
+                           for r in client.search_runs([client.get_experiment_by_name("retrain-test").experiment_id])),
+            "history": {r.info.run_id: [(m.step, m.value) for m in client.get_metric_history(r.info.run_id, "train_loss")]
+                        for r in client.search_runs([client.get_experiment_by_name("retrain-test").experiment_id])}}
 
 
 def _schedule(client, cluster, uri, plan, overrides, shards) -> None:
