@@ -38,7 +38,7 @@ class MlflowEpochMetrics(ray.train.UserCallback):
     def __init__(self, tracking_uri: str | None, run_id: str | None):
         self.tracking_uri, self.run_id = tracking_uri, run_id
         self._logger = None
-        self._last_step = None
+        self._last_step = self._last_epoch = None
 
     def after_report(self, run_context, metrics, checkpoint):
         from pipeline.tracking import MetricsLogger
@@ -46,9 +46,18 @@ class MlflowEpochMetrics(ray.train.UserCallback):
         if self._logger is None:
             self._logger = MetricsLogger(self.tracking_uri, self.run_id, enabled=True)
             self._last_step = self._logger.last_step(STEP_METRIC)
+            self._last_epoch = self._logger.last_step(EPOCH_METRIC)
         rank0 = dict(metrics[0])
+        replay = rank0.pop("replay", None)
+        if replay:  # what came with the checkpoint this run resumed from: a driver killed
+            self._log(dict(replay))  # right after it was written may never have logged it
         if "data_hash" in rank0:  # the shard set, as the run's MLflow dataset input
             self._logger.log_dataset(rank0.pop("data_name"), rank0.pop("data_hash"), rank0.pop("data_root"))
+        self._log(rank0)
+
+    def _log(self, rank0: dict) -> None:
+        """A report's step records and epoch figures, each once (steps and epochs already
+        in the run are skipped)."""
         for record in rank0.pop("step_log", None) or []:
             record = dict(record)
             step = int(record.pop("step"))
@@ -56,14 +65,17 @@ class MlflowEpochMetrics(ray.train.UserCallback):
                 continue
             self._logger.log({f"step/{k}": v for k, v in record.items()}, step=step)
             self._last_step = step
-        if "val_top1_error" not in rank0:
+        if EPOCH_METRIC not in rank0:
             return  # a mid-epoch checkpoint or a failure inside an epoch: no epoch figures
         epoch = int(rank0.pop("epoch"))
         rank0.pop("step", None)
+        if self._last_epoch is not None and epoch <= self._last_epoch:
+            return
         self._logger.log({k: v for k, v in rank0.items() if isinstance(v, (int, float))}, step=epoch)
+        self._last_epoch = epoch
 
 
-STEP_METRIC = "step/train_loss"
+STEP_METRIC, EPOCH_METRIC = "step/train_loss", "val_top1_error"
 
 
 def say(message: str) -> None:
@@ -160,6 +172,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
         say(f"{tag} {stage.arch} S={stage.scale_label} on {world} worker(s), {device}; {how}; "
             f"{epochs} epochs x {steps} steps of {per_worker * world}, lr {schedule.base_lr:.3g}{warm}")
     pending_steps: list[dict] = []  # per-interval records not yet reported
+    replay = {"replay": state["reported"]} if state is not None and state.get("reported") else {}
     # What a registered model needs to classify an image on its own (pipeline/serving.py),
     # kept in every checkpoint: the driver that registers it may not see the shards.
     classes_file = Path(str(data.root)) / "classes.json"
@@ -184,17 +197,23 @@ def train_loop_per_worker(config: dict) -> dict | None:
             if rank != 0:
                 ray.train.report(metrics)
                 return
-            metrics = dict(metrics, step_log=list(pending_steps), **dataset)
+            metrics = dict(metrics, step_log=list(pending_steps), **dataset, **replay)
             pending_steps.clear()
             dataset.clear()
+            replay.clear()
             if not checkpoint:
                 ray.train.report(metrics)
                 return
+            # What this report carries to MLflow goes into the checkpoint too: a resumed run
+            # sends it again, in case the driver died before logging it.
+            reported = {k: v for k, v in metrics.items()
+                        if k not in ("replay", "data_hash", "data_root", "data_name")}
             torch.save({"model": {k.removeprefix("module.").removeprefix("_orig_mod."): v
                                   for k, v in net.state_dict().items()},
                         "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                         "epoch": epoch, "step": step, "rng": torch.get_rng_state(), "arch": stage.arch,
-                        "num_classes": info.num_classes, **serving_facts}, Path(tmp) / CHECKPOINT_FILE)
+                        "num_classes": info.num_classes, "reported": reported, **serving_facts},
+                       Path(tmp) / CHECKPOINT_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     def failed(kind: str, epoch: int, reason: str) -> dict:

@@ -77,3 +77,28 @@ def test_logged_model_reloads_and_takes_any_batch(tmp_path, monkeypatch):
             torch.testing.assert_close(loaded(x), net(x), atol=1e-5, rtol=1e-4)
     version = tracker.client.get_model_version("model-test-A", "1")
     assert version.tags["stage"] == "A" and version.run_id == run_id
+
+
+def test_a_resumed_run_logs_what_its_checkpoint_carried_once(tmp_path):
+    """A driver killed after a checkpoint was written but before its figures reached MLflow:
+    the resumed run's first report replays them; nothing already logged is logged twice."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.worker import MlflowEpochMetrics
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("replay")).info.run_id
+
+    def epoch(e: int, steps: list[int]) -> dict:
+        return {"epoch": e, "step": 9, "train_loss": 1.0 / (e + 1), "val_top1_error": 50.0 - e,
+                "step_log": [{"step": s, "train_loss": 1.0, "lr": 0.1} for s in steps]}
+
+    first = MlflowEpochMetrics(uri, run_id)
+    first.after_report(None, [epoch(0, [4, 9])], None)  # logged; then the driver dies after epoch 1's checkpoint
+    resumed = MlflowEpochMetrics(uri, run_id)  # a new controller
+    resumed.after_report(None, [dict(epoch(2, [22, 27]), replay=epoch(1, [13, 18]))], None)
+    again = MlflowEpochMetrics(uri, run_id)  # resumed once more from the same checkpoint
+    again.after_report(None, [dict(epoch(2, [22, 27]), replay=epoch(1, [13, 18]))], None)
+    assert [m.step for m in client.get_metric_history(run_id, "val_top1_error")] == [0, 1, 2]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "step/train_loss")) == [4, 9, 13, 18, 22, 27]
