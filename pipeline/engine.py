@@ -172,19 +172,16 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _all_reduce(values: list[float], device: torch.device) -> list[float]:
-    if not _distributed():
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
 def _all_reduce_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks (a copy; `t` itself is left as it is)."""
     if _distributed():
         t = t.clone()
         dist.all_reduce(t)
     return t
+
+
+def _all_reduce(values: list[float], device: torch.device) -> list[float]:
+    return _all_reduce_tensor(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
 
 
 def train_one_epoch(
