@@ -123,6 +123,8 @@ def index(root: str | Path, splits: list[str] | None = None, *, label_field: str
     """Index DIR/<split>/*.tar in place; returns counts, rejects and the label format."""
     from data_prep.shard import _finalise
 
+    if stats_sample < 1:
+        raise ValueError("--stats-sample must be at least 1 with --index (the colour statistics need images)")
     root = str(root).rstrip("/") if store.is_remote(root) else str(Path(root).resolve())
     listing = [rel for rel, _ in store.listdir(root, recursive=True)]
     found = sorted({rel.split("/")[0] for rel in listing if rel.count("/") == 1 and rel.endswith(".tar")})

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
 import tarfile
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ class Source:
 
     @property
     def name(self) -> str:
-        return self.member.rsplit("/", 1)[-1] if self.member else Path(self.path).name
+        return self.member.rsplit("/", 1)[-1] if self.member else os.path.basename(self.path)
 
     @property
     def label(self) -> str:
@@ -63,12 +64,6 @@ class Source:
             return fh.read(self.size)
 
 
-def _is_candidate(path: Path) -> bool:
-    # Every regular, non-hidden file is a candidate: a non-image file in a class
-    # folder is rejected with a reason, never silently skipped.
-    return path.is_file() and not path.name.startswith(".")
-
-
 def _folder_split(split_dir: Path) -> list[Source]:
     sources = []
     for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
@@ -76,8 +71,20 @@ def _folder_split(split_dir: Path) -> list[Source]:
             raise LayoutError(
                 f"{class_dir}: class folders must be WordNet ids like n01440764 (found {class_dir.name!r})"
             )
-        sources += [Source(str(p.resolve()), class_dir.name) for p in sorted(class_dir.iterdir()) if _is_candidate(p)]
+        sources += [Source(path, class_dir.name) for path in _files(class_dir)]
     return sources
+
+
+def _files(folder: Path) -> list[str]:
+    """The candidate files of a folder as resolved paths, sorted by name (one `scandir`:
+    no per-file stat or path resolution unless an entry is a link). Every regular,
+    non-hidden file is a candidate: a non-image file in a class folder is rejected with
+    a reason, never silently skipped."""
+    base = str(folder.resolve())
+    with os.scandir(folder) as entries:
+        return [os.path.realpath(e.path) if e.is_symlink() else os.path.join(base, e.name)
+                for e in sorted(entries, key=lambda e: e.name)
+                if not e.name.startswith(".") and e.is_file()]
 
 
 def _find(src: Path, name: str) -> Path | None:

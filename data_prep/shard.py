@@ -2,6 +2,7 @@
 
     python data_prep/shard.py --src SRC --out OUT [--splits train,val]
         [--samples-per-shard N] [--workers N] [--resize-shorter PX] [--seed N] [--strict]
+        [--check scan|decode|full] [--stats-sample N]
     python data_prep/shard.py --out OUT --verify
     python data_prep/shard.py --index DIR [--stats-sample N] [--label-field label]
     python data_prep/shard.py --stage-in s3://bucket/shards --to /mnt/nvme/shards
@@ -38,7 +39,7 @@ if __package__ in (None, ""):  # run as `python data_prep/shard.py`
 import numpy as np
 
 from data_prep.layouts import LayoutError, class_names, list_split
-from data_prep.writer import Sample, ShardResult, read_meta, safe_key, write_shard
+from data_prep.writer import CHECKS, Sample, ShardResult, read_meta, safe_key, write_shard
 
 JOB_FILE = "job.json"
 
@@ -152,8 +153,12 @@ def build(
     strict: bool = False,
     progress: bool = True,
     ray_address: str | None = None,
-    full_decode: bool = False,
+    check: str = "scan",
+    stats_sample: int = 10_000,
 ) -> Summary:
+    """Shard `src` into `out`. Every kept JPEG is checked by `check` (see
+    `writer.prepare_image`); the colour statistics come from about `stats_sample`
+    training images (a fixed hash-picked subset; 0 or less: all of them)."""
     from data_prep import store
 
     remote = store.is_remote(out)
@@ -162,6 +167,8 @@ def build(
     splits = list(splits)
     if samples_per_shard < 1:
         raise ValueError("--samples-per-shard must be at least 1")
+    if check not in CHECKS:
+        raise ValueError(f"--check must be one of {', '.join(CHECKS)}, not {check!r}")
     started = time.monotonic()
     sources = {split: list_split(src, split) for split in splits}
     train_split = "train" if "train" in sources else splits[0]
@@ -178,9 +185,10 @@ def build(
 
     if not remote:
         out.mkdir(parents=True, exist_ok=True)
-    args = dict(samples_per_shard=samples_per_shard, resize_shorter=resize_shorter, seed=seed)
-    if full_decode:  # only then: the fingerprints of jobs from before the flag stay valid
-        args["full_decode"] = True
+    args = dict(samples_per_shard=samples_per_shard, resize_shorter=resize_shorter, seed=seed, check=check,
+                stats_sample=max(0, stats_sample))
+    n_train = len(samples[train_split])
+    fraction = 1.0 if stats_sample <= 0 or stats_sample >= n_train else stats_sample / n_train
     fingerprint = _job_fingerprint(samples, args)
     job_path = store.join(out, JOB_FILE)
     if store.exists(job_path):
@@ -206,7 +214,7 @@ def build(
                 done[(split, shard)] = read_meta(split_dir, shard)
             else:
                 jobs.append((split_dir, shard, members, label_digits, resize_shorter, split == train_split,
-                             full_decode, split_dir if remote else None))
+                             check, fraction, split_dir if remote else None))
     skipped = len(done)
     bar = Progress(sum(len(j[2]) for j in jobs), "sharding", progress)
     if ray_address is not None and jobs:
@@ -337,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--to", help="with --stage-in: the local folder, e.g. /mnt/nvme/shards")
     p.add_argument("--rehash", action="store_true", help="with --stage-in: re-check files already verified")
     p.add_argument("--stats-sample", type=int, default=10_000, metavar="N",
-                   help="with --index: training images (a seeded sample) the colour statistics come from")
+                   help="training images (a seeded sample; about N when sharding) the colour statistics come from "
+                        "(default: 10,000; when sharding, 0 means every one)")
     p.add_argument("--label-field", default="label", help="with --index: the label's key in .json labels")
     p.add_argument("--num-classes", type=int, help="with --index: labels must be below this (default: the largest "
                                                     "training label + 1)")
@@ -352,9 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ray", metavar="ADDRESS", default=None,
                    help="run each shard as a Ray task on this cluster ('auto', host:port, or 'local' for a "
                         "local Ray); OUT must be shared by every node")
-    p.add_argument("--full-decode", action="store_true",
-                   help="check each kept JPEG with a full-resolution decode (default: a DCT-scaled decode, which "
-                        "reads every entropy-coded byte, so truncation is still caught, at a fraction of the cost)")
+    p.add_argument("--check", choices=CHECKS, default="scan",
+                   help="how each kept JPEG is checked: scan (default) parses every marker segment and scans every "
+                        "entropy-coded byte, which rejects what a decode rejects (truncation, broken data, bad "
+                        "tables) at a fraction of the cost; decode: a DCT-scaled (1/8) decode; full: a "
+                        "full-resolution decode")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     if a.stage_in:
@@ -398,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         s = build(a.src, a.out, [x for x in a.splits.split(",") if x], a.samples_per_shard, a.workers,
                   a.resize_shorter, a.seed, a.strict, progress=not a.quiet, ray_address=a.ray,
-                  full_decode=a.full_decode)
+                  check=a.check, stats_sample=a.stats_sample)
     except (LayoutError, RuntimeError, OSError, ValueError) as exc:
         print(f"shard.py: error: {exc}", file=sys.stderr)
         return 2

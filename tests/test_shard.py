@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -357,7 +358,7 @@ def test_write_failure_names_the_shard_and_records_nothing(image_tree, shards, t
 
 
 @pytest.mark.parametrize("keep", [0.9, 0.99, "no EOI"])
-def test_the_scaled_decode_check_rejects_truncation_as_the_full_one_does(keep):
+def test_every_check_rejects_truncation_and_only_the_needed_pixels_are_decoded(keep):
     import numpy as np
     from PIL import Image
 
@@ -368,9 +369,51 @@ def test_the_scaled_decode_check_rejects_truncation_as_the_full_one_does(keep):
     Image.fromarray((rng.random((375, 500, 3)) * 255).astype("uint8")).save(buf, "JPEG", quality=90)
     data = buf.getvalue()
     cut = data[:-2] if keep == "no EOI" else data[: int(len(data) * keep)]
-    for full in (False, True):
-        with pytest.raises(ValueError, match="truncated"):
-            prepare_image(cut, None, full_decode=full)
-    _, w, h, action, small = prepare_image(data, None)
-    assert (w, h, action) == (500, 375, "kept") and max(small.size) < 500  # checked at reduced scale
-    assert prepare_image(data, None, full_decode=True)[4].size == (500, 375)
+    for check in ("scan", "decode", "full"):
+        for pixels in (False, True):
+            with pytest.raises(ValueError, match="truncated"):
+                prepare_image(cut, None, check, pixels)
+    assert prepare_image(data, None, "scan", pixels=False) == (data, 500, 375, "kept", None)  # nothing decoded
+    _, w, h, action, small = prepare_image(data, None, "scan", pixels=True)
+    assert (w, h, action) == (500, 375, "kept") and max(small.size) < 500  # decoded at reduced scale
+    assert max(prepare_image(data, None, "decode")[4].size) < 500
+    assert prepare_image(data, None, "full")[4].size == (500, 375)
+
+
+def test_tar_headers_are_what_tarfile_writes():
+    import tarfile
+
+    from data_prep.writer import _Tar
+
+    for name in ("a.jpg", "n01440764_10026.cls", "x" * 96 + ".jpg", "x" * 100 + ".json", "é_ü.json"):
+        for size in (0, 1, 511, 512, 123_456, 8**11 - 1, 8**11):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o444, 0, 0, "", ""
+            try:
+                expected = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+            except ValueError as exc:
+                with pytest.raises(ValueError, match=str(exc)):
+                    _Tar.header(name, size)
+                continue
+            assert _Tar.header(name, size) == expected, (name, size)
+
+
+def test_colour_statistics_from_a_sample_estimate_those_of_every_image(image_tree, shards, tmp_path):
+    from data_prep.shard import build
+    from data_prep.writer import in_stats_sample
+
+    full = json.loads((shards / "stats.json").read_text())  # 144 training images < the default sample: all
+    build(image_tree, tmp_path / "sampled", samples_per_shard=20, workers=1, progress=False, stats_sample=72)
+    sampled = json.loads((tmp_path / "sampled" / "stats.json").read_text())
+    assert sampled["options"]["stats_sample"] == 72 and full["options"]["stats_sample"] == 10_000
+    assert 0.3 * full["stats_pixels"] < sampled["stats_pixels"] < 0.7 * full["stats_pixels"]
+    assert np.abs(np.subtract(sampled["mean_rgb"], full["mean_rgb"])).max() < 8  # of 255 levels
+    principal = [np.asarray(s["rgb_eigvec"])[:, 0] for s in (sampled, full)]  # unit columns, sign arbitrary
+    assert abs(principal[0] @ principal[1]) > 0.95
+    # the same shards either way: the sample only decides whose pixels are counted
+    def data_files(root):
+        return {k: v for k, v in tree_bytes(root / "train").items() if k.endswith((".tar", ".idx"))}
+
+    assert data_files(tmp_path / "sampled") == data_files(shards)
+    picked = sum(in_stats_sample(f"n01440764_{i}", 0.01) for i in range(20_000))
+    assert 150 < picked < 250  # about the fraction asked for (200 +- 5 sigma)
