@@ -1,6 +1,7 @@
 """Shards in object storage, against a real S3-compatible server (moto's standalone
 server on loopback, started here): --src and --out as s3:// URIs, a kill during an S3
-write then a rerun, and the verified stage-in to local disk (kill, rerun, corruption)."""
+write then a rerun, the verified stage-in to local disk (kill, rerun, corruption), and
+MLflow artifacts kept in the bucket behind cluster.tracking_server."""
 
 from __future__ import annotations
 
@@ -129,3 +130,35 @@ def test_foreign_shards_in_a_bucket_are_indexed_in_place_then_staged_in(s3, tmp_
     got = [int(v) for _, y in eval_loader(info, "val", rank=0, world_size=1, batch_size=4, scale=72, crop=64,
                                           threads=1) for v in y]
     assert got == [labels[k] for k in rank_keys(info, "val", 0, 1)]
+
+
+def test_tracking_server_keeps_artifacts_in_the_bucket_and_clients_need_no_credentials(s3, tmp_path):
+    """cluster.tracking_server with --artifacts-destination s3://...: a client with no
+    AWS settings at all logs and reads artifacts through the server, and they land in
+    the bucket (what a job on a GPU node without bucket credentials relies on)."""
+    from services import free_port
+
+    from cluster import tracking_server
+
+    proc, url = tracking_server.start(f"sqlite:///{tmp_path / 'mlflow.db'}", f"s3://{s3['bucket']}/mlflow",
+                                      free_port(), log=tmp_path / "server.log")
+    try:
+        client = ("import mlflow, sys\n"
+                  "mlflow.set_experiment('artifacts-in-s3')\n"
+                  "with mlflow.start_run() as run:\n"
+                  "    mlflow.log_text('top-1 error 0.29', 'notes/result.txt')\n"
+                  "    mlflow.log_dict({'arch': 'D'}, 'recipe.json')\n"
+                  "back = mlflow.artifacts.load_text(run.info.artifact_uri + '/notes/result.txt')\n"
+                  "print(run.info.artifact_uri, back, sep='\\n')\n")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        done = subprocess.run([sys.executable, "-c", client], env=dict(env, MLFLOW_TRACKING_URI=url),
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        artifact_uri, back = done.stdout.strip().splitlines()[-2:]
+        assert artifact_uri.startswith("mlflow-artifacts:/") and back == "top-1 error 0.29"
+        stored = objects(f"s3://{s3['bucket']}/mlflow")
+        [result] = [v for k, v in stored.items() if k.endswith("/artifacts/notes/result.txt")]
+        assert result == b"top-1 error 0.29"
+        assert any(k.endswith("/artifacts/recipe.json") for k in stored)
+    finally:
+        tracking_server.stop(proc)

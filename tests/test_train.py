@@ -4,7 +4,12 @@ rerun of the same plan run skips finished stages."""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,9 +99,6 @@ def test_staged_plan_on_ray_tracks_everything_and_resumes(tmp_path, shards, ray_
     # The registered version classifies images on its own, in a fresh process through MLflow's
     # own loader: real JPEG files in, class ids, names and top-5 out; its top-1 is the
     # pipeline's own single-scale evaluation of the same images.
-    import json
-    import subprocess
-    import sys
 
     import pyarrow.parquet as pq
 
@@ -123,6 +125,18 @@ def test_staged_plan_on_ray_tracks_everything_and_resumes(tmp_path, shards, ray_
                and r["top5_ids"][0] == r["class_id"] for r in rows), rows[0]
     agree = sum(r["class_id"] == int(p.argmax()) for r, p in zip(rows, ours.probs))
     assert agree == 48, f"top-1 agrees with the pipeline's evaluation on {agree} of 48 images"
+    # MLflow's own CLI, offline, with JSON as a scoring request carries it (base64 images)
+    request = {"dataframe_split": {"columns": ["image"],
+                                   "data": [[base64.b64encode(Path(f).read_bytes()).decode()] for f in files[:6]]}}
+    (tmp_path / "request.json").write_text(json.dumps(request))
+    cli = subprocess.run([str(Path(sys.executable).parent / "mlflow"), "models", "predict", "-m",
+                          "models:/tiny-test-A/1", "-i", str(tmp_path / "request.json"), "-t", "json",
+                          "-o", str(tmp_path / "predictions.json"), "--env-manager", "local"],
+                         capture_output=True, text=True, env=dict(os.environ, MLFLOW_TRACKING_URI=mlflow_uri),
+                         cwd=tmp_path, timeout=300)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    predicted = json.loads((tmp_path / "predictions.json").read_text())["predictions"]
+    assert [p["class_id"] for p in predicted] == [r["class_id"] for r in rows[:6]]
     assert mlflow.pytorch.load_model(f"runs:/{stages['A'].info.run_id}/model") is not None  # the plain module too
 
     # the same plan run again: both stages skipped, no new MLflow runs
