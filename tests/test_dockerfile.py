@@ -1,11 +1,13 @@
 """The image the Kubernetes manifests run, checked without building it (no image
 registry is reachable here): hadolint finds nothing, its base image carries this
 project's Ray and Python, every path it copies exists, its import check names real
-modules, and the manifests and `make image` name the same image."""
+modules, the build steps run on exactly what it copies, and the manifests and
+`make image` name the same image."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import platform
 import re
 import subprocess
@@ -49,3 +51,39 @@ def test_manifests_and_make_image_name_the_same_image():
             named[path.name] = set(re.findall(r"'image': '([^']+)'", str(doc)))
     assert named["raycluster.yaml"] == named["retrain-cronjob.yaml"] == {image}
     assert all(found <= {image} for found in named.values()), named  # rayjob.yaml runs on the RayCluster
+
+
+def test_the_build_steps_run_on_what_the_image_copies(tmp_path):
+    """The Dockerfile's steps, run here on exactly the files it COPYs (no image: no
+    registry): the project builds from them (`pip install -e .`'s build, without
+    installing), and its import check passes with the modules taken from that copy.
+    The torch install step is left out: here torch is the CPU build."""
+    import shutil
+    import zipfile
+
+    text = DOCKERFILE.read_text()
+    image = tmp_path / "vgg-pipeline"
+    image.mkdir()
+    for src, dest in re.findall(r"^COPY (?:--\S+ )*(.+) (\S+)$", text, re.M):
+        for path in src.split():
+            target = image / (path if dest == "./" else dest)
+            if (REPO / path).is_dir():
+                shutil.copytree(REPO / path, target, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy(REPO / path, target)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path / "wheel"), str(image)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
+    [wheel] = (tmp_path / "wheel").glob("vgg_pipeline-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {"pipeline/cli.py", "cluster/submit.py", "data_prep/shard.py"} <= set(names)
+    check = re.search(r'python -c "import ([^"]+)"', text).group(1)
+    where = ("import importlib, sys; mods = [m.strip() for m in sys.argv[1].split(',')]; "
+             "[importlib.import_module(m) for m in mods]; "
+             "print(*(sys.modules[m].__file__ for m in mods if m.split('.')[0] in ('pipeline', 'cluster', 'data_prep')), "
+             "sep='\\n')")
+    out = subprocess.run([sys.executable, "-c", where, check], cwd=image, capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    files = out.stdout.split()
+    assert files and all(Path(f).is_relative_to(image) for f in files), files
