@@ -134,6 +134,15 @@ def tiny_plan(tmp_path: Path, shards: Path, *, name: str, experiment: str, stage
     return path
 
 
+def step_records(epochs: int, steps: int, every: int, checkpoint_every: int = 0) -> list[int]:
+    """Global steps of a stage's per-interval MLflow records (`step/*`): every `every`
+    steps of an epoch, at its mid-epoch checkpoints and at its end (`steps` an epoch)."""
+    marks = set(range(every, steps, every)) | {steps}
+    if checkpoint_every:
+        marks |= set(range(checkpoint_every, steps, checkpoint_every))
+    return sorted(e * steps + m for e in range(epochs) for m in marks)
+
+
 @contextlib.contextmanager
 def s3_server(bucket: str = "vgg-test"):
     """moto's standalone S3 server on a free loopback port, with one bucket; the AWS

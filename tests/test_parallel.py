@@ -1,6 +1,7 @@
 """The plan as a parallel schedule on a real Ray cluster (2 CPUs, stages of 1 worker of
 1 CPU): independent stages train at the same time, a dependant waits for its source,
-a failure stops only its own branch, and a killed driver resumes every in-flight stage."""
+a failure stops only its own branch, and a killed driver resumes every in-flight stage
+when the same command runs again, in the same MLflow runs with no gap in any curve."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from services import tiny_plan
+from services import step_records, tiny_plan
 
 from pipeline.stages import load_plan
 
@@ -21,8 +22,8 @@ REPO = Path(__file__).resolve().parent.parent
 ONE = {"num_workers": 1, "cpus_per_worker": 1}
 
 
-def plan_file(tmp_path, shards, name: str, a_recipe: dict | None = None, epochs: int = 3) -> Path:
-    return tiny_plan(tmp_path, shards, name=name, experiment=f"{name}-test", epochs=epochs, log_every_steps=0,
+def plan_file(tmp_path, shards, name: str, a_recipe: dict | None = None, epochs: int = 3, log_every: int = 0) -> Path:
+    return tiny_plan(tmp_path, shards, name=name, experiment=f"{name}-test", epochs=epochs, log_every_steps=log_every,
                      optim={"lr": 0.05, "patience": 50},
                      stages={"A": {"arch": "A", "scale": 36, "resources": ONE, "recipe": a_recipe or {}},
                              "A-LRN": {"arch": "A-LRN", "scale": 36, "resources": ONE},
@@ -70,7 +71,7 @@ def test_a_failed_stage_leaves_its_dependant_unstarted_and_its_sibling_finishes(
 
 
 def test_killed_driver_resumes_every_in_flight_stage(tmp_path, shards, mlflow_uri):
-    path = plan_file(tmp_path, shards, "parkill", epochs=6)
+    path = plan_file(tmp_path, shards, "parkill", epochs=6, log_every=4)
     env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_uri)
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "pipeline", "train", "--plan", str(path), "--run-name", "parkill-1",
@@ -98,13 +99,15 @@ def test_killed_driver_resumes_every_in_flight_stage(tmp_path, shards, mlflow_ur
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
         first.wait()
-    before = {n: r.info.run_id for n, r in stage_runs(mlflow_uri, "parkill-test").items()}
-    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "run parkill-1 (resumed)" in second.stdout
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(mlflow_uri)
+    before = {n: r.info.run_id for n, r in stage_runs(mlflow_uri, "parkill-test").items()}
+    for name in ("A", "A-LRN"):
+        assert len(client.get_metric_history(before[name], "train_loss")) < 6, "the kill should land mid-stage"
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "run parkill-1 (resumed)" in second.stdout
     runs = stage_runs(mlflow_uri, "parkill-test")
     for name in ("A", "A-LRN"):
         assert runs[name].info.run_id == before[name] and runs[name].info.status == "FINISHED"  # the same runs
@@ -112,4 +115,10 @@ def test_killed_driver_resumes_every_in_flight_stage(tmp_path, shards, mlflow_ur
         assert max(m.value for m in resumed) >= 1, name  # continued from a checkpoint, not from scratch
         epochs = sorted({m.step for m in client.get_metric_history(runs[name].info.run_id, "train_loss")})
         assert epochs == list(range(6)), name
+        # per-step curves: every record once across the kill and the resume, no gap and no
+        # duplicate (144 images / batch 16 = 9 steps an epoch; records every 4 and at the end)
+        per_step = client.get_metric_history(runs[name].info.run_id, "step/train_loss")
+        assert sorted(m.step for m in per_step) == step_records(6, 9, 4), name
     assert runs["B"].info.status == "FINISHED"
+    third = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0 and third.stdout.count("already finished in this plan run; skipped") == 3

@@ -1,19 +1,17 @@
 """A crash costs minutes, not weeks: a killed worker resumes from its checkpoint inside
-the same Ray Train run, and a killed driver is resumed by rerunning the same command.
-Real processes are SIGKILLed; nothing is simulated."""
+the same Ray Train run. Real processes are SIGKILLed; nothing is simulated. (A killed
+driver, resumed by rerunning the same command: tests/test_parallel.py.)"""
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from services import tiny_plan
+from services import step_records, tiny_plan
 
 from pipeline.stages import load_plan
 
@@ -27,13 +25,6 @@ def write_plan(tmp_path: Path, shards: Path, epochs: int, max_failures: int, che
                              "B": {"arch": "B", "scale": 36, "init_from": {"stage": "A"}, "recipe": {"epochs": 1}}},
                      epochs=epochs, batch_size=8, checkpoint_every_steps=checkpoint_every, log_every_steps=4,
                      optim={"lr": 0.05, "patience": 50})
-
-
-def step_records(epochs: int, checkpoint_every: int) -> list[int]:
-    """Global steps of the per-interval records: every 4 steps, at mid-epoch checkpoints
-    and at each epoch's end (144 images / global batch 8 = 18 steps an epoch)."""
-    marks = set(range(4, 18, 4)) | ({5, 10, 15} if checkpoint_every else set()) | {18}
-    return sorted(e * 18 + m for e in range(epochs) for m in marks)
 
 
 def wait_for(predicate, timeout: float, what: str):
@@ -127,41 +118,6 @@ def test_killed_worker_resumes_from_its_checkpoint(tmp_path, shards, ray_cluster
     assert {m.value for m in at_step} <= {0, 5, 10, 15}
     # per-step curves: every record once, at its global step, across the kill and resume
     _, per_step = stage_history(mlflow_uri, "crash-test", "A", "step/train_loss")
-    assert [m.step for m in sorted(per_step, key=lambda m: m.step)] == step_records(8, 5)
+    assert [m.step for m in sorted(per_step, key=lambda m: m.step)] == step_records(8, 18, 4, checkpoint_every=5)  # 144 images / global batch 8
     _, lrs = stage_history(mlflow_uri, "crash-test", "A", "step/lr")
     assert len(lrs) == len(per_step) and all(m.value == pytest.approx(0.05 * 8 / 256) for m in lrs)
-
-
-def test_killed_driver_is_resumed_by_rerunning_the_same_command(tmp_path, shards, mlflow_uri):
-    plan = write_plan(tmp_path, shards, epochs=6, max_failures=0)
-    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_uri, RAY_ADDRESS="")
-    env.pop("RAY_ADDRESS")
-    cmd = [sys.executable, "-m", "pipeline", "train", "--plan", str(plan), "--run-name", "crash-2"]
-    first = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    storage = tmp_path / "runs"
-    try:
-        wait_for(lambda: checkpoints(storage, "crash-2-A")
-                 and len(_history_or_empty(mlflow_uri, "A")) >= 2, 240, "stage A's second registered epoch")
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
-        first.wait()
-    time.sleep(2)
-    _, before = stage_history(mlflow_uri, "crash-test", "A", "train_loss")
-    assert 2 <= len(before) < 6, "the kill should land mid-stage"
-
-    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "run crash-2 (resumed)" in second.stdout
-    runs, history = stage_history(mlflow_uri, "crash-test", "A", "train_loss")
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert sorted({m.step for m in history}) == list(range(6))
-    _, per_step = stage_history(mlflow_uri, "crash-test", "A", "step/train_loss")
-    assert [m.step for m in sorted(per_step, key=lambda m: m.step)] == step_records(6, 0)  # no gap, no duplicate
-    _, resumed = stage_history(mlflow_uri, "crash-test", "A", "resumed_from_epoch")
-    assert max(m.value for m in resumed) >= 1
-    b_runs, _ = stage_history(mlflow_uri, "crash-test", "B", "train_loss")
-    assert len(b_runs) == 1 and b_runs[0].info.status == "FINISHED"
-
-    third = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert third.returncode == 0 and third.stdout.count("already finished in this plan run; skipped") == 2
