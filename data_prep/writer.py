@@ -117,7 +117,8 @@ class _Tar:
     """A USTAR tar written straight to a file, byte for byte what `tarfile` writes
     (headers of fixed metadata, 512-byte blocks, two zero blocks and padding to a
     10 KiB record at the end), without its per-member overhead: only a member's name,
-    size and checksum vary, so the rest of its header is built once."""
+    size and checksum vary, so the rest of its header is built once. Its size and
+    SHA-256 are taken as it is written (`digest`), not by reading it back."""
 
     # name(100) mode uid gid size mtime chksum type linkname(100) magic, then NULs for uname,
     # gname, devmajor, devminor and prefix (as tarfile writes them for a regular file)
@@ -126,7 +127,11 @@ class _Tar:
     _FIXED_SUM = sum(_BEFORE_SIZE) + sum(_AFTER_SIZE[0]) + sum(_AFTER_SIZE[1]) + sum(_AFTER_SIZE[2])
 
     def __init__(self, fh):
-        self.fh, self.offset = fh, 0
+        self.fh, self.offset, self._sha256 = fh, 0, hashlib.sha256()
+
+    def _write(self, data: bytes) -> None:
+        self.fh.write(data)
+        self._sha256.update(data)
 
     @classmethod
     def header(cls, name: str, size: int) -> bytes:
@@ -146,16 +151,22 @@ class _Tar:
         """Append a member; return (data offset, size) for the index."""
         header = self.header(name, len(payload))
         pad = -len(payload) % tarfile.BLOCKSIZE
-        self.fh.write(header)
-        self.fh.write(payload)
-        self.fh.write(b"\0" * pad)
+        self._write(header)
+        self._write(payload)
+        self._write(b"\0" * pad)
         offset = self.offset + len(header)
         self.offset = offset + len(payload) + pad
         return offset, len(payload)
 
     def close(self) -> None:
         end = self.offset + 2 * tarfile.BLOCKSIZE
-        self.fh.write(b"\0" * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
+        tail = 2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)
+        self._write(b"\0" * tail)
+        self.offset += tail
+
+    def digest(self) -> dict:
+        """{"bytes", "sha256"} of what was written (after close)."""
+        return {"bytes": self.offset, "sha256": self._sha256.hexdigest()}
 
 
 def in_stats_sample(key: str, fraction: float) -> bool:
@@ -239,10 +250,9 @@ def write_shard(
             raw.flush()
             os.fsync(raw.fileno())
         result.rgb_sum, result.rgb_outer = np.asarray(result.rgb_sum).tolist(), np.asarray(result.rgb_outer).tolist()
-        index = f"{IDX_VERSION} {len(index_lines)}\n" + "".join(f"{line}\n" for line in index_lines)
-        _write_atomic(os.path.join(out_dir, f"{shard}.idx"), index.encode())
-        result.files = {f"{shard}.tar": _digest(tmp_tar),
-                        f"{shard}.idx": _digest(os.path.join(out_dir, f"{shard}.idx"))}
+        index = (f"{IDX_VERSION} {len(index_lines)}\n" + "".join(f"{line}\n" for line in index_lines)).encode()
+        _write_atomic(os.path.join(out_dir, f"{shard}.idx"), index)
+        result.files = {f"{shard}.tar": tar.digest(), f"{shard}.idx": _digest_bytes(index)}
         meta = {k: getattr(result, k) for k in ("shard", "rows", "rejects", "pixels", "rgb_sum", "rgb_outer", "files")}
         meta_bytes = json.dumps(meta, sort_keys=True).encode()
         _write_atomic(os.path.join(out_dir, f"{shard}.meta.json"), meta_bytes)
@@ -258,12 +268,6 @@ def write_shard(
 
 def _digest_bytes(data: bytes) -> dict:
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def _digest(path: str) -> dict:
-    from data_prep.store import digest
-
-    return digest(path)
 
 
 def read_meta(out_dir: str, shard: str) -> ShardResult:

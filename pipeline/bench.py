@@ -194,7 +194,6 @@ def bench_train(arch: str, shards: str | None = None, device: str = "cpu", batch
 
 
 def main(args) -> int:
-
     if args.what == "gpu":
         from pipeline.gpubench import run
 

@@ -47,6 +47,13 @@ def test_folder_layout_outputs(shards, image_tree):
     assert stats["counts"] == {"train": 144, "val": 48}
     assert len(stats["mean_rgb"]) == 3 and all(0 < m < 255 for m in stats["mean_rgb"])
     assert stats["rgb_eigval"] == sorted(stats["rgb_eigval"], reverse=True)
+    # files.json: every file's size and SHA-256 as written (what --stage-in verifies copies by)
+    from data_prep.store import digest
+
+    recorded = json.loads((shards / "files.json").read_text())
+    on_disk = {str(p.relative_to(shards)) for p in shards.rglob("*") if p.is_file()} - {"files.json", "job.json"}
+    assert set(recorded) == on_disk
+    assert all(recorded[rel] == digest(shards / rel) for rel in recorded)
     # every shard mixes classes (seeded global shuffle)
     by_shard: dict[str, set] = {}
     for r in manifest:
