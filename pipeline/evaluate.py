@@ -33,7 +33,7 @@ def stage_from_run(run) -> Stage:
 
 def load_stage_model(stage: Stage, checkpoint):
     """The stage's net with the weights of `checkpoint` (a ray.train.Checkpoint or its URI), in eval mode."""
-    from pipeline.models import build_model
+    from pipeline.models import build_model, load_state
     from pipeline.worker import checkpoint_from_uri, load_checkpoint_model
 
     if isinstance(checkpoint, str):
@@ -42,7 +42,7 @@ def load_stage_model(stage: Stage, checkpoint):
     r = stage.recipe
     model = build_model(stage.arch, num_classes=state["num_classes"], width_mult=r.width_mult,
                         batch_norm=r.batch_norm, input_size=r.crop, dropout=r.dropout)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(load_state(state))
     return model.eval()
 
 

@@ -152,8 +152,22 @@ def load_state(source: nn.Module | Mapping[str, torch.Tensor] | str | Path) -> d
         state = dict(source)
     if "model" in state and isinstance(state["model"], Mapping):
         state = state["model"]
-    # DDP and torch.compile wrap names; strip their prefixes.
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    return plain_names(state)
+
+
+_WRAPPERS = ("module.", "_orig_mod.")  # DDP's and torch.compile's
+
+
+def plain_names(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict under the net's own names: the prefixes DDP and torch.compile add
+    stripped in whatever order and number they wrap (compile(DDP(net)) gives
+    `_orig_mod.module.conv...`, DDP(compile(net)) `module._orig_mod.conv...`)."""
+    def plain(key: str) -> str:
+        while key.startswith(_WRAPPERS):
+            key = key.split(".", 1)[1]
+        return key
+
+    return {plain(k): v for k, v in state.items()}
 
 
 def init_from(
@@ -213,9 +227,11 @@ class DenseVGG(nn.Module):
         fc6, fc7, fc8 = (model.classifier.get_submodule(n) for n in ("fc6", "fc7", "fc8"))
         side, channels = model.feature_side, model.feature_channels
         self.features = model.features
-        conv6 = nn.Conv2d(channels, fc6.out_features, side)
-        conv7 = nn.Conv2d(fc7.in_features, fc7.out_features, 1)
-        conv8 = nn.Conv2d(fc8.in_features, fc8.out_features, 1)
+        # On the fc layers' device and dtype: the net may already sit on a GPU (or be float64).
+        like = dict(device=fc6.weight.device, dtype=fc6.weight.dtype)
+        conv6 = nn.Conv2d(channels, fc6.out_features, side, **like)
+        conv7 = nn.Conv2d(fc7.in_features, fc7.out_features, 1, **like)
+        conv8 = nn.Conv2d(fc8.in_features, fc8.out_features, 1, **like)
         with torch.no_grad():
             # Linear weights flatten (C, H, W) in that order, as torch.flatten does.
             conv6.weight.copy_(fc6.weight.view(fc6.out_features, channels, side, side))

@@ -107,7 +107,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     from pipeline.data import DatasetInfo, eval_loader, train_loader, train_steps
     from pipeline.engine import (LrSchedule, NonFiniteLoss, effective_lr, evaluate, make_optimizer, stall_reason,
                                  train_one_epoch)
-    from pipeline.models import build_model, init_from
+    from pipeline.models import build_model, init_from, load_state, plain_names
 
     _quiet_ray_train_info()
     stage, data = config["stage"], config["data"]
@@ -129,9 +129,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         state = _load_state(checkpoint)
-        model.load_state_dict(state["model"])
+        model.load_state_dict(load_state(state))
     elif config.get("init_checkpoint") is not None:
-        source = _load_state(config["init_checkpoint"])["model"]
+        source = load_state(_load_state(config["init_checkpoint"]))
         layers = config.get("init_layers") or stage.init_from.layers
         if layers == "all":
             model.load_state_dict(source)
@@ -208,8 +208,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
             # sends it again, in case the driver died before logging it.
             reported = {k: v for k, v in metrics.items()
                         if k not in ("replay", "data_hash", "data_root", "data_name")}
-            torch.save({"model": {k.removeprefix("module.").removeprefix("_orig_mod."): v
-                                  for k, v in net.state_dict().items()},
+            torch.save({"model": plain_names(net.state_dict()),
                         "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                         "epoch": epoch, "step": step, "rng": torch.get_rng_state(), "arch": stage.arch,
                         "num_classes": info.num_classes, "reported": reported, **serving_facts},
