@@ -43,10 +43,12 @@ def make_optimizer(model: nn.Module, optim: Optim, global_batch: int) -> torch.o
         # Biases and batch-norm scales are 1-d; Caffe's VGG solver does not decay biases.
         (decay if p.dim() > 1 or optim.decay_biases else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # One fused kernel per step on GPU (all parameters at once); the multi-tensor
-    # (foreach) path elsewhere. Both are the same SGD as the per-tensor loop.
-    on_cuda = any(p.is_cuda for p in decay + no_decay)
-    kind = {"fused": True} if on_cuda else {"foreach": True}
+    # One fused kernel per step (all parameters at once): "auto" takes it on GPU and the
+    # multi-tensor (foreach) path elsewhere; "fused" asks for it on the CPU too (torch
+    # has a CPU fused SGD), which is how CI rehearses the GPU's optimiser step. All are
+    # the same SGD as the per-tensor loop.
+    impl = optim.impl if optim.impl != "auto" else "fused" if any(p.is_cuda for p in decay + no_decay) else "foreach"
+    kind = {impl: True}
     return torch.optim.SGD(groups, lr=effective_lr(optim, global_batch), momentum=optim.momentum, **kind)
 
 
@@ -155,17 +157,31 @@ class EpochStats:
 
 
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast on GPU ("auto" or "bf16"); full fp32 elsewhere."""
-    if device.type == "cuda" and precision in ("auto", "bf16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast: "auto" on GPU only, "bf16" on any device (on the CPU it is how CI
+    rehearses the GPU's mixed precision); full precision otherwise."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def model_input(images: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
-    """DALI's GPU graph emits float16; bf16 autocast takes it as is, fp32 needs a cast."""
+def model_input(images: torch.Tensor, device: torch.device, precision: str,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """DALI's GPU graph emits float16, which bf16 autocast takes as is; otherwise the
+    batch is cast to the net's own dtype (`dtype`: float32, or float64 in the tests
+    that catch tensors made at torch's default dtype)."""
     if device.type == "cuda" and precision in ("auto", "bf16"):
         return images
-    return images.float()
+    return images.to(dtype)
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters(), torch.empty(0)).dtype
+
+
+def _grads_in_buckets(model: nn.Module) -> bool:
+    """DDP with gradient_as_bucket_view (also under torch.compile): the gradients are views
+    of DDP's buckets, to be zeroed in place, never dropped and re-made each step."""
+    return bool(getattr(getattr(model, "_orig_mod", model), "gradient_as_bucket_view", False))
 
 
 def _distributed() -> bool:
@@ -212,8 +228,10 @@ def train_one_epoch(
     model.train()
     criterion = nn.CrossEntropyLoss()
     world = dist.get_world_size() if _distributed() else 1
+    dtype, set_to_none = _dtype(model), not _grads_in_buckets(model)
     # [loss sum, images, non-finite losses] for the epoch and for the current interval,
-    # on the device: adding to them never waits for the GPU.
+    # on the device: adding to them never waits for the GPU, and no step copies a value
+    # from the host (the count is made on the device: ones_like * n).
     epoch_acc = torch.zeros(3, dtype=torch.float64, device=device)
     interval_acc = torch.zeros(3, dtype=torch.float64, device=device)
     images = wait = interval_wait = 0.0
@@ -249,11 +267,11 @@ def train_one_epoch(
             lr = lr_at(steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-        if channels_last:
+        if channels_last:  # a no-op (no copy) for the channels_last batches the loaders give
             images_b = images_b.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
-            loss = criterion(model(model_input(images_b, device, precision)), labels)
-        optimizer.zero_grad(set_to_none=True)
+            loss = criterion(model(model_input(images_b, device, precision, dtype)), labels)
+        optimizer.zero_grad(set_to_none=set_to_none)
         loss.backward()
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -261,7 +279,8 @@ def train_one_epoch(
         n = labels.shape[0]
         loss = loss.detach().double()
         finite = torch.isfinite(loss)
-        interval_acc += torch.stack([torch.where(finite, loss * n, 0.0), loss.new_tensor(n), (~finite).double()])
+        zero = torch.zeros_like(loss)
+        interval_acc += torch.stack([torch.where(finite, loss, zero) * n, zero.add(n), (~finite).double()])
         images += n
         steps += 1
         wants_checkpoint = bool(on_checkpoint and checkpoint_every and steps % checkpoint_every == 0)
@@ -293,13 +312,16 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, *, precis
     """Top-1/top-5 error (percent) over every image of every rank's loader, once each.
     Counts stay on the device until the end (one sync per evaluation)."""
     model.eval()
+    dtype = _dtype(model)
     acc = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, images, loss sum
     criterion = nn.CrossEntropyLoss(reduction="sum")
     for images_b, labels in loader:
         with autocast(device, precision):
-            logits = model(model_input(images_b, device, precision)).float()
+            logits = model(model_input(images_b, device, precision, dtype)).float()
         hits = topk_hits(logits, labels).double()
-        acc += torch.stack([hits[0], hits[1], acc.new_tensor(labels.shape[0]), criterion(logits, labels).double()])
+        # the count is made on the device (no per-batch copy from the host)
+        acc += torch.stack([hits[0], hits[1], torch.zeros_like(hits[0]).add(labels.shape[0]),
+                            criterion(logits, labels).double()])
     correct1, correct5, count, loss_sum = _all_reduce_tensor(acc).tolist()
     if count == 0:
         raise ValueError("evaluate: the loader yielded no images")

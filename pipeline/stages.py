@@ -36,6 +36,9 @@ class Optim:
     warmup_epochs: float = 0.0  # linear lr warmup per step (Goyal et al. 2017); 0: off, as in the paper
     warmup_start_factor: float = 0.1  # the warmup starts at this share of the lr
     grad_clip: float | None = None  # max global grad norm; None: no clipping
+    # SGD kernels: "auto" fused on GPU, foreach elsewhere; "fused" or "foreach" on any device
+    # (fused on the CPU rehearses the GPU's optimiser step in CI)
+    impl: Literal["auto", "foreach", "fused"] = "auto"
 
     def __post_init__(self):
         if self.lr <= 0:
@@ -67,8 +70,8 @@ class Recipe:
     init_std: float = 0.01
     color_shift: float = 0.1  # std of AlexNet's PCA lighting noise; 0 turns it off
     eval_scale: int | None = None  # Q for per-epoch validation; None: S (or the jitter mid-point)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    channels_last: bool = True  # on GPU
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU; bf16: on any device
+    channels_last: bool | None = None  # None: on GPU only; true/false: on/off on any device
     compile: bool = False
     normalize_std: bool = False  # also divide by the training set's RGB std (the paper only subtracts the mean)
     log_every_steps: int = 50

@@ -137,7 +137,10 @@ def train_loop_per_worker(config: dict) -> dict | None:
             model.load_state_dict(source)
         else:
             init_from(model, source, layers)
-    if gpu and recipe.channels_last:
+    # Every GPU setting is reachable on the CPU too (bf16, channels_last, compile, fused
+    # SGD), so CI rehearses the GPU's branches: channels_last None means "on GPU only".
+    channels_last = gpu if recipe.channels_last is None else recipe.channels_last
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     # Gradients as views of DDP's buckets: no copy into the buckets, less memory.
     net = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"gradient_as_bucket_view": True})
@@ -250,7 +253,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
 
         try:
             stats = train_one_epoch(net, train_ld, optimizer, device, precision=recipe.precision,
-                                    channels_last=gpu and recipe.channels_last, grad_clip=recipe.optim.grad_clip,
+                                    channels_last=channels_last, grad_clip=recipe.optim.grad_clip,
                                     log_every=recipe.log_every_steps, on_log=progress,
                                     checkpoint_every=recipe.checkpoint_every_steps, on_checkpoint=step_checkpoint,
                                     lr_at=lambda s, epoch=epoch: schedule.lr_at(epoch * steps + s),

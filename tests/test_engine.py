@@ -131,3 +131,121 @@ def test_sync_points_log_interval_figures_and_resumed_steps_count_on():
     assert stats.loss == pytest.approx((per_step[0] * 2 + sum(per_step[1:])) / 5)  # intervals of 2, 1, 1, 1
     result = evaluate(model, batches(3), torch.device("cpu"))
     assert result["images"] == 12 and 0 <= result["top1_error"] <= 100
+
+
+# ---------------------------------------------------------------- no host round trips, placement (issue 20)
+
+
+class HostTraffic:
+    """Counts the ops that carry a value between the host and the tensors' device:
+    a tensor made from host data (torch.tensor, new_tensor) and a value read back
+    (.item(), .tolist(), bool(t)). On a GPU each is a copy that waits for the stream."""
+
+    KINDS = ("aten.lift_fresh", "aten._local_scalar_dense")
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if str(func).startswith(HostTraffic.KINDS):
+                    outer.ops.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        self.ops, self._mode = [], Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("loop", ["train", "evaluate"])
+def test_no_step_copies_a_value_from_the_host(loop):
+    """Host traffic is the same for 2 steps as for 6: none of it is per step (it was a
+    new_tensor(n) per training step and per evaluation batch)."""
+    def traffic(steps: int) -> list[str]:
+        torch.manual_seed(0)
+        model = build_model("A", num_classes=4, width_mult=0.125, input_size=32, init="kaiming")
+        opt = make_optimizer(model, Optim(lr=0.001), 4)
+        data = batches(steps)
+        with HostTraffic() as seen:
+            if loop == "train":
+                train_one_epoch(model, data, opt, torch.device("cpu"), log_every=0)
+            else:
+                evaluate(model, data, torch.device("cpu"))
+        return seen.ops
+
+    assert traffic(2) == traffic(6)
+
+
+def test_ddp_bucket_view_gradients_are_zeroed_in_place_not_remade():
+    """With DDP's gradient_as_bucket_view the gradients are views of its buckets.
+    zero_grad(set_to_none=True) destroyed that alias every step, so each backward made a
+    new gradient and DDP copied it into the bucket (torch's DDP docs, batched_grad_copy).
+    Seen from a gradient hook (it runs before the new gradient is accumulated): the
+    parameter still holds its bucket view, the same one every step."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
+
+    def held_at_backward(net, param, steps):
+        held = []
+        param.register_hook(lambda g: held.append(param.grad))
+        train_one_epoch(net, batches(steps), make_optimizer(net, Optim(lr=0.001), 4), torch.device("cpu"),
+                        log_every=0)
+        return held
+
+    model = build_model("A", num_classes=4, width_mult=0.125, input_size=32, init="kaiming")
+    net = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
+    held = held_at_backward(net, model.features.conv1_1.weight, 4)
+    # DDP makes the views in the first backward; from the second step on they are kept
+    assert len(held) == 4 and held[1] is not None and all(g is held[1] for g in held[1:])
+    plain = build_model("A", num_classes=4, width_mult=0.125, input_size=32, init="kaiming")
+    held = held_at_backward(plain, plain.features.conv1_1.weight, 3)
+    assert held == [None, None, None]  # without DDP's buckets: set_to_none, torch's default
+
+
+def test_training_and_evaluation_make_no_tensor_at_the_default_dtype_or_device():
+    """A float64 net on float64 batches while the default dtype stays float32, and the
+    default device `meta` while every module checks its tensors against its input's."""
+    from placement import elsewhere_by_default
+
+    torch.manual_seed(0)
+    model = build_model("A", num_classes=4, width_mult=0.125, input_size=32, init="kaiming").double()
+    opt = make_optimizer(model, Optim(lr=0.001), 4)
+    data = [(x.double(), y) for x, y in batches(3)]
+    before = model.classifier.fc8.weight.clone()
+    with elsewhere_by_default() as checked:
+        stats = train_one_epoch(model, data, opt, torch.device("cpu"), log_every=2)
+        result = evaluate(model, data, torch.device("cpu"))
+    assert torch.get_default_dtype() == torch.float32
+    assert stats.images == 12 and result["images"] == 12 and "Conv2d" in checked and "Linear" in checked
+    assert model.classifier.fc8.weight.dtype == torch.float64 and not torch.equal(before, model.classifier.fc8.weight)
+
+
+def test_the_gpu_recipe_runs_on_the_cpu_when_asked():
+    """bf16 autocast and the fused SGD step are reachable on the CPU (CI's rehearsal of
+    the GPU path), not silently dropped; "auto" keeps fp32 and foreach there."""
+    torch.manual_seed(0)
+    model = build_model("A", num_classes=4, width_mult=0.125, input_size=32, init="kaiming")
+    model = model.to(memory_format=torch.channels_last)
+    assert make_optimizer(model, Optim(), 4).defaults["foreach"] is True
+    opt = make_optimizer(model, Optim(lr=0.01, impl="fused"), 4)
+    assert opt.defaults["fused"] is True
+    seen = []
+    model.features.conv1_1.register_forward_hook(lambda m, i, o: seen.append((o.dtype, i[0].is_contiguous(
+        memory_format=torch.channels_last))))
+    before = model.features.conv1_1.weight.clone()
+    stats = train_one_epoch(model, batches(2), opt, torch.device("cpu"), precision="bf16", channels_last=True,
+                            log_every=0)
+    assert seen == [(torch.bfloat16, True)] * 2 and stats.loss > 0
+    assert model.features.conv1_1.weight.dtype == torch.float32 and not torch.equal(before, model.features.conv1_1.weight)
+    seen.clear()
+    evaluate(model, batches(1), torch.device("cpu"), precision="auto")
+    assert seen == [(torch.float32, False)]
