@@ -112,8 +112,9 @@ def _index_count(idx: Path) -> int:
         return int(fh.readline().split()[1])
 
 
-def _label(raw, info: "DatasetInfo"):
-    """The label inside the graph. `.cls`: ASCII digits, zero-padded to `label_digits`
+def _label(raw, info: "DatasetInfo", gpu: bool = False):
+    """The label inside the graph, on the GPU when the graph runs there (DALI hands the
+    iterator device memory: no copy from pageable host memory, which would wait). `.cls`: ASCII digits, zero-padded to `label_digits`
     (data_prep/writer.py) or not (other tools' shards: "7", "7\\n"), parsed to int64 as
     sum(digit_i * 10^(n-1-i)) over the n leading digits. `.json`: the raw bytes,
     zero-padded to a fixed width, for the Loader to parse on the host."""
@@ -125,7 +126,8 @@ def _label(raw, info: "DatasetInfo"):
     count = fn.reductions.sum(is_digit, axes=[0])
     place = dmath.pow(10.0, count - 1.0 - types.Constant(np.arange(width, dtype=np.float32)))
     value = fn.reductions.sum((values - 48.0) * is_digit * place, axes=[0])
-    return fn.cast(dmath.floor(value + 0.5), dtype=types.INT64)
+    label = fn.cast(dmath.floor(value + 0.5), dtype=types.INT64)
+    return label.gpu() if gpu else label
 
 
 def _crop_window(shape, scale, crop: int, pos_x, pos_y):
@@ -207,7 +209,8 @@ class Draws:
 @pipeline_def
 def train_pipeline(info: DatasetInfo, split: str, shard_id: int, num_shards: int, scale_range: tuple[int, int],
                    crop: int, color_shift: float, normalize_std: bool, gpu: bool, order_seed: int,
-                   shuffle_buffer: int, decode: str = "roi", draws: Draws | None = None, hints: dict | None = None):
+                   shuffle_buffer: int, decode: str = "roi", draws: Draws | None = None, hints: dict | None = None,
+                   layout: str = "CHW"):
     jpegs, cls = _reader(info, split, shard_id, num_shards, draws is None, order_seed, shuffle_buffer)
     lo, hi = scale_range
     shape = fn.peek_image_shape(jpegs)
@@ -228,26 +231,26 @@ def train_pipeline(info: DatasetInfo, split: str, shard_id: int, num_shards: int
     mean = types.Constant(np.asarray(info.mean_rgb, dtype=np.float32)) - fn.reshape(shift, shape=[3])
     out = fn.crop_mirror_normalize(
         images, mean=mean, std=list(info.std_rgb) if normalize_std else [1.0, 1.0, 1.0],
-        mirror=fn.random.coin_flip(probability=0.5) if mirror is None else mirror, output_layout="CHW",
+        mirror=fn.random.coin_flip(probability=0.5) if mirror is None else mirror, output_layout=layout,
         dtype=types.FLOAT16 if gpu else types.FLOAT,
     )
-    return out, _label(cls, info)
+    return out, _label(cls, info, gpu)
 
 
 @pipeline_def
 def center_crop_pipeline(info: DatasetInfo, split: str, shard_id: int, num_shards: int, scale: int, crop: int,
-                         normalize_std: bool, gpu: bool, hints: dict | None = None):
+                         normalize_std: bool, gpu: bool, hints: dict | None = None, layout: str = "CHW"):
     """Single-scale test protocol: rescale to Q, centre crop (Section 3.2, Table 3)."""
     jpegs, cls = _reader(info, split, shard_id, num_shards, False, 0, 1)
     shape = fn.peek_image_shape(jpegs)
     images = _decode_window(jpegs, shape, _crop_window(shape, float(scale), crop, 0.5, 0.5), crop, gpu, "roi", hints)
-    return _normalize(images, info, normalize_std, gpu), _label(cls, info)
+    return _normalize(images, info, normalize_std, gpu, layout), _label(cls, info, gpu)
 
 
-def _normalize(images, info: DatasetInfo, normalize_std: bool, gpu: bool, **crop):
+def _normalize(images, info: DatasetInfo, normalize_std: bool, gpu: bool, layout: str = "CHW", **crop):
     return fn.crop_mirror_normalize(
         images, mean=list(info.mean_rgb), std=list(info.std_rgb) if normalize_std else [1.0, 1.0, 1.0],
-        output_layout="CHW", dtype=types.FLOAT16 if gpu else types.FLOAT, **crop,
+        output_layout=layout, dtype=types.FLOAT16 if gpu else types.FLOAT, **crop,
     )
 
 
@@ -264,7 +267,7 @@ def dense_pipeline(info: DatasetInfo, split: str, shard_id: int, num_shards: int
     """Dense evaluation (Section 3.2): the whole image rescaled to Q, for the fully
     convolutional net. Sizes vary per image, so run it with batch_size=1."""
     jpegs, cls = _reader(info, split, shard_id, num_shards, False, 0, 1)
-    return _normalize(_rescaled(jpegs, scale, gpu, hints), info, normalize_std, gpu), _label(cls, info)
+    return _normalize(_rescaled(jpegs, scale, gpu, hints), info, normalize_std, gpu), _label(cls, info, gpu)
 
 
 @pipeline_def
@@ -278,7 +281,7 @@ def multi_crop_pipeline(info: DatasetInfo, split: str, shard_id: int, num_shards
     steps = [i / (grid - 1) if grid > 1 else 0.5 for i in range(grid)]
     crops = [_normalize(images, info, normalize_std, gpu, crop=(crop, crop), crop_pos_x=x, crop_pos_y=y)
              for y in steps for x in steps]
-    return fn.stack(*crops), _label(cls, info)
+    return fn.stack(*crops), _label(cls, info, gpu)
 
 
 def _index_keys(idx: str) -> list[str]:
@@ -314,11 +317,12 @@ class Loader:
     """Torch batches (images NCHW, labels int64) from a DALI pipeline, with an exact
     epoch length. Training: every rank yields the same number of full batches
     (DDP needs it). Evaluation: each rank yields exactly its slice, no padding,
-    so across ranks every image is counted once."""
+    so across ranks every image is counted once. `nhwc`: the graph emits HWC images,
+    handed over as NCHW views in channels_last memory (no copy in the training step)."""
 
     def __init__(self, pipe, steps: int | None, device: torch.device, what: str,
-                 source: tuple["DatasetInfo", str] | None = None):
-        self.device, self.what, self.source = device, what, source
+                 source: tuple["DatasetInfo", str] | None = None, nhwc: bool = False):
+        self.device, self.what, self.source, self.nhwc = device, what, source, nhwc
         if steps is None:  # evaluation: the reader's shard, padding dropped
             self._it = DALIGenericIterator(pipe, ["images", "labels"], reader_name=READER,
                                            last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
@@ -352,8 +356,8 @@ class Loader:
                 labels = data["labels"]
                 if self.source and self.source[0].label_format == "json":
                     labels = _json_labels(labels, self.source[0].label_field)
-                yield (data["images"].to(self.device, non_blocking=True),
-                       labels.view(-1).to(self.device, non_blocking=True))
+                images = data["images"].permute(0, 3, 1, 2) if self.nhwc else data["images"]
+                yield _to_device(images, self.device), _to_device(labels.view(-1), self.device)
         except RuntimeError as exc:
             culprit = find_undecodable(*self.source) if self.source else None
             if culprit:
@@ -361,6 +365,16 @@ class Loader:
                 raise RuntimeError(f"DALI {self.what}: sample {key!r} in shard {tar} cannot be decoded "
                                    f"({reason}); re-shard it or remove it from the shard") from exc
             raise RuntimeError(f"DALI {self.what}: {exc}") from exc
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device` without waiting: a tensor already there as it is; a host tensor
+    pinned first, since from pageable memory a non_blocking copy is synchronous."""
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 def _json_labels(raw: torch.Tensor, field: str) -> torch.Tensor:
@@ -386,29 +400,30 @@ def train_steps(info: DatasetInfo, split: str, batch_size: int, world_size: int)
 def train_loader(info: DatasetInfo, split: str, *, rank: int, world_size: int, batch_size: int,
                  scale_range: tuple[int, int], crop: int, color_shift: float = 0.1, normalize_std: bool = False,
                  device: torch.device = torch.device("cpu"), seed: int = 0, epoch: int = 0, threads: int = 2,
-                 shuffle_buffer: int = 1024, decode: str = "roi", draws: Draws | None = None) -> Loader:
+                 shuffle_buffer: int = 1024, decode: str = "roi", draws: Draws | None = None,
+                 channels_last: bool = False) -> Loader:
     """One epoch of training batches; `batch_size` is per worker. The order and the
     augmentation draws are a function of (seed, epoch, rank) only: build one loader per
     epoch. Ranks take a different slice of the tar list each epoch (DALI's own
     stick_to_shard=False rotation), so over epochs every rank sees all the data.
     `decode`: "roi" or "whole" (see the module's docstring); `draws` fixes the random
-    draws (GPU-versus-CPU checks)."""
+    draws (GPU-versus-CPU checks). `channels_last`: NHWC from the graph, NCHW views out."""
     if decode not in ("roi", "whole"):
         raise ValueError(f"decode: expected 'roi' or 'whole', got {decode!r}")
     gpu = device.type == "cuda"
     steps = train_steps(info, split, batch_size, world_size)
     pipe = train_pipeline(info, split, (rank + epoch) % world_size, world_size, scale_range, crop, color_shift,
                           normalize_std, gpu, seed * 100_003 + epoch, shuffle_buffer, decode, draws,
-                          info.decode_hints(split) if gpu else None, batch_size=batch_size,
-                          num_threads=threads, device_id=_device_id(device),
+                          info.decode_hints(split) if gpu else None, "HWC" if channels_last else "CHW",
+                          batch_size=batch_size, num_threads=threads, device_id=_device_id(device),
                           seed=(seed * 100_003 + epoch) * 1000 + rank + 1, prefetch_queue_depth=2)
     pipe.build()
-    return Loader(pipe, steps, device, f"train pipeline over {info.root / split}", (info, split))
+    return Loader(pipe, steps, device, f"train pipeline over {info.root / split}", (info, split), channels_last)
 
 
-def _build_eval(pipe, info: DatasetInfo, split: str, device: torch.device, what: str) -> Loader:
+def _build_eval(pipe, info: DatasetInfo, split: str, device: torch.device, what: str, nhwc: bool = False) -> Loader:
     pipe.build()
-    return Loader(pipe, None, device, f"{what} pipeline over {info.root / split}", (info, split))
+    return Loader(pipe, None, device, f"{what} pipeline over {info.root / split}", (info, split), nhwc)
 
 
 def dense_loader(info: DatasetInfo, split: str, *, rank: int, world_size: int, scale: int,
@@ -434,9 +449,9 @@ def multi_crop_loader(info: DatasetInfo, split: str, *, rank: int, world_size: i
 
 def eval_loader(info: DatasetInfo, split: str, *, rank: int, world_size: int, batch_size: int, scale: int,
                 crop: int, normalize_std: bool = False, device: torch.device = torch.device("cpu"),
-                threads: int = 2) -> Loader:
+                threads: int = 2, channels_last: bool = False) -> Loader:
     gpu = device.type == "cuda"
     pipe = center_crop_pipeline(info, split, rank, world_size, scale, crop, normalize_std, gpu,
-                                info.decode_hints(split) if gpu else None, batch_size=batch_size,
-                                num_threads=threads, device_id=_device_id(device), seed=1)
-    return _build_eval(pipe, info, split, device, "eval")
+                                info.decode_hints(split) if gpu else None, "HWC" if channels_last else "CHW",
+                                batch_size=batch_size, num_threads=threads, device_id=_device_id(device), seed=1)
+    return _build_eval(pipe, info, split, device, "eval", channels_last)

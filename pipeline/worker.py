@@ -165,7 +165,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     normalize_std = recipe.normalize_std
     val_ld = eval_loader(info, data.val_split, rank=rank, world_size=world, batch_size=per_worker,
                          scale=stage.eval_scale, crop=recipe.crop, normalize_std=normalize_std, device=device,
-                         threads=data.reader_threads)
+                         threads=data.reader_threads, channels_last=channels_last)
     tag = f"[{stage.name}]"
     if rank == 0:
         how = (f"resumed at epoch {start_epoch + 1} step {start_step}" if state is not None else
@@ -231,7 +231,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
                                 scale_range=(lo, hi), crop=recipe.crop, color_shift=recipe.color_shift,
                                 normalize_std=normalize_std, device=device, seed=recipe.seed, epoch=epoch,
                                 threads=data.reader_threads, shuffle_buffer=data.shuffle_buffer,
-                                decode=data.gpu_decode if gpu else "roi")
+                                decode=data.gpu_decode if gpu else "roi", channels_last=channels_last)
         skip = start_step if epoch == start_epoch else 0
         train_ld.skip(skip)
 

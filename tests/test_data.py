@@ -233,3 +233,34 @@ def test_gpu_decoder_hints_fit_the_largest_image_of_the_split(shards):
     assert hints["preallocate_height_hint"] == train["height"].max()
     assert hints["device_memory_padding"] == max(16 << 20, int((train["width"] * train["height"]).max()) * 3)
     assert info.decode_hints("nosuchsplit") == {}
+
+
+def test_channels_last_batches_come_from_the_graph_and_the_step_copies_none(shards):
+    """recipe.channels_last: the graph emits HWC and the loader hands over NCHW views in
+    channels_last memory, the same values as the CHW graph's; the training step then feeds
+    the net that very memory (before, every step copied each batch into channels_last)."""
+    from pipeline.data import Draws
+    from pipeline.engine import make_optimizer, train_one_epoch
+    from pipeline.models import build_model
+    from pipeline.stages import Optim
+
+    info = DatasetInfo.load(shards)
+    args = dict(rank=0, world_size=1, batch_size=8, scale_range=(40, 40), crop=32, threads=1,
+                draws=Draws(scale=40.0, pos_x=0.3, pos_y=0.7, mirror=1))
+    (chw, y1), (nhwc, y2) = (next(iter(train_loader(info, "train", channels_last=c, **args))) for c in (False, True))
+    assert nhwc.shape == chw.shape == (8, 3, 32, 32) and torch.equal(nhwc, chw) and torch.equal(y1, y2)
+    assert nhwc.is_contiguous(memory_format=torch.channels_last) and not chw.is_contiguous(
+        memory_format=torch.channels_last)
+    ev = [next(iter(eval_loader(info, "val", rank=0, world_size=1, batch_size=8, scale=40, crop=32, threads=1,
+                                channels_last=c))) for c in (False, True)]
+    assert torch.equal(ev[0][0], ev[1][0]) and ev[1][0].is_contiguous(memory_format=torch.channels_last)
+
+    model = build_model("A", num_classes=info.num_classes, width_mult=0.125, input_size=32)
+    model = model.to(memory_format=torch.channels_last)
+    handed, fed = [], []
+    model.features.conv1_1.register_forward_pre_hook(lambda m, a: fed.append(a[0].data_ptr()))
+    loader = train_loader(info, "train", channels_last=True, **args)
+    batches = ((x, y) for x, y in loader if not handed.append(x.data_ptr()))
+    train_one_epoch(model, batches, make_optimizer(model, Optim(lr=0.001), 8), torch.device("cpu"),
+                    channels_last=True, log_every=0)
+    assert len(fed) == len(loader) and fed == handed
