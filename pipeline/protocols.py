@@ -95,13 +95,19 @@ def rank_keys(info, split: str, rank: int, world: int) -> list[str]:
     return keys[rank * n // world:(rank + 1) * n // world]
 
 
+def _as_net(images: torch.Tensor, model) -> torch.Tensor:
+    """The batch in the net's own dtype (float32, or float64 in the tests that catch
+    tensors made at torch's default dtype)."""
+    return images.to(next(model.parameters()).dtype)
+
+
 @torch.no_grad()
 def _single(model, info, split, q, crop, normalize_std, rank, world, device, batch_size, threads):
     from pipeline.data import eval_loader
 
     for images, labels in eval_loader(info, split, rank=rank, world_size=world, batch_size=batch_size, scale=q,
                                       crop=crop, normalize_std=normalize_std, device=device, threads=threads):
-        yield torch.softmax(model(images.float()).float(), 1), labels
+        yield torch.softmax(model(_as_net(images, model)).float(), 1), labels
 
 
 @torch.no_grad()
@@ -112,7 +118,7 @@ def _dense(model, info, split, q, crop, normalize_std, rank, world, device, batc
     net = dense_form(model)
     for image, labels in dense_loader(info, split, rank=rank, world_size=world, scale=q,
                                       normalize_std=normalize_std, device=device, threads=threads):
-        x = image.float()
+        x = _as_net(image, model)
         both = [net(v).float().mean(dim=(2, 3)) for v in (x, x.flip(3))]  # score maps, spatially averaged
         yield (torch.softmax(both[0], 1) + torch.softmax(both[1], 1)) / 2, labels
 
@@ -125,7 +131,7 @@ def _multicrop(model, info, split, q, crop, normalize_std, rank, world, device, 
                                            scale=q, crop=crop, normalize_std=normalize_std, device=device,
                                            threads=threads):
         n, g = crops.shape[:2]
-        x = crops.float().reshape(n * g, *crops.shape[2:])
+        x = _as_net(crops, model).reshape(n * g, *crops.shape[2:])
         probs = torch.cat([torch.softmax(model(v).float(), 1) for v in (x, x.flip(3))])  # 25 crops + flips
         yield probs.view(2, n, g, -1).mean(dim=(0, 2)), labels
 

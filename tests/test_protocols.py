@@ -124,3 +124,24 @@ def test_default_scales_follow_the_paper():
     assert default_scales("multicrop", (72, 72), 72, 64) == [64, 72, 81]  # step scaled to the crop, Q >= crop
     assert default_scales("single", (256, 512), 384, 224) == [384]
     assert metric_prefix("dense+multicrop", [256, 384, 512]) == "dense_multicrop_Q256-384-512"
+
+
+def test_every_protocol_makes_no_tensor_at_the_default_dtype_or_device(net, info):
+    """Single, dense and multi-crop with a float64 net (torch's default dtype stays
+    float32: a module or tensor made at the default dtype fails on a dtype mismatch) and
+    with torch's default device `meta` while every module checks that its parameters and
+    buffers sit on its input's device. Dense's float64 posteriors equal the float32 ones."""
+    from placement import elsewhere_by_default
+
+    wide = build_model("A", num_classes=6, width_mult=0.125, input_size=CROP, init="kaiming").eval()
+    wide.load_state_dict(net.state_dict())
+    wide = wide.double()
+    for protocol in ("single", "dense", "multicrop"):
+        with elsewhere_by_default() as checked:
+            ours = posteriors(wide, info, "val", protocol, [36], crop=CROP, normalize_std=False, batch_size=8,
+                              threads=1)
+        assert torch.get_default_dtype() == torch.float32 and {"Conv2d", "MaxPool2d"} <= set(checked)
+        assert ours.probs.shape == (48, 6) and np.allclose(ours.probs.sum(1), 1, atol=1e-5)
+        if protocol == "dense":  # the one that made layers of its own (conv6-8)
+            ref = posteriors(net, info, "val", protocol, [36], crop=CROP, normalize_std=False, threads=1)
+            np.testing.assert_allclose(ours.probs, ref.probs, atol=1e-5)
