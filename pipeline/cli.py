@@ -283,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_report)
 
     b = sub.add_parser("bench", help="benchmarks: `bench loader` (DALI vs webdataset+PIL), `bench train` "
-                                     "(net images/s, data wait), `bench gpu` (the one-command GPU check)")
+                                     "(net images/s, data wait), `bench shard` (shard.py vs tar), "
+                                     "`bench gpu` (the one-command GPU check)")
     bsub = b.add_subparsers(dest="what", required=True, metavar="WHAT")
     bl = bsub.add_parser("loader", help="training-pipeline images/s vs webdataset + PIL + DataLoader, same run")
     bl.add_argument("--shards", required=True, help="glob of one split's tars, e.g. 'shards/train/*.tar'")
@@ -310,6 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--threads", type=int, help="DALI threads (default: all cores)")
     bt.add_argument("--out", help="also write the JSON here, e.g. bench/results/train-cpu.json")
     bt.set_defaults(func=cmd_bench)
+
+    bs = bsub.add_parser("shard", help="data_prep/shard.py images/s per worker (default repack, decode checks, "
+                                       "resize) against `tar` of the same bytes")
+    bs.add_argument("--images", type=int, default=400, help="ImageNet-like JPEGs made per kind (typical, large)")
+    bs.add_argument("--repeats", type=int, default=3, help="interleaved rounds; each figure is their median")
+    bs.add_argument("--out", help="also write the JSON here, e.g. bench/results/shard-cpu.json")
+    bs.set_defaults(func=cmd_bench)
 
     bg = bsub.add_parser("gpu", help="the whole GPU check in one command: DALI GPU vs CPU, loaders, VGG-16 training "
                                      "and evaluation throughput (no Ray, no MLflow)")
