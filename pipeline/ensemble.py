@@ -11,7 +11,6 @@ averages their softmax outputs.
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass
 
 import torch
@@ -83,8 +82,6 @@ def run_ensemble(refs: list[str], *, tracking_uri: str, experiment: str | None, 
                  scales: list[int] | None, greedy_max: int | None = None, name: str | None = None,
                  register: bool = True) -> dict:
     """`refs`: stage run ids, or stage names (latest finished run of that stage)."""
-    from mlflow.entities import Metric
-
     from pipeline.evaluate import load_posteriors, load_stage_model, stage_from_run
     from pipeline.protocols import default_scales, metric_prefix
     from pipeline.tracking import Tracker, _client, finished_stage_run
@@ -110,12 +107,10 @@ def run_ensemble(refs: list[str], *, tracking_uri: str, experiment: str | None, 
             "member_stages": ",".join(by_id[i][1].name for i in choice.run_ids),
             "selection": f"greedy (at most {greedy_max}) from {len(members)}" if greedy_max else "all"}
     run = client.create_run(exp_id, run_name=label, tags=tags)
-    now = int(time.time() * 1000)
-    client.log_batch(run.info.run_id, metrics=[
-        Metric(f"{prefix}/top1_error", choice.errors["top1_error"], now, 0),
-        Metric(f"{prefix}/top5_error", choice.errors["top5_error"], now, 0),
-        *[Metric("greedy_top1_error", err, now, step) for step, (_, err) in enumerate(choice.trail)
-          if greedy_max]])
+    tracker = Tracker(tracking_uri, client.get_experiment(exp_id).name)
+    tracker.log_metrics(run.info.run_id, {f"{prefix}/top1_error": choice.errors["top1_error"],
+                                          f"{prefix}/top5_error": choice.errors["top5_error"]},
+                        {"greedy_top1_error": [err for _, err in choice.trail]} if greedy_max else None)
     if register:
         from pipeline.evaluate import stage_bundle
 
@@ -125,9 +120,7 @@ def run_ensemble(refs: list[str], *, tracking_uri: str, experiment: str | None, 
         # the classifier averages the members' softmax, each with its own preprocessing
         bundle = None if any(p is None for p in parts) else (
             [n for p in parts for n in p[0]], [m for p in parts for m in p[1]], parts[0][2])
-        experiment_name = client.get_experiment(exp_id).name
-        Tracker(tracking_uri, experiment_name).log_model(run.info.run_id, Ensemble(nets),
-                                                         f"{experiment_name}-ensemble", bundle)
+        tracker.log_model(run.info.run_id, Ensemble(nets), f"{tracker.experiment}-ensemble", bundle)
     client.set_terminated(run.info.run_id, "FINISHED")
     return {"run_id": run.info.run_id, "name": label, "members": choice.run_ids,
             "member_stages": [by_id[i][1].name for i in choice.run_ids], "metric_prefix": prefix,

@@ -99,7 +99,7 @@ class Tracker:
     plan run continues its MLflow runs instead of duplicating them."""
 
     def __init__(self, uri: str, experiment: str):
-        self.uri = uri
+        self.uri, self.experiment = uri, experiment
         self.client = _client(uri)
         exp = self.client.get_experiment_by_name(experiment)
         self.experiment_id = (exp.experiment_id if exp else
@@ -157,6 +157,14 @@ class Tracker:
         items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict, series: dict[str, list[float]] | None = None) -> None:
+        """Final figures (step 0) and, in `series`, curves (value i at step i), in one call."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()] + [
+            Metric(k, float(v), now, step) for k, values in (series or {}).items() for step, v in enumerate(values)])
 
     def finish_stage(self, run_id: str, metrics: dict, checkpoint: str, model=None,
                      registered_name: str | None = None, bundle=None) -> None:

@@ -46,10 +46,12 @@ def record(result: dict, command: str, out: str | None) -> None:
     """Print `result` as one JSON line with what made it, and write it to `out`."""
     import torch
 
+    from pipeline.data import DALI_VERSION
+
     result.update(command=command, date=time.strftime("%Y-%m-%d"),
                   machine=f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores)",
                   python=platform.python_version(),
-                  versions={"torch": torch.__version__, "dali": __import__("nvidia.dali").dali.__version__})
+                  versions={"torch": torch.__version__, "dali": DALI_VERSION})
     print(json.dumps(result))
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

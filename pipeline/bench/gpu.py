@@ -33,6 +33,7 @@ import torch
 from pipeline.bench.gpu_checks import check_graphs, check_torchvision_keys
 from pipeline.bench.gpu_data import bench_data
 from pipeline.bench.gpu_rates import eval_throughput, loader_throughput, train_throughput
+from pipeline.data import DALI_VERSION
 
 SIZES = {  # per device: the real check on a GPU, the same code at toy size on a CPU
     "cuda": dict(arch="D", width_mult=1.0, crop=224, scale=(256, 512), batches=(128, 256), eval_scales=(256, 384, 512),
@@ -46,12 +47,7 @@ def environment(device: torch.device, command: str) -> dict:
     env = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "python": platform.python_version(),
            "torch": torch.__version__, "cuda": torch.version.cuda, "cpus": os.cpu_count(),
            "machine": platform.node(), "device": str(device)}
-    try:
-        import nvidia.dali
-
-        env["dali"] = nvidia.dali.__version__
-    except ImportError:  # pragma: no cover - data.py would have failed first
-        env["dali"] = None
+    env["dali"] = DALI_VERSION
     try:
         import torchvision
 
