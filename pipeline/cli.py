@@ -42,7 +42,7 @@ def cmd_train(a) -> int:
             print(f"dry run: {exc}", file=sys.stderr)
             return 2
         return 0
-    uri = tracking_uri(REPO / "mlflow.db")
+    uri = tracking_uri()
     try:
         results = run_plan(plan, run_name=a.run_name, tracking_uri=uri, ray_address=a.address,
                            max_concurrent=a.max_concurrent_stages)
@@ -107,7 +107,7 @@ def cmd_demo(a) -> int:
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     print("== training the reduced staged plan with Ray Train (2 CPU workers, DALI on CPU)", flush=True)
-    uri = tracking_uri(REPO / "mlflow.db")
+    uri = tracking_uri()
     try:
         results = run_plan(plan, run_name=a.run_name or default_run_name(plan, fresh=True), tracking_uri=uri)
     except PlanFailed as exc:
@@ -165,7 +165,7 @@ def evaluate_protocols(uri: str, run_ids: list[str], protocols: list[str], scale
 def cmd_evaluate(a) -> int:
     from pipeline.tracking import _client, tracking_uri
 
-    uri = tracking_uri(REPO / "mlflow.db")
+    uri = tracking_uri()
     run_id = _stage_run_id(_client(uri), a.experiment, a.run_id, a.stage)
     scales = a.scales or ([a.scale] if a.scale else None)
     evaluate_protocols(uri, [run_id], a.protocol, scales, a.workers, a.batch_size, a.data_root, a.split, a.address)
@@ -176,7 +176,7 @@ def cmd_ensemble(a) -> int:
     from pipeline.ensemble import run_ensemble
     from pipeline.tracking import tracking_uri
 
-    uri = tracking_uri(REPO / "mlflow.db")
+    uri = tracking_uri()
     r = run_ensemble(a.members, tracking_uri=uri, experiment=a.experiment, protocol=a.protocol, scales=a.scales,
                      greedy_max=a.greedy, name=a.name, register=not a.no_register)
     print(f"{r['name']}: members {', '.join(r['member_stages'])}; {r['metric_prefix']}: top-1 error "
@@ -188,7 +188,7 @@ def cmd_report(a) -> int:
     from pipeline.report import make_report
     from pipeline.tracking import _client, tracking_uri
 
-    uri = tracking_uri(REPO / "mlflow.db")
+    uri = tracking_uri()
     if _client(uri).get_experiment_by_name(a.experiment) is None:
         print(f"experiment {a.experiment}: not found in {uri}", file=sys.stderr)
         return 1

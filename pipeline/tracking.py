@@ -1,8 +1,10 @@
 """MLflow: a parent run per plan run, a nested run per stage, metrics from rank 0.
 
 The only module that imports MLflow. The store is `MLFLOW_TRACKING_URI` when set,
-else a local SQLite file (the plain ./mlruns file store is refused by MLflow
-since 3.13). A tracking server that is down must not stop training:
+else one SQLite file per user, `$VGG_HOME/mlflow.db` (`~/.vgg` by default; the plain
+./mlruns file store is refused by MLflow since 3.13): an absolute path, never one
+relative to the directory a process starts in, which for a Ray job is Ray's temporary
+copy of the repository. `make mlflow-server` serves the same file. A tracking server that is down must not stop training:
 `MetricsLogger` buffers what it could not send and retries later.
 """
 
@@ -15,18 +17,24 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_DB = "mlflow.db"
 # MLflow 3's UI picks an experiment's view from this tag: the model-training one (runs,
 # metrics, charts), not the GenAI one (traces) it otherwise opens on.
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 DESCRIPTION = "mlflow.note.content"  # a run's or experiment's description in the UI
 
 
-def tracking_uri(default_db: str | Path = DEFAULT_DB) -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    return f"sqlite:///{Path(default_db).resolve()}"
+def home() -> Path:
+    """Where this user's pipeline state lives unless told otherwise: `VGG_HOME`, else ~/.vgg."""
+    return Path(os.environ.get("VGG_HOME") or Path.home() / ".vgg").expanduser().resolve()
+
+
+def default_store() -> str:
+    """The tracking store every entry point uses when MLFLOW_TRACKING_URI is not set."""
+    return f"sqlite:///{home() / 'mlflow.db'}"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_store()
 
 
 def artifact_root(uri: str) -> str | None:
