@@ -358,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     counts = ", ".join(f"{k} {v}" for k, v in s.counts.items())
     print(f"sharded {counts} images into {s.out} ({s.shards_written} shards written, "
-          f"{s.shards_skipped} already done, {s.rejects} rejected, {s.seconds:.1f}s)")
+          f"{s.shards_skipped} already done, {s.rejects} rejected, {s.seconds:.1f}s)"
+          + (f"; each rejected input and why: {str(s.out).rstrip('/')}/rejects.csv" if s.rejects else ""))
     return 0
 
 

@@ -53,9 +53,16 @@ def finished_stage_run(client, experiment: str, stage: str):
     found = exp and client.search_runs([exp.experiment_id], f"tags.stage = '{stage}' and tags.kind = 'stage' and "
                                        "tags.stage_status = 'finished'", max_results=1,
                                        order_by=["attributes.start_time DESC"])
-    if not found:
-        raise ValueError(f"experiment {experiment}: no finished run of stage {stage!r}")
-    return found[0]
+    if found:
+        return found[0]
+    if not exp:
+        names = sorted(e.name for e in client.search_experiments())
+        raise ValueError(f"no experiment {experiment!r} in {client.tracking_uri}; experiments there: "
+                         f"{', '.join(names) or 'none'}")
+    runs = client.search_runs([exp.experiment_id], "tags.kind = 'stage' and tags.stage_status = 'finished'")
+    stages = sorted({r.data.tags.get("stage", "?") for r in runs})
+    raise ValueError(f"experiment {experiment}: no finished run of stage {stage!r}; finished stages there: "
+                     f"{', '.join(stages) or 'none'}")
 
 
 def experiment_link(base: str, experiment_id: str) -> str:

@@ -175,7 +175,7 @@ def test_demo_end_to_end_then_report_and_evaluate(tmp_path):
     assert en.returncode == 0, en.stderr[-2000:]
     assert "members A, B; dense_Q64-72-81: top-1 error" in en.stdout
     missing = run(["ensemble", "A", "Z", "--experiment", "vgg-demo"], env=env)
-    assert missing.returncode != 0 and "experiment vgg-demo: no finished run of stage 'Z'" in missing.stderr
+    assert missing.returncode != 0 and "experiment vgg-demo: no finished run of stage 'Z'; finished stages there: A, B" in missing.stderr
 
 
 def test_bench_loader_reports_both_loaders_on_the_same_shards(shards, tmp_path):

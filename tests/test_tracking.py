@@ -143,3 +143,20 @@ def test_every_command_and_the_local_server_default_to_one_store(tmp_path, monke
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
+
+
+def test_an_unknown_stage_or_experiment_is_answered_with_what_exists(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import finished_stage_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("vgg-x")
+    for stage, status in (("A", "finished"), ("B", "finished"), ("C", "failed")):
+        client.create_run(exp, tags={"kind": "stage", "stage": stage, "stage_status": status})
+    assert finished_stage_run(client, "vgg-x", "B").data.tags["stage"] == "B"
+    with pytest.raises(ValueError, match="no finished run of stage 'C'; finished stages there: A, B$"):
+        finished_stage_run(client, "vgg-x", "C")
+    with pytest.raises(ValueError, match="no experiment 'vgg-y' in sqlite:.*; experiments there: Default, vgg-x$"):
+        finished_stage_run(client, "vgg-y", "A")
