@@ -180,7 +180,8 @@ def cmd_ensemble(a) -> int:
     r = run_ensemble(a.members, tracking_uri=uri, experiment=a.experiment, protocol=a.protocol, scales=a.scales,
                      greedy_max=a.greedy, name=a.name, register=not a.no_register)
     print(f"{r['name']}: members {', '.join(r['member_stages'])}; {r['metric_prefix']}: top-1 error "
-          f"{r['top1_error']:.2f}%, top-5 error {r['top5_error']:.2f}% over {r['images']} images (run {r['run_id']})")
+          f"{r['top1_error']:.2f}%, top-5 error {r['top5_error']:.2f}% over {r['images']} images (run {r['run_id']}"
+          f"{', made before: the same members, protocol and selection' if r['found'] else ''})")
     return 0
 
 

@@ -173,7 +173,14 @@ def test_demo_end_to_end_then_report_and_evaluate(tmp_path):
     # an ensemble named by stages, from the posteriors the demo stored
     en = run(["ensemble", "A", "B", "--experiment", "vgg-demo", "--protocol", "dense", "--no-register"], env=env)
     assert en.returncode == 0, en.stderr[-2000:]
-    assert "members A, B; dense_Q64-72-81: top-1 error" in en.stdout
+    assert "members A, B; dense_Q64-72-81: top-1 error" in en.stdout and "made before" not in en.stdout
+    # the same ensemble again (now registered): found, not made a second time
+    again = run(["ensemble", "A", "B", "--experiment", "vgg-demo", "--protocol", "dense"], env=env)
+    assert again.returncode == 0 and "made before: the same members, protocol and selection" in again.stdout
+    assert again.stdout.split("(run ")[1][:32] == en.stdout.split("(run ")[1][:32]
+    ensembles = client.search_runs([exp.experiment_id], "tags.kind = 'ensemble'")
+    assert len(ensembles) == 2 and all(r.data.tags.get("registered") for r in ensembles)
+    assert len(client.search_model_versions("name = 'vgg-demo-ensemble'")) == 2
     missing = run(["ensemble", "A", "Z", "--experiment", "vgg-demo"], env=env)
     assert missing.returncode != 0 and "experiment vgg-demo: no finished run of stage 'Z'; finished stages there: A, B" in missing.stderr
 
