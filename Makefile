@@ -32,8 +32,9 @@ test-fast: $(STAMP)
 models: $(STAMP)
 	$(PY) -m pipeline models
 
-# A local MLflow tracking server on 127.0.0.1:5000 (SQLite backend and artifacts under
-# mlflow-server/); then `export MLFLOW_TRACKING_URI=http://127.0.0.1:5000`.
+# A local MLflow tracking server on 127.0.0.1:5000 serving the store every command uses by
+# default (~/.vgg/mlflow.db, artifacts ~/.vgg/mlartifacts; VGG_HOME moves them); then
+# `export MLFLOW_TRACKING_URI=http://127.0.0.1:5000`.
 mlflow-server: $(STAMP)
 	$(PY) -m cluster.tracking_server
 
@@ -41,4 +42,4 @@ image:
 	$(CONTAINER) build -t $(IMAGE) .
 
 clean:
-	rm -rf data/demo runs mlflow.db mlartifacts
+	rm -rf data/demo runs  # the MLflow store (~/.vgg) holds experiment history: not removed here

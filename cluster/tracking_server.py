@@ -26,7 +26,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from pipeline.tracking import default_store, home
 
 
 def command(backend: str, artifacts: str, port: int, host: str = "127.0.0.1", workers: int = 1) -> list[str]:
@@ -115,16 +115,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cluster.tracking_server", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend-store-uri", "--backend", dest="backend",
-                   default=os.environ.get("MLFLOW_BACKEND_STORE_URI") or f"sqlite:///{REPO / 'mlflow-server' / 'mlflow.db'}",
+                   default=os.environ.get("MLFLOW_BACKEND_STORE_URI") or default_store(),
                    help="backend store URI: postgresql://USER@HOST:PORT/DB (password: PGPASSWORD or --password-file), "
                         "sqlite:///FILE, or any SQLAlchemy URL MLflow supports (default: MLFLOW_BACKEND_STORE_URI, "
-                        "else a SQLite file under mlflow-server/)")
+                        "else the store every pipeline command uses by default, $VGG_HOME/mlflow.db, ~/.vgg by default)")
     p.add_argument("--password-file", help="file whose first line is the database password (e.g. a mounted "
                                            "Kubernetes secret); default: PGPASSWORD from the environment")
     p.add_argument("--artifacts-destination", "--artifacts", dest="artifacts",
-                   default=os.environ.get("MLFLOW_ARTIFACTS_DESTINATION") or str(REPO / "mlflow-server" / "artifacts"),
+                   default=os.environ.get("MLFLOW_ARTIFACTS_DESTINATION") or str(home() / "mlartifacts"),
                    help="artifact root, proxied by the server: s3://bucket/prefix or a folder (default: "
-                        "MLFLOW_ARTIFACTS_DESTINATION, else mlflow-server/artifacts)")
+                        "MLFLOW_ARTIFACTS_DESTINATION, else $VGG_HOME/mlartifacts, beside the default store)")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to bind (default loopback; 0.0.0.0 only inside a private pod network, "

@@ -24,6 +24,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from data_prep import store
+from data_prep.manifest import finalise
 from data_prep.writer import IDX_VERSION, ShardResult, _accumulate, _digest_bytes, prepare_image
 
 IMAGE_EXTS = ("jpg", "jpeg", "JPEG", "JPG")
@@ -121,7 +122,6 @@ def _index_line(e: Entry) -> str:
 def index(root: str | Path, splits: list[str] | None = None, *, label_field: str = "label",
           num_classes: int | None = None, stats_sample: int = 10_000, seed: int = 0, workers: int = 1) -> dict:
     """Index DIR/<split>/*.tar in place; returns counts, rejects and the label format."""
-    from data_prep.shard import _finalise
 
     if stats_sample < 1:
         raise ValueError("--stats-sample must be at least 1 with --index (the colour statistics need images)")
@@ -183,7 +183,7 @@ def index(root: str | Path, splits: list[str] | None = None, *, label_field: str
     done[first].pixels, done[first].rgb_sum, done[first].rgb_outer = stats.pixels, stats.rgb_sum, stats.rgb_outer
     wnids = [f"class_{i}" for i in range(classes)]
     args = {"indexed": True, "label_field": label_field, "stats_sample": stats_sample, "seed": seed}
-    counts, rejects = _finalise(root, splits, train_split, done, wnids, {}, len(str(classes - 1)), args,
+    counts, rejects = finalise(root, splits, train_split, done, wnids, {}, len(str(classes - 1)), args,
                                 extra_stats={"label_format": label_format, "label_field": label_field,
                                              "label_bytes": label_bytes})
     return {"counts": counts, "rejects": len(rejects), "label_format": label_format, "num_classes": classes}

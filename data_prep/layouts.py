@@ -248,6 +248,9 @@ def _remote_folder_split(src: str, split: str) -> list[Source]:
 def list_split(src: Path | str, split: str) -> list[Source]:
     if str(src).startswith("s3://"):
         return _remote_folder_split(str(src), split)
+    if not src.is_dir():
+        raise LayoutError(f"{src}: {'not a folder' if src.exists() else 'no such folder'}; --src is the folder "
+                          f"that holds ImageNet's {split}/ folder (or its archives {TRAIN_TAR} / {VAL_TAR})")
     split_dir = src / split
     archive = src / (TRAIN_TAR if split == "train" else VAL_TAR if split == "val" else "")
     if not split_dir.is_dir():

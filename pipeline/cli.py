@@ -42,7 +42,7 @@ def cmd_train(a) -> int:
             print(f"dry run: {exc}", file=sys.stderr)
             return 2
         return 0
-    uri = tracking_uri(REPO / "mlflow.db")
+    uri = tracking_uri()
     try:
         results = run_plan(plan, run_name=a.run_name, tracking_uri=uri, ray_address=a.address,
                            max_concurrent=a.max_concurrent_stages)
@@ -107,7 +107,7 @@ def cmd_demo(a) -> int:
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     print("== training the reduced staged plan with Ray Train (2 CPU workers, DALI on CPU)", flush=True)
-    uri = tracking_uri(REPO / "mlflow.db")
+    uri = tracking_uri()
     try:
         results = run_plan(plan, run_name=a.run_name or default_run_name(plan, fresh=True), tracking_uri=uri)
     except PlanFailed as exc:
@@ -165,7 +165,7 @@ def evaluate_protocols(uri: str, run_ids: list[str], protocols: list[str], scale
 def cmd_evaluate(a) -> int:
     from pipeline.tracking import _client, tracking_uri
 
-    uri = tracking_uri(REPO / "mlflow.db")
+    uri = tracking_uri()
     run_id = _stage_run_id(_client(uri), a.experiment, a.run_id, a.stage)
     scales = a.scales or ([a.scale] if a.scale else None)
     evaluate_protocols(uri, [run_id], a.protocol, scales, a.workers, a.batch_size, a.data_root, a.split, a.address)
@@ -176,11 +176,12 @@ def cmd_ensemble(a) -> int:
     from pipeline.ensemble import run_ensemble
     from pipeline.tracking import tracking_uri
 
-    uri = tracking_uri(REPO / "mlflow.db")
+    uri = tracking_uri()
     r = run_ensemble(a.members, tracking_uri=uri, experiment=a.experiment, protocol=a.protocol, scales=a.scales,
                      greedy_max=a.greedy, name=a.name, register=not a.no_register)
     print(f"{r['name']}: members {', '.join(r['member_stages'])}; {r['metric_prefix']}: top-1 error "
-          f"{r['top1_error']:.2f}%, top-5 error {r['top5_error']:.2f}% over {r['images']} images (run {r['run_id']})")
+          f"{r['top1_error']:.2f}%, top-5 error {r['top5_error']:.2f}% over {r['images']} images (run {r['run_id']}"
+          f"{', made before: the same members, protocol and selection' if r['found'] else ''})")
     return 0
 
 
@@ -188,7 +189,7 @@ def cmd_report(a) -> int:
     from pipeline.report import make_report
     from pipeline.tracking import _client, tracking_uri
 
-    uri = tracking_uri(REPO / "mlflow.db")
+    uri = tracking_uri()
     if _client(uri).get_experiment_by_name(a.experiment) is None:
         print(f"experiment {a.experiment}: not found in {uri}", file=sys.stderr)
         return 1
@@ -283,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_report)
 
     b = sub.add_parser("bench", help="benchmarks: `bench loader` (DALI vs webdataset+PIL), `bench train` "
-                                     "(net images/s, data wait), `bench gpu` (the one-command GPU check)")
+                                     "(net images/s, data wait), `bench shard` (shard.py vs tar), "
+                                     "`bench gpu` (the one-command GPU check)")
     bsub = b.add_subparsers(dest="what", required=True, metavar="WHAT")
     bl = bsub.add_parser("loader", help="training-pipeline images/s vs webdataset + PIL + DataLoader, same run")
     bl.add_argument("--shards", required=True, help="glob of one split's tars, e.g. 'shards/train/*.tar'")
@@ -310,6 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--threads", type=int, help="DALI threads (default: all cores)")
     bt.add_argument("--out", help="also write the JSON here, e.g. bench/results/train-cpu.json")
     bt.set_defaults(func=cmd_bench)
+
+    bs = bsub.add_parser("shard", help="data_prep/shard.py images/s per worker (default repack, decode checks, "
+                                       "resize) against `tar` of the same bytes")
+    bs.add_argument("--images", type=int, default=400, help="ImageNet-like JPEGs made per kind (typical, large)")
+    bs.add_argument("--repeats", type=int, default=3, help="interleaved rounds; each figure is their median")
+    bs.add_argument("--out", help="also write the JSON here, e.g. bench/results/shard-cpu.json")
+    bs.set_defaults(func=cmd_bench)
 
     bg = bsub.add_parser("gpu", help="the whole GPU check in one command: DALI GPU vs CPU, loaders, VGG-16 training "
                                      "and evaluation throughput (no Ray, no MLflow)")

@@ -32,9 +32,11 @@ import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
+from nvidia.dali import __version__ as _dali_version
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
+DALI_VERSION = _dali_version  # for benchmark records
 READER = "Reader"
 
 

@@ -11,7 +11,6 @@ averages their softmax outputs.
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass
 
 import torch
@@ -83,8 +82,6 @@ def run_ensemble(refs: list[str], *, tracking_uri: str, experiment: str | None, 
                  scales: list[int] | None, greedy_max: int | None = None, name: str | None = None,
                  register: bool = True) -> dict:
     """`refs`: stage run ids, or stage names (latest finished run of that stage)."""
-    from mlflow.entities import Metric
-
     from pipeline.evaluate import load_posteriors, load_stage_model, stage_from_run
     from pipeline.protocols import default_scales, metric_prefix
     from pipeline.tracking import Tracker, _client, finished_stage_run
@@ -101,34 +98,61 @@ def run_ensemble(refs: list[str], *, tracking_uri: str, experiment: str | None, 
             raise ValueError(f"members' default {protocol} scales differ ({sorted(sets)}); pass --scales")
         scales = list(sets.pop())
     prefix = metric_prefix(protocol, scales)
-    members = {r.info.run_id: load_posteriors(client, r.info.run_id, prefix) for r in runs}
-    choice = greedy(members, greedy_max) if greedy_max else average(members)
-    by_id = {r.info.run_id: (r, s) for r, s in zip(runs, stages)}
     exp_id = runs[0].info.experiment_id
-    label = name or "ensemble-" + "+".join(by_id[i][1].name for i in choice.run_ids)
-    tags = {"kind": "ensemble", "protocol": prefix, "members": ",".join(choice.run_ids),
-            "member_stages": ",".join(by_id[i][1].name for i in choice.run_ids),
-            "selection": f"greedy (at most {greedy_max}) from {len(members)}" if greedy_max else "all"}
-    run = client.create_run(exp_id, run_name=label, tags=tags)
-    now = int(time.time() * 1000)
-    client.log_batch(run.info.run_id, metrics=[
-        Metric(f"{prefix}/top1_error", choice.errors["top1_error"], now, 0),
-        Metric(f"{prefix}/top5_error", choice.errors["top5_error"], now, 0),
-        *[Metric("greedy_top1_error", err, now, step) for step, (_, err) in enumerate(choice.trail)
-          if greedy_max]])
+    tracker = Tracker(tracking_uri, client.get_experiment(exp_id).name)
+    # The same candidates, protocol and selection make the same ensemble: found, not made again.
+    identity = {"kind": "ensemble", "protocol": prefix, "candidates": ",".join(sorted(r.info.run_id for r in runs)),
+                "selection": f"greedy (at most {greedy_max}) from {len(runs)}" if greedy_max else "all"}
+    found = _existing(client, exp_id, identity, name)
+    if found is not None and (found.data.tags.get("registered") or not register):
+        return _result(found, prefix, found=True)
+    if found is not None:  # made with --no-register before; register it now, in the same run
+        choice = None
+        run, by_id = found, {r.info.run_id: (r, s) for r, s in zip(runs, stages)}
+        chosen = found.data.tags["members"].split(",")
+    else:
+        members = {r.info.run_id: load_posteriors(client, r.info.run_id, prefix) for r in runs}
+        choice = greedy(members, greedy_max) if greedy_max else average(members)
+        chosen = choice.run_ids
+        by_id = {r.info.run_id: (r, s) for r, s in zip(runs, stages)}
+        label = name or "ensemble-" + "+".join(by_id[i][1].name for i in chosen)
+        tags = {**identity, "members": ",".join(chosen), "member_stages": ",".join(by_id[i][1].name for i in chosen),
+                "images": str(choice.errors["images"])}
+        run = client.create_run(exp_id, run_name=label, tags=tags)
+        tracker.log_metrics(run.info.run_id, {f"{prefix}/top1_error": choice.errors["top1_error"],
+                                              f"{prefix}/top5_error": choice.errors["top5_error"]},
+                            {"greedy_top1_error": [err for _, err in choice.trail]} if greedy_max else None)
     if register:
         from pipeline.evaluate import stage_bundle
 
-        nets = [load_stage_model(by_id[i][1], by_id[i][0].data.tags["checkpoint"]) for i in choice.run_ids]
+        nets = [load_stage_model(by_id[i][1], by_id[i][0].data.tags["checkpoint"]) for i in chosen]
         parts = [stage_bundle(by_id[i][1], by_id[i][0].data.tags["checkpoint"],
-                              by_id[i][0].data.params.get("data.root")) for i in choice.run_ids]
+                              by_id[i][0].data.params.get("data.root")) for i in chosen]
         # the classifier averages the members' softmax, each with its own preprocessing
         bundle = None if any(p is None for p in parts) else (
             [n for p in parts for n in p[0]], [m for p in parts for m in p[1]], parts[0][2])
-        experiment_name = client.get_experiment(exp_id).name
-        Tracker(tracking_uri, experiment_name).log_model(run.info.run_id, Ensemble(nets),
-                                                         f"{experiment_name}-ensemble", bundle)
+        tracker.log_model(run.info.run_id, Ensemble(nets), f"{tracker.experiment}-ensemble", bundle)
+        client.set_tag(run.info.run_id, "registered", f"{tracker.experiment}-ensemble")
+    if choice is None:
+        return _result(client.get_run(run.info.run_id), prefix, found=True)
     client.set_terminated(run.info.run_id, "FINISHED")
-    return {"run_id": run.info.run_id, "name": label, "members": choice.run_ids,
-            "member_stages": [by_id[i][1].name for i in choice.run_ids], "metric_prefix": prefix,
+    return {"run_id": run.info.run_id, "name": run.info.run_name, "members": chosen,
+            "member_stages": [by_id[i][1].name for i in chosen], "metric_prefix": prefix, "found": False,
             **choice.errors}
+
+
+def _existing(client, exp_id: str, identity: dict, name: str | None):
+    """The latest finished ensemble run with these identity tags (and this name, if given)."""
+    query = " and ".join(f"tags.{k} = '{v}'" for k, v in identity.items()) + " and attributes.status = 'FINISHED'"
+    for run in client.search_runs([exp_id], query, order_by=["attributes.start_time DESC"]):
+        if name is None or run.info.run_name == name:
+            return run
+    return None
+
+
+def _result(run, prefix: str, found: bool) -> dict:
+    tags, metrics = run.data.tags, run.data.metrics
+    return {"run_id": run.info.run_id, "name": run.info.run_name, "members": tags["members"].split(","),
+            "member_stages": tags["member_stages"].split(","), "metric_prefix": prefix, "found": found,
+            "top1_error": metrics[f"{prefix}/top1_error"], "top5_error": metrics[f"{prefix}/top5_error"],
+            "images": int(tags["images"])}

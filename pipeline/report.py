@@ -200,15 +200,16 @@ def collect(client, experiment_id: str) -> tuple[list[StageRow], list[dict]]:
         t = r.data.tags
         latest.setdefault(t["stage"], StageRow(t["stage"], t.get("arch", "?"), t.get("train_scale", "?"),
                                                r.info.run_id, dict(r.data.metrics), t.get("recipe", "")))
-    ensembles = []
-    for r in client.search_runs([experiment_id], "tags.kind = 'ensemble'", order_by=["attributes.start_time ASC"]):
+    ensembles = {}  # one row per ensemble (members and protocol): the latest run of it
+    for r in client.search_runs([experiment_id], "tags.kind = 'ensemble' and attributes.status = 'FINISHED'",
+                                order_by=["attributes.start_time ASC"]):
         prefix = r.data.tags.get("protocol", "")
         m = r.data.metrics
         if f"{prefix}/top1_error" in m:
-            ensembles.append({"name": r.info.run_name, "member_stages": r.data.tags.get("member_stages", ""),
-                              "protocol": prefix, "top1": m[f"{prefix}/top1_error"],
-                              "top5": m.get(f"{prefix}/top5_error", float("nan"))})
-    return sorted(latest.values(), key=lambda s: s.stage), ensembles
+            ensembles[(r.data.tags.get("members"), prefix)] = {
+                "name": r.info.run_name, "member_stages": r.data.tags.get("member_stages", ""), "protocol": prefix,
+                "top1": m[f"{prefix}/top1_error"], "top5": m.get(f"{prefix}/top5_error", float("nan"))}
+    return sorted(latest.values(), key=lambda s: s.stage), list(ensembles.values())
 
 
 def make_report(tracking_uri: str, experiment: str, out_dir: str | Path, log: bool = True) -> tuple[str, Path]:

@@ -1,8 +1,10 @@
 """MLflow: a parent run per plan run, a nested run per stage, metrics from rank 0.
 
 The only module that imports MLflow. The store is `MLFLOW_TRACKING_URI` when set,
-else a local SQLite file (the plain ./mlruns file store is refused by MLflow
-since 3.13). A tracking server that is down must not stop training:
+else one SQLite file per user, `$VGG_HOME/mlflow.db` (`~/.vgg` by default; the plain
+./mlruns file store is refused by MLflow since 3.13): an absolute path, never one
+relative to the directory a process starts in, which for a Ray job is Ray's temporary
+copy of the repository. `make mlflow-server` serves the same file. A tracking server that is down must not stop training:
 `MetricsLogger` buffers what it could not send and retries later.
 """
 
@@ -15,18 +17,24 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_DB = "mlflow.db"
 # MLflow 3's UI picks an experiment's view from this tag: the model-training one (runs,
 # metrics, charts), not the GenAI one (traces) it otherwise opens on.
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 DESCRIPTION = "mlflow.note.content"  # a run's or experiment's description in the UI
 
 
-def tracking_uri(default_db: str | Path = DEFAULT_DB) -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    return f"sqlite:///{Path(default_db).resolve()}"
+def home() -> Path:
+    """Where this user's pipeline state lives unless told otherwise: `VGG_HOME`, else ~/.vgg."""
+    return Path(os.environ.get("VGG_HOME") or Path.home() / ".vgg").expanduser().resolve()
+
+
+def default_store() -> str:
+    """The tracking store every entry point uses when MLFLOW_TRACKING_URI is not set."""
+    return f"sqlite:///{home() / 'mlflow.db'}"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_store()
 
 
 def artifact_root(uri: str) -> str | None:
@@ -45,9 +53,16 @@ def finished_stage_run(client, experiment: str, stage: str):
     found = exp and client.search_runs([exp.experiment_id], f"tags.stage = '{stage}' and tags.kind = 'stage' and "
                                        "tags.stage_status = 'finished'", max_results=1,
                                        order_by=["attributes.start_time DESC"])
-    if not found:
-        raise ValueError(f"experiment {experiment}: no finished run of stage {stage!r}")
-    return found[0]
+    if found:
+        return found[0]
+    if not exp:
+        names = sorted(e.name for e in client.search_experiments())
+        raise ValueError(f"no experiment {experiment!r} in {client.tracking_uri}; experiments there: "
+                         f"{', '.join(names) or 'none'}")
+    runs = client.search_runs([exp.experiment_id], "tags.kind = 'stage' and tags.stage_status = 'finished'")
+    stages = sorted({r.data.tags.get("stage", "?") for r in runs})
+    raise ValueError(f"experiment {experiment}: no finished run of stage {stage!r}; finished stages there: "
+                     f"{', '.join(stages) or 'none'}")
 
 
 def experiment_link(base: str, experiment_id: str) -> str:
@@ -99,7 +114,7 @@ class Tracker:
     plan run continues its MLflow runs instead of duplicating them."""
 
     def __init__(self, uri: str, experiment: str):
-        self.uri = uri
+        self.uri, self.experiment = uri, experiment
         self.client = _client(uri)
         exp = self.client.get_experiment_by_name(experiment)
         self.experiment_id = (exp.experiment_id if exp else
@@ -157,6 +172,14 @@ class Tracker:
         items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict, series: dict[str, list[float]] | None = None) -> None:
+        """Final figures (step 0) and, in `series`, curves (value i at step i), in one call."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()] + [
+            Metric(k, float(v), now, step) for k, values in (series or {}).items() for step, v in enumerate(values)])
 
     def finish_stage(self, run_id: str, metrics: dict, checkpoint: str, model=None,
                      registered_name: str | None = None, bundle=None) -> None:

@@ -21,10 +21,15 @@ def run(args, env=None, timeout=600):
                           env=env, timeout=timeout)
 
 
-@pytest.mark.parametrize("verb", VERBS)
-def test_every_verb_has_help(verb):
-    out = run([verb, "--help"])
-    assert out.returncode == 0 and out.stdout.startswith(f"usage: python -m pipeline {verb}")
+def test_every_verb_has_help(capsys):
+    out = run(["--help"])  # the real entry point once; each verb's parser in this process (a torch import each)
+    assert out.returncode == 0 and all(verb in out.stdout for verb in VERBS)
+    from pipeline.cli import main
+
+    for verb in VERBS + ["bench loader", "bench train", "bench shard", "bench gpu"]:
+        with pytest.raises(SystemExit) as exit_:
+            main([*verb.split(), "--help"])
+        assert exit_.value.code == 0 and capsys.readouterr().out.startswith(f"usage: python -m pipeline {verb}")
 
 
 def test_shard_help_documents_every_option():
@@ -168,9 +173,16 @@ def test_demo_end_to_end_then_report_and_evaluate(tmp_path):
     # an ensemble named by stages, from the posteriors the demo stored
     en = run(["ensemble", "A", "B", "--experiment", "vgg-demo", "--protocol", "dense", "--no-register"], env=env)
     assert en.returncode == 0, en.stderr[-2000:]
-    assert "members A, B; dense_Q64-72-81: top-1 error" in en.stdout
+    assert "members A, B; dense_Q64-72-81: top-1 error" in en.stdout and "made before" not in en.stdout
+    # the same ensemble again (now registered): found, not made a second time
+    again = run(["ensemble", "A", "B", "--experiment", "vgg-demo", "--protocol", "dense"], env=env)
+    assert again.returncode == 0 and "made before: the same members, protocol and selection" in again.stdout
+    assert again.stdout.split("(run ")[1][:32] == en.stdout.split("(run ")[1][:32]
+    ensembles = client.search_runs([exp.experiment_id], "tags.kind = 'ensemble'")
+    assert len(ensembles) == 2 and all(r.data.tags.get("registered") for r in ensembles)
+    assert len(client.search_model_versions("name = 'vgg-demo-ensemble'")) == 2
     missing = run(["ensemble", "A", "Z", "--experiment", "vgg-demo"], env=env)
-    assert missing.returncode != 0 and "experiment vgg-demo: no finished run of stage 'Z'" in missing.stderr
+    assert missing.returncode != 0 and "experiment vgg-demo: no finished run of stage 'Z'; finished stages there: A, B" in missing.stderr
 
 
 def test_bench_loader_reports_both_loaders_on_the_same_shards(shards, tmp_path):

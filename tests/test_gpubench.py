@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.cli import main as cli_main
-from pipeline.gpubench import PIXEL_TOLERANCE, _compare
+from pipeline.bench.gpu_checks import PIXEL_TOLERANCE, _compare
 
 
 def test_bench_gpu_on_cpu_checks_and_measures_every_part(tmp_path, capsys):

@@ -131,8 +131,10 @@ def test_bad_inputs_are_kept_converted_or_rejected_with_reason(tmp_path):
     odd = rows["odd name.with.dots;rm -rf.JPEG"]["key"]
     assert "." not in odd and "/" not in odd and " " not in odd and ";" not in odd
     # exit 0 with rejects, non-zero with --strict
-    ok = subprocess.run(SHARD + ["--src", str(src), "--out", str(tmp_path / "o2"), "--quiet"], capture_output=True)
+    ok = subprocess.run(SHARD + ["--src", str(src), "--out", str(tmp_path / "o2"), "--quiet"], capture_output=True,
+                        text=True)
     assert ok.returncode == 0, ok.stderr
+    assert "3 rejected, " in ok.stdout and f"each rejected input and why: {tmp_path / 'o2' / 'rejects.csv'}" in ok.stdout
     strict = subprocess.run(SHARD + ["--src", str(src), "--out", str(tmp_path / "o3"), "--strict", "--quiet"],
                             capture_output=True, text=True)
     assert strict.returncode != 0 and "rejected" in strict.stderr
@@ -167,6 +169,10 @@ def test_unknown_layout_says_what_it_expected(tmp_path):
         build(tmp_path, tmp_path / "out", progress=False)
     with pytest.raises(LayoutError, match="no train/ folder"):
         build(tmp_path / "train", tmp_path / "out", progress=False)
+    missing = subprocess.run(SHARD + ["--src", str(tmp_path / "nonexistent"), "--out", str(tmp_path / "o")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and f"{tmp_path / 'nonexistent'}: no such folder" in missing.stderr
+    assert not (tmp_path / "o").exists()  # nothing written for a source that is not there
 
 
 def test_sigkill_then_rerun_gives_identical_output(image_tree, tmp_path):

@@ -102,3 +102,61 @@ def test_a_resumed_run_logs_what_its_checkpoint_carried_once(tmp_path):
     again.after_report(None, [dict(epoch(2, [22, 27]), replay=epoch(1, [13, 18]))], None)
     assert [m.step for m in client.get_metric_history(run_id, "val_top1_error")] == [0, 1, 2]
     assert sorted(m.step for m in client.get_metric_history(run_id, "step/train_loss")) == [4, 9, 13, 18, 22, 27]
+
+
+@pytest.mark.slow
+def test_every_command_and_the_local_server_default_to_one_store(tmp_path, monkeypatch):
+    """With no MLFLOW_TRACKING_URI, a run logged from any directory lands in the one store
+    that `make mlflow-server` (python -m cluster.tracking_server, no options) serves."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import tracking_uri
+
+    for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("VGG_HOME", str(tmp_path / "home"))
+    for cwd in ("a", "b"):  # two unrelated working directories, as a Ray job's copy would be
+        (tmp_path / cwd).mkdir()
+        monkeypatch.chdir(tmp_path / cwd)
+        assert tracking_uri() == f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"
+        Tracker(tracking_uri(), "one-store").parent_run(f"run-{cwd}", params={}, tags={})
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "cluster.tracking_server", "--port", str(port)], cwd=tmp_path,
+                              env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        said = ""
+        while "export MLFLOW_TRACKING_URI=" not in said:  # printed once it answers; EOF if it died
+            line = server.stdout.readline()
+            assert line, f"the server stopped: {said[-2000:]}"
+            said += line
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).close()
+        client = MlflowClient(f"http://127.0.0.1:{port}")
+        exp = client.get_experiment_by_name("one-store")
+        assert sorted(r.info.run_name for r in client.search_runs([exp.experiment_id])) == ["run-a", "run-b"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+
+def test_an_unknown_stage_or_experiment_is_answered_with_what_exists(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import finished_stage_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("vgg-x")
+    for stage, status in (("A", "finished"), ("B", "finished"), ("C", "failed")):
+        client.create_run(exp, tags={"kind": "stage", "stage": stage, "stage_status": status})
+    assert finished_stage_run(client, "vgg-x", "B").data.tags["stage"] == "B"
+    with pytest.raises(ValueError, match="no finished run of stage 'C'; finished stages there: A, B$"):
+        finished_stage_run(client, "vgg-x", "C")
+    with pytest.raises(ValueError, match="no experiment 'vgg-y' in sqlite:.*; experiments there: Default, vgg-x$"):
+        finished_stage_run(client, "vgg-y", "A")
