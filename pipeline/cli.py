@@ -328,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                     help="cpu: the same code at tiny sizes, the GPU graphs replaced by the CPU ones")
     bg.add_argument("--workdir", help="where the made images and shards go (default: the system temp dir)")
+    bg.add_argument("--budget", type=float, help="wall seconds for the whole check: correctness first, then the "
+                                                 "timed sections trimmed (fewer batch sizes / scales, shorter "
+                                                 "timings) to fit; the JSON is written after every section")
     bg.set_defaults(func=cmd_bench)
 
     m = sub.add_parser("models", help="table of the model zoo: weight layers, parameters, GMACs")

@@ -23,7 +23,7 @@ def main(args) -> int:
     if args.what == "gpu":
         from pipeline.bench.gpu import run
 
-        return run(args.shards, args.seconds, args.out, args.device, args.workdir, args.command)
+        return run(args.shards, args.seconds, args.out, args.device, args.workdir, args.command, args.budget)
     if args.what == "train":
         from pipeline.bench.train import bench_train
 

@@ -61,6 +61,9 @@ class PilAugment:
 def baseline_loader(tars: list[str], augment: PilAugment, batch_size: int, workers: int):
     import webdataset as wds
 
+    # webdataset hands each DataLoader worker whole shards: a worker with none raises
+    # "No samples found", so there are never more workers than shards.
+    workers = min(workers, len(tars))
     dataset = (wds.WebDataset(tars, shardshuffle=len(tars), nodesplitter=wds.split_by_node)
                .shuffle(1000).select(lambda s: "cls" in s or "json" in s)  # unlabelled samples: skipped
                .decode("pil").to_tuple("jpg;jpeg;JPEG", "cls;json").map(augment))

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.bench.gpu_checks import check_graphs, check_torchvision_keys
-from pipeline.bench.gpu_data import bench_data
+from pipeline.bench.gpu_checks import NO_VAL, check_graphs, check_torchvision_keys
+from pipeline.bench.gpu_data import bench_data, has_split
 from pipeline.bench.gpu_rates import eval_throughput, loader_throughput, train_throughput
 from pipeline.data import DALI_VERSION
 
@@ -42,6 +42,40 @@ SIZES = {  # per device: the real check on a GPU, the same code at toy size on a
     "cpu": dict(arch="D", width_mult=1 / 16, crop=32, scale=(36, 48), batches=(4, 8), eval_scales=(36, 48, 64),
                 train_images=60, val_images=31, classes=3, photo=(100, 75), jpeg_kb=5, loader_batch=8, check_batch=4),
 }
+
+class Budget:
+    """`--budget SECONDS`: the whole command's wall time, planned so one short GPU lease
+    always brings its figures home. Correctness runs first and whole; the timed sections
+    then share what is left by weight (loader 1, train 2, eval 1 of the sections still to
+    run), each split over its measurements with a 2x allowance for building pipelines,
+    warmup and compilation. Where a measurement would get less than `floor` seconds, the
+    section drops its later repetitions (batch sizes, test scales) down to one; a section
+    with not even that left is skipped and says so. Without a budget: `seconds` each, all
+    repetitions."""
+
+    WEIGHTS = {"loader": 1.0, "train": 2.0, "eval": 1.0}
+    ALLOWANCE = 2.0
+
+    def __init__(self, seconds: float | None, floor: float):
+        self.total, self.floor = seconds, floor
+        self.deadline = None if seconds is None else time.monotonic() + seconds
+
+    def left(self) -> float:
+        return float("inf") if self.deadline is None else self.deadline - time.monotonic()
+
+    def plan(self, section: str, per_rep: int, reps: int, seconds: float) -> tuple[int, float] | None:
+        """(repetitions, seconds per measurement) for `section`, or None: no time left."""
+        if self.deadline is None:
+            return reps, seconds
+        todo = list(self.WEIGHTS)[list(self.WEIGHTS).index(section):]
+        share = self.WEIGHTS[section] / sum(self.WEIGHTS[s] for s in todo)
+        avail = share * self.left() / self.ALLOWANCE
+        for n in range(reps, 0, -1):
+            each = avail / (n * per_rep)
+            if each >= self.floor:
+                return n, min(seconds, each)
+        return None
+
 
 def environment(device: torch.device, command: str) -> dict:
     env = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "python": platform.python_version(),
@@ -95,6 +129,9 @@ def table(doc: dict) -> str:
             lines.append(f"  {tr['arch']} train {key}: synthetic {syn}{tv} img/s; loader-fed "
                          f"{row['loader_fed']['img_s']} ({row['loader_vs_synthetic']:.1%}), data wait "
                          f"{row['loader_fed']['data_wait_fraction']:.1%}, {row['synthetic_tflop_s']} TFLOP/s")
+    for name in ("loader", "train", "eval"):
+        if isinstance(doc.get(name), str):
+            lines.append(f"  {name}: {doc[name]}")
     ev = doc.get("eval", {})
     if isinstance(ev, dict) and ev:
         lines.append("  eval img/s: " + ", ".join(f"{k.removesuffix('_img_s')} {v}" for k, v in ev.items()))
@@ -104,16 +141,17 @@ def table(doc: dict) -> str:
 
 
 def run(shards: str | None, seconds: float | None, out: str | None, device_name: str, workdir: str | None = None,
-        command: str | None = None) -> int:
+        command: str | None = None, budget: float | None = None) -> int:
     if device_name == "cuda" and not torch.cuda.is_available():
         print("bench gpu: no CUDA device is visible (use --device cpu for the CPU rehearsal)", file=sys.stderr)
         return 2
     device = torch.device("cuda", 0) if device_name == "cuda" else torch.device("cpu")
     sizes = SIZES[device_name]
     seconds = seconds if seconds is not None else (10.0 if device.type == "cuda" else 1.0)
+    clock = Budget(budget, floor=2.0 if device.type == "cuda" else 0.2)
     command = command or "python -m pipeline " + " ".join(sys.argv[1:])
     doc: dict = {"bench": "gpu", "environment": environment(device, command),
-                 "sizes": sizes, "seconds": seconds, "errors": {}}
+                 "sizes": sizes, "seconds": seconds, "budget_seconds": budget, "errors": {}}
 
     def save():
         doc["ok"] = all(c.get("ok") is not False for c in doc.get("correctness", [])) and not doc["errors"]
@@ -124,12 +162,31 @@ def run(shards: str | None, seconds: float | None, out: str | None, device_name:
     with tempfile.TemporaryDirectory(prefix="bench-gpu-", dir=workdir) as tmp:
         info, doc["data"] = bench_data(shards, Path(tmp), sizes)
         tars = info.shards("train")[0]
+        val = has_split(info, "val")
         save()
-        sections = [("correctness", lambda: check_graphs(info, device, sizes) + check_torchvision_keys(device)),
-                    ("loader", lambda: loader_throughput(info, tars, device, sizes, seconds)),
-                    ("train", lambda: train_throughput(info, device, sizes, seconds,
-                                                       doc.get("loader", {}).get("faster_decode", "roi"))),
-                    ("eval", lambda: eval_throughput(info, device, sizes, seconds))]
+        cuda = device.type == "cuda"
+
+        def timed(name: str, per_rep: int, reps_key: str | None, section):
+            """`section(sizes, seconds)` with its repetitions trimmed to the budget."""
+            reps = len(sizes[reps_key]) if reps_key else 1
+            planned = clock.plan(name, per_rep, reps, seconds)
+            if planned is None:
+                return f"skipped: budget spent ({max(clock.left(), 0):.0f} s left)"
+            n, each = planned
+            doc.setdefault("budget_plan", {})[name] = {"repetitions": n, "seconds_each": round(each, 2)}
+            return section(dict(sizes, **{reps_key: sizes[reps_key][:n]}) if reps_key else sizes, each)
+
+        # What the first GPU run must learn, in order: is it right, is the loader fast
+        # enough, how fast does it train, how fast does it evaluate.
+        sections = [("correctness", lambda: check_graphs(info, device, sizes, val) + check_torchvision_keys(device)),
+                    ("loader", lambda: timed("loader", 4 if cuda else 3, None,
+                                             lambda sz, s: loader_throughput(info, tars, device, sz, s))),
+                    ("train", lambda: timed("train", 4 if cuda else 2, "batches",
+                                            lambda sz, s: train_throughput(
+                                                info, device, sz, s, doc.get("loader", {}).get("faster_decode", "roi")
+                                                if isinstance(doc.get("loader"), dict) else "roi"))),
+                    ("eval", lambda: timed("eval", 2, "eval_scales",
+                                           lambda sz, s: eval_throughput(info, device, sz, s)) if val else NO_VAL)]
         for name, section in sections:
             t0 = time.monotonic()
             try:

@@ -104,11 +104,19 @@ def _jpeg_near(img, target_kb: float) -> bytes:
     return buf.getvalue()
 
 
+def has_split(info: DatasetInfo, split: str) -> bool:
+    """Whether the set has shards for `split` (a set given with --shards may have one split)."""
+    try:
+        return bool(info.shards(split)[0])
+    except FileNotFoundError:
+        return False
+
+
 def bench_data(shards: str | None, workdir: Path, sizes: dict) -> tuple[DatasetInfo, dict]:
     """(dataset, description): the given shards, or ImageNet-like ones made here."""
     if shards:
         info, split, tars = resolve(shards)
-        return info, {"source": shards, "split": split, "shards": len(tars)}
+        return info, {"source": shards, "split": split, "shards": len(tars), "val_split": has_split(info, "val")}
     from data_prep.shard import build
 
     src = workdir / "imagenet"

@@ -81,7 +81,7 @@ def loader_throughput(info: DatasetInfo, tars: list[str], device: torch.device, 
     out["webdataset_pil_img_s"] = round(rate(_On(device, baseline_loader(tars, augment, b, threads)), seconds)[0], 1)
     if device.type == "cuda":
         try:
-            tv = torchvision_gpu_loader(tars, info, device, b, crop, sizes["scale"], min(8, threads))
+            tv = torchvision_gpu_loader(tars, info, device, b, crop, sizes["scale"], min(8, threads, len(tars)))
             out["torchvision_decode_jpeg_cuda_img_s"] = round(rate(tv, seconds)[0], 1)
         except Exception as exc:  # noqa: BLE001 - the comparison must not sink the rest
             out["torchvision_decode_jpeg_cuda_img_s"] = f"failed: {type(exc).__name__}: {exc}"
