@@ -148,8 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     print("\nDevice calls, back to back in one lease (an idle machine is given back after ~30 s); the last")
     print("one unpacks everything and runs the whole check:")
     for i, part in enumerate(parts):
-        then = (f" && {INSTALL} && python3 -m pipeline bench gpu --out $OUT/gpu.json" if i == len(parts) - 1 else "")
-        print(f'  run(carry=["{out}/part{i}"], command="mkdir -p .gpu-stage && cp {out}/part{i}/* .gpu-stage/{then}")')
+        last = i == len(parts) - 1
+        # the check's --budget leaves the call's timeout two minutes for the unpack and the transfer back
+        then = f" && {INSTALL} && python3 -m pipeline bench gpu --budget 420 --out $OUT/gpu.json" if last else ""
+        limit = ", timeout_s=540" if last else ""
+        print(f'  run(carry=["{out}/part{i}"], command="mkdir -p .gpu-stage && cp {out}/part{i}/* .gpu-stage/{then}"'
+              f'{limit})')
     print("\nLater commands of the same lease start with:\n  " + INSTALL)
     return 0
 
