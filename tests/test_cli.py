@@ -108,10 +108,10 @@ def test_paper_fast_is_the_paper_plan_at_batch_2048_with_warmup_and_says_so():
 
 
 @pytest.mark.slow
-def test_demo_end_to_end_then_report_and_evaluate(tmp_path):
+def test_demo_end_to_end_then_report_and_evaluate(tmp_path, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_uri)
     out = run(["demo", "--workdir", str(tmp_path / "demo"), "--set", "stages.A.recipe.epochs=2",
                "--set", "stages.B.recipe.epochs=1"], env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
