@@ -13,6 +13,18 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+# `make test` runs the files on two pytest-xdist workers (--dist loadfile: a file's tests
+# and its module fixtures stay on one worker), handed out in this order: the longest
+# files first, so the last one to start is a short one (measured durations, slowest first).
+LONGEST_FIRST = ["test_retrain.py", "test_cli.py", "test_parallel.py", "test_failures.py", "test_resilience.py",
+                 "test_train.py", "test_multinode.py", "test_foreign.py", "test_s3.py", "test_auth.py",
+                 "test_tracking.py", "test_shard.py", "test_protocols.py", "test_data.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))  # stable within a file
+
 
 @pytest.fixture(scope="session")
 def image_tree(tmp_path_factory) -> Path:
