@@ -96,7 +96,8 @@ def test_paper_fast_is_the_paper_plan_at_batch_2048_with_warmup_and_says_so():
     a = fast.stages["A"].recipe
     assert a.batch_size == 2048 and a.optim.warmup_epochs == 5 and effective_lr(a.optim, 2048) == 0.08
     assert fast.stages["D-384"].recipe.optim.lr == 0.001  # per-stage overrides of the base plan survive
-    assert "deviation from the paper: global batch 2048" in fast.recipe_label and paper.recipe_label == "paper"
+    assert "; global_batch: global batch 2048" in fast.recipe_label  # added to paper.yaml's own items
+    assert paper.deviation in fast.recipe_label and paper.recipe_label.startswith("paper (deviation from the paper: ")
     out = run(["train", "--plan", "pipeline/plans/paper-fast.yaml", "--dry-run"])
     assert out.returncode == 0 and "deviation from the paper" in out.stdout
     assert "A: A S=256, 74 epochs, batch 2048, lr 0.01, warmup 5 epochs" in out.stdout
