@@ -165,7 +165,7 @@ def posteriors_by_scale(model, info, split: str, protocol: str, scales: list[int
                 raise RuntimeError(f"{protocol}: rank {rank} read its images in a different order at Q={q}")
             labels = y
             total = p if total is None else total + p
-        out[q] = Posteriors(list(keys), labels, total / len(parts))  # float64 until averaged over scales
+        out[q] = Posteriors(list(keys), labels, (total / len(parts)).astype(np.float32))
     return out
 
 
