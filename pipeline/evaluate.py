@@ -85,8 +85,8 @@ def _stage_posteriors(stage: Stage, checkpoint: str, root: str, split: str, prot
     device = torch.device("cuda" if stage.resources.use_gpu and torch.cuda.is_available() else "cpu")
     torch.set_num_threads(max(1, threads))
     return posteriors_by_scale(load_stage_model(stage, checkpoint), DatasetInfo.load(root), split, protocol,
-                               scales, crop=stage.recipe.crop, normalize_std=stage.recipe.normalize_std, rank=rank, world=world,
-                               device=device, batch_size=batch_size, threads=threads)
+                               scales, crop=stage.recipe.crop, normalize_std=stage.recipe.normalize_std, rank=rank,
+                               world=world, device=device, batch_size=batch_size, threads=threads)
 
 
 def run_posteriors_by_scale(stage: Stage, checkpoint: str, root: str, split: str, protocol: str,

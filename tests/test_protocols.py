@@ -10,8 +10,8 @@ import torch
 
 from pipeline.data import DatasetInfo, dense_loader
 from pipeline.models import build_model
-from pipeline.protocols import (Posteriors, default_scales, metric_prefix, posteriors, posteriors_by_scale, read_parquet,
-                                write_parquet)
+from pipeline.protocols import (Posteriors, default_scales, metric_prefix, posteriors, posteriors_by_scale,
+                                read_parquet, write_parquet)
 
 CROP = 32
 
