@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import tarfile
@@ -23,7 +24,12 @@ from data_prep.layouts import Source
 
 IDX_VERSION = "v1.2"  # what DALI's wds2idx writes and fn.readers.webdataset reads
 JPEG_QUALITY = 95
-STATS_SIDE = 64  # colour statistics are computed on a reduced copy of each image
+# Colour statistics (mean, RGB eigen-decomposition) come from each sampled image with its
+# shorter side at 256: the smallest training scale (Section 3.1: S = 256, and Smin of the
+# jittered [256, 512]), so the pixels the statistics describe are those a training crop is
+# cut from. Smaller copies average colour detail away: 64-pixel thumbnails put the
+# eigenvalues 5-25% low (tests/test_shard.py, on real photos), which weakens the colour shift.
+STATS_SHORTER = 256
 
 
 @dataclass
@@ -71,13 +77,13 @@ def prepare_image(data: bytes, resize_shorter: int | None, check: str = "scan",
     A kept JPEG is checked by `check`:
     - "scan": its structure, every entropy-coded byte included (`data_prep.jpeg`):
       rejects what a decode rejects, at about a tenth of the cost of a 1/8-scale decode;
-      the image is decoded (at 1/8 scale) only when `pixels` asks for it, and is None
-      otherwise;
+      the image is decoded only when `pixels` asks for it, and is None otherwise;
     - "decode": a DCT-scaled decode (libjpeg's 1/8 scaling), which entropy-decodes every
       block but skips most of the inverse DCT, upsampling and colour conversion;
     - "full": a full-resolution decode.
-    The image returned is the reduced one unless `check` is "full"; the colour
-    statistics need no more."""
+    With `pixels` (the colour statistics want this image), the DCT scaling stops at the
+    largest reduction that keeps the shorter side at `STATS_SHORTER` or more; without it,
+    "decode" reduces by 1/8. The image returned is the reduced one unless `check` is "full"."""
     if check not in CHECKS:
         raise ValueError(f"check must be one of {CHECKS}, not {check!r}")
     if not data:
@@ -91,7 +97,10 @@ def prepare_image(data: bytes, resize_shorter: int | None, check: str = "scan",
                 checked = check == "scan" and jpeg.check(data)  # False: a process it leaves to libjpeg
                 if checked and not pixels:
                     return data, width, height, "kept", None
-                if check != "full":  # libjpeg scales by 1/2, 1/4 or 1/8: ask for 1/8 (16 pixels a side at least)
+                if check != "full" and pixels:  # libjpeg scales by 1/2, 1/4 or 1/8: the largest that
+                    k = STATS_SHORTER / min(width, height)  # keeps the statistics' resolution
+                    probe.draft(probe.mode, (math.ceil(width * k), math.ceil(height * k)))
+                elif check != "full":  # ask for 1/8 (16 pixels a side at least)
                     probe.draft(probe.mode, (max(16, width // 8), max(16, height // 8)))
             probe.load()  # truncated files fail here
             img = probe.copy()
@@ -179,17 +188,22 @@ def in_stats_sample(key: str, fraction: float) -> bool:
 
 
 def _accumulate(result: ShardResult, img: Image.Image) -> None:
-    """Add an image's pixels to the colour statistics. A DCT-scaled decode is small
-    already; anything larger is reduced first (a mean and a 3x3 covariance do not need
-    full resolution)."""
+    """Add an image's pixels to the colour statistics, at shorter side `STATS_SHORTER`
+    (bilinear with antialiasing, as DALI rescales for training); a smaller image as it is."""
     small = img if img.mode == "RGB" else img.convert("RGB")
-    if max(small.size) > 2 * STATS_SIDE:
-        small = small.copy()
-        small.thumbnail((STATS_SIDE, STATS_SIDE))
-    px = np.asarray(small, dtype=np.float64).reshape(-1, 3)
-    result.pixels += px.shape[0]
-    result.rgb_sum = np.asarray(result.rgb_sum) + px.sum(0)
-    result.rgb_outer = np.asarray(result.rgb_outer) + px.T @ px
+    w, h = small.size
+    if min(w, h) > STATS_SHORTER:
+        k = STATS_SHORTER / min(w, h)
+        small = small.resize((max(1, round(w * k)), max(1, round(h * k))), Image.Resampling.BILINEAR)
+    # One product gives all three sums: [px, 1]^T [px, 1] holds the outer products, the
+    # channel sums and the count (a third of the time of separate reductions).
+    rgb = np.asarray(small).reshape(-1, 3)
+    a = np.empty((rgb.shape[0], 4))
+    a[:, :3], a[:, 3] = rgb, 1.0
+    gram = a.T @ a
+    result.pixels += rgb.shape[0]
+    result.rgb_sum = np.asarray(result.rgb_sum) + gram[3, :3]
+    result.rgb_outer = np.asarray(result.rgb_outer) + gram[:3, :3]
 
 
 def _write_atomic(path: str, data: bytes) -> None:

@@ -41,8 +41,12 @@ class Pool:
 
 @dataclass(frozen=True)
 class LRN:
-    """AlexNet's local response normalisation across channels (PAPER.md: size 5,
-    alpha 1e-4, beta 0.75, k 2)."""
+    """AlexNet's local response normalisation across channels, in Krizhevsky et al.'s
+    own terms (Section 3.3): b_i = a_i / (k + alpha * sum of a_j^2 over the `size`
+    channels centred on i)^beta, with k 2, alpha 1e-4, beta 0.75, size 5. `alpha` here
+    multiplies the plain sum; Caffe and torch.nn.LocalResponseNorm multiply the *mean*
+    over the window (alpha / size), so the builder passes them alpha * size (5e-4, as the
+    released VGG_CNN_F/M/S models write it)."""
 
     size: int = 5
     alpha: float = 1e-4
@@ -110,7 +114,9 @@ ARCHS: dict[str, Arch] = {
     "C": _vgg("C", (2, 2, 2, 2, 2), c_style=True),
     "D": _vgg("D", (2, 2, 3, 3, 3)),
     "E": _vgg("E", (2, 2, 4, 4, 4)),
-    # "pool x2": 3x3 max-pool stride 2; "pool x3": 3x3 stride 3; Caffe rounds up.
+    # Chatfield et al. give each pool's factor only; the released VGG_CNN_F/M/S Caffe
+    # models give the kernels: "pool x2" is 3x3 stride 2 (except S's pool2: 2x2 stride 2),
+    # "pool x3" is 3x3 stride 3; Caffe rounds up.
     "F": Arch(
         "F",
         (
@@ -139,7 +145,7 @@ ARCHS: dict[str, Arch] = {
         "S",
         (
             (Conv(96, 7, 2, 0), LRN(), Pool(3, 3, True)),
-            (Conv(256, 5, 1, 1), Pool(3, 2, True)),
+            (Conv(256, 5, 1, 1), Pool(2, 2, True)),  # VGG_CNN_S: pool2 2x2 stride 2 (35 -> 18)
             (Conv(512, 3, 1, 1),),
             (Conv(512, 3, 1, 1),),
             (Conv(512, 3, 1, 1), Pool(3, 3, True)),

@@ -158,6 +158,9 @@ def evaluate_protocols(uri: str, run_ids: list[str], protocols: list[str], scale
                              batch_size=batch_size, data_root=data_root, split=split, ray_address=address)
             print(f"{r['stage']}: {r['metric_prefix']}: top-1 error {r['top1_error']:.2f}%, top-5 error "
                   f"{r['top5_error']:.2f}% over {r['images']} images (run {run_id})", flush=True)
+            for q, e in r["per_scale"].items():
+                print(f"{r['stage']}:   of which Q={q} alone: top-1 error {e['top1_error']:.2f}%, top-5 error "
+                      f"{e['top5_error']:.2f}%", flush=True)
             results.append(r)
     return results
 
@@ -253,12 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run-id", help="MLflow run id of a stage")
     e.add_argument("--experiment", help="with --stage: that stage's latest finished run")
     e.add_argument("--stage", help="stage name, e.g. D384")
-    e.add_argument("--protocol", nargs="+", choices=PROTOCOLS, default=["single"],
-                   help="single: Q, centre crop; dense: whole image, FC as conv, + flip; multicrop: 5x5 grid + "
-                        "flips; dense+multicrop: both averaged (several allowed)")
+    e.add_argument("--protocol", nargs="+", choices=PROTOCOLS, default=["dense"],
+                   help="dense (default, the paper's Section 3.2): whole image, FC as conv, + flip; multicrop: "
+                        "5x5 grid + flips; dense+multicrop: both averaged; single: Q, one centre crop (ours, "
+                        "not a protocol of the paper's tables); several allowed")
     e.add_argument("--scales", type=int, nargs="+", metavar="Q",
                    help="test scales, posteriors averaged (default: single: the stage's Q; others: {S-32, S, S+32} "
-                        "for fixed S, {256, 384, 512} for S in [256, 512])")
+                        "for fixed S, {256, 384, 512} for S in [256, 512], each scale also logged alone)")
     e.add_argument("--scale", type=int, help="one test scale Q (same as --scales Q)")
     e.add_argument("--workers", type=int, default=1, help="Ray tasks the validation set is split over")
     e.add_argument("--address", help="Ray cluster address for --workers > 1 (default: RAY_ADDRESS or local)")

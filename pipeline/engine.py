@@ -40,7 +40,7 @@ def make_optimizer(model: nn.Module, optim: Optim, global_batch: int) -> torch.o
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        # Biases and batch-norm scales are 1-d; Caffe's VGG solver does not decay biases.
+        # Biases and batch-norm scales are 1-d: decayed only with decay_biases (paper.yaml: yes, as the paper).
         (decay if p.dim() > 1 or optim.decay_biases else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # One fused kernel per step (all parameters at once): "auto" takes it on GPU and the

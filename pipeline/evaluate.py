@@ -6,7 +6,9 @@ over `workers` Ray tasks (DALI shard = task index), each returning its images'
 posteriors with their keys; the driver checks that every image came back exactly
 once, then logs `<protocol>_Q<scales>/top1_error` and `/top5_error` to the same
 run and the posteriors as `posteriors/<protocol>_Q<scales>.parquet` (float16),
-which ensembles average without re-running a net.
+which ensembles average without re-running a net. A multi-scale evaluation also logs
+each of its scales on its own (`dense_Q384/...`: Table 3's number comes with Table 4's).
+The default protocol is the paper's: dense, with the flipped image averaged in.
 """
 
 from __future__ import annotations
@@ -78,18 +80,19 @@ def stage_bundle(stage: Stage, checkpoint, data_root: str | None = None):
 def _stage_posteriors(stage: Stage, checkpoint: str, root: str, split: str, protocol: str, scales: list[int],
                       rank: int, world: int, batch_size: int, threads: int):
     from pipeline.data import DatasetInfo
-    from pipeline.protocols import posteriors
+    from pipeline.protocols import posteriors_by_scale
 
     device = torch.device("cuda" if stage.resources.use_gpu and torch.cuda.is_available() else "cpu")
     torch.set_num_threads(max(1, threads))
-    return posteriors(load_stage_model(stage, checkpoint), DatasetInfo.load(root), split, protocol, scales,
-                      crop=stage.recipe.crop, normalize_std=stage.recipe.normalize_std, rank=rank, world=world,
-                      device=device, batch_size=batch_size, threads=threads)
+    return posteriors_by_scale(load_stage_model(stage, checkpoint), DatasetInfo.load(root), split, protocol,
+                               scales, crop=stage.recipe.crop, normalize_std=stage.recipe.normalize_std, rank=rank,
+                               world=world, device=device, batch_size=batch_size, threads=threads)
 
 
-def run_posteriors(stage: Stage, checkpoint: str, root: str, split: str, protocol: str, scales: list[int], *,
-                   workers: int = 1, batch_size: int = 32, ray_address: str | None = None):
-    """All of the split's posteriors: one Ray task per shard of the split when
+def run_posteriors_by_scale(stage: Stage, checkpoint: str, root: str, split: str, protocol: str,
+                            scales: list[int], *, workers: int = 1, batch_size: int = 32,
+                            ray_address: str | None = None) -> dict:
+    """All of the split's posteriors at each Q: one Ray task per shard of the split when
     workers > 1, else in this process. Every image exactly once, or an error."""
     from pipeline.data import DatasetInfo
     from pipeline.protocols import Posteriors
@@ -107,18 +110,30 @@ def run_posteriors(stage: Stage, checkpoint: str, root: str, split: str, protoco
                                      threads) for r in range(workers)])
     else:
         parts = [_stage_posteriors(stage, checkpoint, root, split, protocol, scales, 0, 1, batch_size, threads)]
-    post = Posteriors.concat(parts)
     expected = info.counts[split]
-    if len(set(post.keys)) != len(post.keys) or len(post.keys) != expected:
-        raise RuntimeError(f"{protocol}: {len(post.keys)} posteriors ({len(set(post.keys))} distinct) for "
-                           f"{expected} {split} images")
-    return post
+    out = {}
+    for q in scales:
+        post = Posteriors.concat([part[q] for part in parts])
+        if len(set(post.keys)) != len(post.keys) or len(post.keys) != expected:
+            raise RuntimeError(f"{protocol} at Q={q}: {len(post.keys)} posteriors ({len(set(post.keys))} distinct) "
+                               f"for {expected} {split} images")
+        out[q] = post
+    return out
 
 
-def evaluate_run(run_id: str, *, tracking_uri: str, protocol: str = "single", scales: list[int] | None = None,
+def run_posteriors(stage: Stage, checkpoint: str, root: str, split: str, protocol: str, scales: list[int], *,
+                   workers: int = 1, batch_size: int = 32, ray_address: str | None = None):
+    """The split's posteriors under `protocol`, averaged over `scales`."""
+    from pipeline.protocols import average_scales
+
+    return average_scales(run_posteriors_by_scale(stage, checkpoint, root, split, protocol, scales, workers=workers,
+                                                  batch_size=batch_size, ray_address=ray_address))
+
+
+def evaluate_run(run_id: str, *, tracking_uri: str, protocol: str = "dense", scales: list[int] | None = None,
                  workers: int = 1, batch_size: int = 32, data_root: str | None = None, split: str = "val",
                  ray_address: str | None = None) -> dict:
-    from pipeline.protocols import default_scales, metric_prefix, write_parquet
+    from pipeline.protocols import average_scales, default_scales, metric_prefix, write_parquet
     from pipeline.tracking import MetricsLogger, _client
 
     client = _client(tracking_uri)
@@ -131,17 +146,26 @@ def evaluate_run(run_id: str, *, tracking_uri: str, protocol: str = "single", sc
     root = data_root or run.data.params.get("data.root")
     if not root:
         raise ValueError(f"run {run_id}: no data.root param; pass --data-root")
-    post = run_posteriors(stage, checkpoint, root, split, protocol, scales, workers=workers, batch_size=batch_size,
-                          ray_address=ray_address)
+    by_scale = run_posteriors_by_scale(stage, checkpoint, root, split, protocol, scales, workers=workers,
+                                       batch_size=batch_size, ray_address=ray_address)
+    post = average_scales(by_scale)
     result = post.errors()
     prefix = metric_prefix(protocol, scales)
-    MetricsLogger(tracking_uri, run_id, enabled=True).log(
-        {f"{prefix}/top1_error": result["top1_error"], f"{prefix}/top5_error": result["top5_error"]}, step=0)
+    logged = {f"{prefix}/top1_error": result["top1_error"], f"{prefix}/top5_error": result["top5_error"]}
+    per_scale = {}
+    if len(scales) > 1:  # each scale on its own too (Table 3 is one of Table 4's scales)
+        for q, p in by_scale.items():
+            errors = average_scales({q: p}).errors()
+            per_scale[q] = errors
+            one = metric_prefix(protocol, [q])
+            logged.update({f"{one}/top1_error": errors["top1_error"], f"{one}/top5_error": errors["top5_error"]})
+    MetricsLogger(tracking_uri, run_id, enabled=True).log(logged, step=0)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{prefix}.parquet"
         write_parquet(post, path)
         client.log_artifact(run_id, str(path), POSTERIORS_DIR)
-    return dict(result, metric_prefix=prefix, run_id=run_id, stage=stage.name, scales=scales, protocol=protocol)
+    return dict(result, metric_prefix=prefix, run_id=run_id, stage=stage.name, scales=scales, protocol=protocol,
+                per_scale=per_scale)
 
 
 def load_posteriors(client, run_id: str, prefix: str):

@@ -48,7 +48,8 @@ class VGG(nn.Module):
                 layers[f"relu{suffix}"] = nn.ReLU(inplace=True)
                 channels = out
             elif isinstance(tok, LRN):
-                layers[name] = nn.LocalResponseNorm(tok.size, tok.alpha, tok.beta, tok.k)
+                # torch (like Caffe) divides alpha by the window size; Krizhevsky's formula does not.
+                layers[name] = nn.LocalResponseNorm(tok.size, tok.alpha * tok.size, tok.beta, tok.k)
             elif isinstance(tok, Pool):
                 layers[name] = nn.MaxPool2d(tok.k, tok.stride, ceil_mode=tok.ceil)
         self.features = nn.Sequential(layers)

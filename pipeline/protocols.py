@@ -139,10 +139,13 @@ def _multicrop(model, info, split, q, crop, normalize_std, rank, world, device, 
 _RUNNERS = {"single": _single, "dense": _dense, "multicrop": _multicrop}
 
 
-def posteriors(model, info, split: str, protocol: str, scales: list[int], *, crop: int, normalize_std: bool,
-               rank: int = 0, world: int = 1, device: torch.device = torch.device("cpu"), batch_size: int = 32,
-               threads: int = 2) -> Posteriors:
-    """This rank's share of the split under `protocol`, averaged over `scales`."""
+def posteriors_by_scale(model, info, split: str, protocol: str, scales: list[int], *, crop: int,
+                        normalize_std: bool, rank: int = 0, world: int = 1,
+                        device: torch.device = torch.device("cpu"), batch_size: int = 32,
+                        threads: int = 2) -> dict[int, Posteriors]:
+    """This rank's share of the split under `protocol` at each Q of `scales` on its own.
+    A multi-scale evaluation computes every single-scale one on the way: Table 4's
+    dense over {S-32, S, S+32} holds Table 3's dense at Q = S."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol {protocol!r}: expected one of {', '.join(PROTOCOLS)}")
     if min(scales) < crop:
@@ -150,9 +153,10 @@ def posteriors(model, info, split: str, protocol: str, scales: list[int], *, cro
     model = model.eval().to(device)
     keys = rank_keys(info, split, rank, world)
     parts = protocol.split("+")
-    total, labels = None, None
-    for part in parts:
-        for q in scales:
+    labels, out = None, {}
+    for q in scales:
+        total = None
+        for part in parts:
             probs, labs = [], []
             for p, y in _RUNNERS[part](model, info, split, q, crop, normalize_std, rank, world, device, batch_size,
                                        threads):
@@ -167,7 +171,24 @@ def posteriors(model, info, split: str, protocol: str, scales: list[int], *, cro
                 raise RuntimeError(f"{protocol}: rank {rank} read its images in a different order at Q={q}")
             labels = y
             total = p if total is None else total + p
-    return Posteriors(keys, labels, (total / (len(parts) * len(scales))).astype(np.float32))
+        out[q] = Posteriors(list(keys), labels, (total / len(parts)).astype(np.float32))
+    return out
+
+
+def average_scales(by_scale: dict[int, Posteriors]) -> Posteriors:
+    """Section 3.2's multi-scale result: the posteriors averaged over the test scales."""
+    first = next(iter(by_scale.values()))
+    probs = np.mean([p.probs.astype(np.float64) for p in by_scale.values()], axis=0)
+    return Posteriors(first.keys, first.labels, probs.astype(np.float32))
+
+
+def posteriors(model, info, split: str, protocol: str, scales: list[int], *, crop: int, normalize_std: bool,
+               rank: int = 0, world: int = 1, device: torch.device = torch.device("cpu"), batch_size: int = 32,
+               threads: int = 2) -> Posteriors:
+    """This rank's share of the split under `protocol`, averaged over `scales`."""
+    return average_scales(posteriors_by_scale(model, info, split, protocol, scales, crop=crop,
+                                              normalize_std=normalize_std, rank=rank, world=world, device=device,
+                                              batch_size=batch_size, threads=threads))
 
 
 # ---------------------------------------------------------------- storage

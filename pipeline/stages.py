@@ -26,7 +26,7 @@ class Optim:
     scale_lr: bool = True  # linear scaling with the global batch (Goyal et al.)
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    decay_biases: bool = False  # weight decay on biases (Caffe's VGG solver: no)
+    decay_biases: bool = False  # weight decay on 1-d tensors (biases, BN) too; the paper (and Caffe's default): yes
     lr_drop: float = 0.1  # "decreased by a factor of 10 when validation accuracy stopped improving"
     patience: int = 2  # epochs in a row without an improvement before a drop
     threshold: float = 0.005  # an improvement must beat the best error by this share (relative)
@@ -162,7 +162,7 @@ class Plan:
     storage: str  # checkpoints: a local path or s3://
     stages: dict[str, Stage]
     source: str = ""  # the YAML file it was read from
-    deviation: str = ""  # how the recipe departs from the paper's ("" = the paper's recipe)
+    deviation: str = ""  # how the recipe departs from the paper's ("" = the paper's recipe), items "; "-joined
 
     @property
     def recipe_label(self) -> str:
@@ -238,10 +238,25 @@ def parse_plan(raw: dict, source: str = "") -> Plan:
         storage=str(raw.get("storage") or "runs"),
         stages=stages,
         source=source,
-        deviation=str(raw.get("deviation") or "").strip(),
+        deviation=_deviation(raw.get("deviation")),
     )
     validate(plan)
     return plan
+
+
+def _deviation(raw) -> str:
+    """`deviation:` is one sentence, or a mapping of item -> sentence (a variant plan's
+    items add to its base plan's; an item set to null is withdrawn). One line, items in order."""
+    if raw is None:
+        return ""
+    if isinstance(raw, str):
+        return raw.strip()
+    if isinstance(raw, dict):
+        for key, text in raw.items():
+            if text is not None and not (isinstance(text, str) and text.strip()):
+                raise ConfigError(f"deviation.{key}: expected a sentence saying how the recipe differs, got {text!r}")
+        return "; ".join(f"{key}: {text.strip()}" for key, text in raw.items() if text is not None)
+    raise ConfigError(f"deviation: expected a sentence or a mapping of item -> sentence, got {raw!r}")
 
 
 def _req_str(raw: dict, key: str) -> str:

@@ -104,6 +104,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     a training failure is not a crash, so it is not retried from a checkpoint."""
     import ray.train.torch
 
+    from pipeline import rng
     from pipeline.data import DatasetInfo, eval_loader, train_loader, train_steps
     from pipeline.engine import (LrSchedule, NonFiniteLoss, effective_lr, evaluate, make_optimizer, stall_reason,
                                  train_one_epoch)
@@ -146,6 +147,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     net = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"gradient_as_bucket_view": True})
     if recipe.compile:
         net = torch.compile(net)
+    rng.seed_rank_streams(recipe.seed, rank)  # same init above; from here each rank its own dropout masks
 
     per_worker = max(1, recipe.batch_size // world)
     optimizer = make_optimizer(net, recipe.optim, per_worker * world)
@@ -155,7 +157,10 @@ def train_loop_per_worker(config: dict) -> dict | None:
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        torch.set_rng_state(state["rng"])
+        how_rng = rng.restore(state["rng"], rank=rank, world=world, seed=recipe.seed, epoch=state["epoch"],
+                              step=state.get("step", steps), device=device)
+        if rank == 0 and how_rng != "restored":
+            say(f"[{stage.name}] random streams: {how_rng}")
         # Checkpoints before mid-epoch ones existed carry no step: they are epoch ends.
         done = state.get("step", steps)
         start_epoch, start_step = (state["epoch"], done) if done < steps else (state["epoch"] + 1, 0)
@@ -196,6 +201,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     def report(metrics: dict, epoch: int, step: int, checkpoint: bool = True) -> None:
         """Every rank reports (Ray Train needs it); rank 0 attaches the checkpoint and the
         step records since its last report."""
+        streams = rng.gather_states(device) if checkpoint else None  # a collective: before rank 0 goes alone
         with tempfile.TemporaryDirectory() as tmp:
             if rank != 0:
                 ray.train.report(metrics)
@@ -213,7 +219,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
                         if k not in ("replay", "data_hash", "data_root", "data_name")}
             torch.save({"model": plain_names(net.state_dict()),
                         "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                        "epoch": epoch, "step": step, "rng": torch.get_rng_state(), "arch": stage.arch,
+                        "epoch": epoch, "step": step, "rng": streams, "arch": stage.arch,
                         "num_classes": info.num_classes, "reported": reported, **serving_facts},
                        Path(tmp) / CHECKPOINT_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

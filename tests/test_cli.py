@@ -101,17 +101,18 @@ def test_paper_fast_is_the_paper_plan_at_batch_2048_with_warmup_and_says_so():
     a = fast.stages["A"].recipe
     assert a.batch_size == 2048 and a.optim.warmup_epochs == 5 and effective_lr(a.optim, 2048) == 0.08
     assert fast.stages["D-384"].recipe.optim.lr == 0.001  # per-stage overrides of the base plan survive
-    assert "deviation from the paper: global batch 2048" in fast.recipe_label and paper.recipe_label == "paper"
+    assert "; global_batch: global batch 2048" in fast.recipe_label  # added to paper.yaml's own items
+    assert paper.deviation in fast.recipe_label and paper.recipe_label.startswith("paper (deviation from the paper: ")
     out = run(["train", "--plan", "pipeline/plans/paper-fast.yaml", "--dry-run"])
     assert out.returncode == 0 and "deviation from the paper" in out.stdout
     assert "A: A S=256, 74 epochs, batch 2048, lr 0.01, warmup 5 epochs" in out.stdout
 
 
 @pytest.mark.slow
-def test_demo_end_to_end_then_report_and_evaluate(tmp_path):
+def test_demo_end_to_end_then_report_and_evaluate(tmp_path, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_uri)
     out = run(["demo", "--workdir", str(tmp_path / "demo"), "--set", "stages.A.recipe.epochs=2",
                "--set", "stages.B.recipe.epochs=1"], env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -133,7 +134,7 @@ def test_demo_end_to_end_then_report_and_evaluate(tmp_path):
     # the demo evaluated both nets under the paper's protocols, ensembled them, reported
     for r in nested:
         assert {"dense_Q64-72-81/top1_error", "multicrop_Q64-72-81/top1_error",
-                "dense_multicrop_Q64-72-81/top1_error"} <= set(r.data.metrics)
+                "dense_multicrop_Q64-72-81/top1_error", "dense_Q72/top1_error"} <= set(r.data.metrics)
         stored = [f.path for f in client.list_artifacts(r.info.run_id, "posteriors")]
         assert "posteriors/dense_multicrop_Q64-72-81.parquet" in stored
     [ens] = [r for r in runs if r.data.tags.get("kind") == "ensemble"]
@@ -155,18 +156,22 @@ def test_demo_end_to_end_then_report_and_evaluate(tmp_path):
 
     report = run(["report", "--experiment", "vgg-demo", "--out", str(tmp_path / "report")], env=env)
     assert report.returncode == 0, report.stderr[-2000:]
-    assert "| A (stage A) | 72 | - |" in report.stdout and "| D | [256,512] | 25.6 / 8.1 | not trained |" in report.stdout
+    assert "| D | [256,512] | 25.6 / 8.1 | not trained |" in report.stdout
+    # Table 3 of ours is dense at Q = S; the centre crop only in its own section
+    table3 = report.stdout.split("## Table 3")[1].split("## Table 4")[0]
+    assert re.search(r"\| A \(stage A\) \| 72 \| - \| [\d.]+ / [\d.]+ \(dense_Q72\) \[R\d+\] \|", table3)
+    assert "(single_Q72)" in report.stdout.split("## Ours only")[1]
     assert {p.name for p in (tmp_path / "report").iterdir()} == {"report.md", "report.html", "curves-A.png",
                                                                  "curves-B.png"}
 
     stage_a = next(r for r in nested if r.data.tags["stage"] == "A")
-    ev = run(["evaluate", "--run-id", stage_a.info.run_id, "--scale", "80"], env=env)
+    ev = run(["evaluate", "--run-id", stage_a.info.run_id, "--scale", "80"], env=env)  # the paper's dense by default
     assert ev.returncode == 0, ev.stderr[-2000:]
-    assert "single_Q80: top-1 error" in ev.stdout and "over 150 images" in ev.stdout
+    assert "dense_Q80: top-1 error" in ev.stdout and "over 150 images" in ev.stdout
     metrics = client.get_run(stage_a.info.run_id).data.metrics
-    assert "single_Q80/top1_error" in metrics
-    # evaluated again at the training Q, the stage's own number comes back
-    ev72 = run(["evaluate", "--experiment", "vgg-demo", "--stage", "A"], env=env)  # by stage name
+    assert "dense_Q80/top1_error" in metrics
+    # our centre crop again at the training Q: the stage's own number comes back
+    ev72 = run(["evaluate", "--experiment", "vgg-demo", "--stage", "A", "--protocol", "single"], env=env)
     assert ev72.returncode == 0
     assert client.get_run(stage_a.info.run_id).data.metrics["single_Q72/top1_error"] == pytest.approx(
         metrics["top1_error"], abs=1e-6)

@@ -136,3 +136,34 @@ def test_a_plan_may_build_on_a_base_plan(tmp_path):
     (tmp_path / "loop.yaml").write_text("base: loop.yaml\nname: loop\n")
     with pytest.raises(ConfigError, match="base plans form a cycle"):
         load_plan(tmp_path / "loop.yaml")
+
+
+def test_deviations_are_items_a_variant_adds_to_or_withdraws(tmp_path):
+    (tmp_path / "base.yaml").write_text(textwrap.dedent(MINI) + "deviation: {bf16: autocast, fp16_in: half inputs}\n")
+    variant = tmp_path / "variant.yaml"
+    variant.write_text("base: base.yaml\nname: variant\ndeviation: {batch: bigger batch}\n")
+    assert load_plan(variant).deviation == "bf16: autocast; fp16_in: half inputs; batch: bigger batch"
+    assert load_plan(variant, ["deviation.bf16=null"]).deviation == "fp16_in: half inputs; batch: bigger batch"
+    with pytest.raises(ConfigError, match="deviation.batch: expected a sentence"):
+        load_plan(variant, ["deviation.batch=''"])
+
+
+def test_paper_plan_follows_the_paper_or_declares_each_difference():
+    """paper.yaml: weight decay on every parameter (followed); bf16 autocast and float16
+    batches declared; the declaration reaches every stage run's MLflow tags and the
+    report's recipe keys (paper-fast's batch item on top of them)."""
+    from pipeline.report import StageRow, render
+    from pipeline.runner import _stage_tags
+    from pipeline.stages import PLANS_DIR
+
+    paper, fast = load_plan(PLANS_DIR / "paper.yaml"), load_plan(PLANS_DIR / "paper-fast.yaml")
+    assert all(s.recipe.optim.decay_biases and s.recipe.optim.weight_decay == 5e-4 for s in paper.stages.values())
+    assert all(s.recipe.precision in ("auto", "bf16") for s in paper.stages.values())  # hence declared:
+    assert paper.deviation.startswith("bf16_autocast: ") and "; float16_batches: " in paper.deviation
+    for plan in (paper, fast):
+        tags = _stage_tags(plan, plan.stages["D-multi"])
+        assert tags["deviation"] == plan.deviation and plan.deviation in tags["recipe"]
+        md = render(plan.experiment, [StageRow("D-multi", "D", "[256,512]", "r", {
+            "dense_Q384/top1_error": 25.0, "dense_Q384/top5_error": 8.0}, tags["recipe"])], [])
+        assert f"| R1 | {tags['recipe']} |" in md and "bf16 autocast" in md
+    assert "global_batch: global batch 2048" in fast.deviation and "global batch" not in paper.deviation

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -72,6 +73,78 @@ def test_feature_map_sides_match_the_papers():
         x = m(x)
         sizes[n] = x.shape[-1]
     assert sizes["pool1"] == 27 and sizes["pool2"] == 13
+
+
+# Feature-map side after every conv, LRN and pool at 224, written out from the published
+# definitions, not computed by our code: Simonyan & Zisserman Table 1 (3x3 convs pad 1 keep
+# the side, 2x2/2 pools halve it); Chatfield et al. Table 1 with the released VGG_CNN_F/M/S
+# Caffe models' pool kernels and Caffe's round-up (PAPER.md: S is conv1 109, pool1 37,
+# conv2 35, pool2 18, conv3-5 18, pool5 6).
+SIDES_AT_224 = {
+    "A": "conv1_1 224 pool1 112 conv2_1 112 pool2 56 conv3_1 56 conv3_2 56 "
+         "pool3 28 conv4_1 28 conv4_2 28 pool4 14 conv5_1 14 conv5_2 14 pool5 7",
+    "A-LRN": "conv1_1 224 lrn1 224 pool1 112 conv2_1 112 pool2 56 conv3_1 56 conv3_2 56 "
+             "pool3 28 conv4_1 28 conv4_2 28 pool4 14 conv5_1 14 conv5_2 14 pool5 7",
+    "B": "conv1_1 224 conv1_2 224 pool1 112 conv2_1 112 conv2_2 112 pool2 56 conv3_1 56 conv3_2 56 "
+         "pool3 28 conv4_1 28 conv4_2 28 pool4 14 conv5_1 14 conv5_2 14 pool5 7",
+    "C": "conv1_1 224 conv1_2 224 pool1 112 conv2_1 112 conv2_2 112 pool2 56 conv3_1 56 conv3_2 56 conv3_3 56 "
+         "pool3 28 conv4_1 28 conv4_2 28 conv4_3 28 pool4 14 conv5_1 14 conv5_2 14 conv5_3 14 pool5 7",
+    "D": "conv1_1 224 conv1_2 224 pool1 112 conv2_1 112 conv2_2 112 pool2 56 conv3_1 56 conv3_2 56 conv3_3 56 "
+         "pool3 28 conv4_1 28 conv4_2 28 conv4_3 28 pool4 14 conv5_1 14 conv5_2 14 conv5_3 14 pool5 7",
+    "E": "conv1_1 224 conv1_2 224 pool1 112 conv2_1 112 conv2_2 112 "
+         "pool2 56 conv3_1 56 conv3_2 56 conv3_3 56 conv3_4 56 pool3 28 conv4_1 28 conv4_2 28 conv4_3 28 conv4_4 28 "
+         "pool4 14 conv5_1 14 conv5_2 14 conv5_3 14 conv5_4 14 pool5 7",
+    # F: 11x11/4 pad 0: floor(213/4)+1 = 54; 3x3/2 pools round up: 27, 13, 6.
+    "F": "conv1 54 lrn1 54 pool1 27 conv2 27 lrn2 27 pool2 13 conv3 13 conv4 13 conv5 13 pool5 6",
+    # M: 7x7/2 pad 0: 109; pool 54; 5x5/2 pad 1: 26; pool 13; pool5 6.
+    "M": "conv1 109 lrn1 109 pool1 54 conv2 26 lrn2 26 pool2 13 conv3 13 conv4 13 conv5 13 pool5 6",
+    # S: 7x7/2: 109; 3x3/3 pool: 37; 5x5/1 pad 1: 35; 2x2/2 pool: 18; 3x3/3 pool: 6.
+    "S": "conv1 109 lrn1 109 pool1 37 conv2 35 pool2 18 conv3 18 conv4 18 conv5 18 pool5 6",
+}
+
+
+@pytest.mark.parametrize("name", list(SIDES_AT_224))
+def test_feature_map_side_after_every_layer_matches_the_published_net(name):
+    published = SIDES_AT_224[name].split()
+    expected = list(zip(published[::2], map(int, published[1::2])))
+    model = build_model(name, num_classes=10, width_mult=0.0625).eval()
+    x, seen = torch.zeros(1, 3, 224, 224), []
+    with torch.no_grad():
+        for layer, module in model.features.named_children():
+            x = module(x)
+            if layer.startswith(("conv", "lrn", "pool")):
+                seen.append((layer, x.shape[-1]))
+                assert x.shape[-1] == x.shape[-2], layer
+    assert seen == expected
+    assert feature_side(get_arch(name), 224) == expected[-1][1]
+
+
+def _krizhevsky_lrn(a: np.ndarray, n=5, k=2.0, alpha=1e-4, beta=0.75) -> np.ndarray:
+    """Krizhevsky et al. (2012), Section 3.3, written out channel by channel:
+    b_i = a_i / (k + alpha * sum_{j = max(0, i - n/2)}^{min(N - 1, i + n/2)} a_j^2)^beta."""
+    channels = a.shape[1]
+    b = np.empty_like(a)
+    for i in range(channels):
+        lo, hi = max(0, i - n // 2), min(channels - 1, i + n // 2)
+        total = sum(a[:, j] ** 2 for j in range(lo, hi + 1))
+        b[:, i] = a[:, i] / (k + alpha * total) ** beta
+    return b
+
+
+@pytest.mark.parametrize("name", ["A-LRN", "F", "M", "S"])
+def test_lrn_is_krizhevskys_formula(name):
+    model = build_model(name, num_classes=10, width_mult=0.0625, input_size=224 if name in "FMS" else 32)
+    lrns = [m for n, m in model.features.named_children() if n.startswith("lrn")]
+    assert len(lrns) == (1 if name in ("A-LRN", "S") else 2)
+    # ReLU-sized activations: non-negative, tens of units, as after conv1 on 0-255 inputs.
+    a = np.random.default_rng(0).uniform(0, 60, size=(2, 9, 4, 3))
+    expected = _krizhevsky_lrn(a)
+    for lrn in lrns:
+        got = lrn(torch.from_numpy(a)).numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-9)
+    # At this size the sum term matters: Caffe's convention misread as Krizhevsky's (alpha
+    # divided by 5 once more) is off by well over the tolerance.
+    assert np.abs(_krizhevsky_lrn(a, alpha=2e-5) / expected - 1).max() > 0.1
 
 
 def test_width_mult_and_input_size_shape_the_head():

@@ -10,7 +10,8 @@ import torch
 
 from pipeline.data import DatasetInfo, dense_loader
 from pipeline.models import build_model
-from pipeline.protocols import Posteriors, default_scales, metric_prefix, posteriors, read_parquet, write_parquet
+from pipeline.protocols import (Posteriors, default_scales, metric_prefix, posteriors, posteriors_by_scale,
+                                read_parquet, write_parquet)
 
 CROP = 32
 
@@ -80,6 +81,27 @@ def test_protocols_match_the_per_image_reference(net, info, protocol):
         ties = int((ranked[:, k - 1] - ranked[:, k] < 4e-5).sum())
         assert abs(ours.errors()[key] - truth[key]) <= ties * 100 / 48 + 1e-9, (key, ties)
     assert ours.errors()["images"] == truth["images"] == 48
+
+
+def test_each_scale_of_a_multi_scale_run_is_that_scales_own_protocol(net, info):
+    """Table 3's number (dense at one Q) comes out of Table 4's run (dense over three Q):
+    each scale's posteriors are the per-image reference at that Q alone."""
+    by_scale = posteriors_by_scale(net, info, "val", "dense", [36, 44], crop=CROP, normalize_std=False, threads=1)
+    assert list(by_scale) == [36, 44]
+    for q, post in by_scale.items():
+        np.testing.assert_allclose(post.probs, reference(net, info, "dense", [q]), atol=2e-5)
+    both = posteriors(net, info, "val", "dense", [36, 44], crop=CROP, normalize_std=False, threads=1)
+    np.testing.assert_allclose(both.probs, (by_scale[36].probs + by_scale[44].probs) / 2, atol=1e-6)
+
+
+def test_evaluate_defaults_to_the_papers_dense_protocol():
+    import inspect
+
+    from pipeline.cli import build_parser
+    from pipeline.evaluate import evaluate_run
+
+    assert build_parser().parse_args(["evaluate", "--run-id", "x"]).protocol == ["dense"]
+    assert inspect.signature(evaluate_run).parameters["protocol"].default == "dense"
 
 
 def test_single_scale_and_every_image_once_over_uneven_ranks(net, info, shards):

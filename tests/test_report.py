@@ -22,25 +22,41 @@ def test_report_with_every_row_missing():
 def test_report_puts_our_numbers_beside_the_papers():
     d = StageRow("D_jit", "D", "[256,512]", "r1", {
         "single_Q384/top1_error": 26.0, "single_Q384/top5_error": 8.4,
+        "dense_Q256/top1_error": 27.5, "dense_Q256/top5_error": 9.5,  # Table 3's Q for [256,512] is 384
+        "dense_Q384/top1_error": 25.4, "dense_Q384/top5_error": 8.0,
         "dense_Q256-384-512/top1_error": 25.1, "dense_Q256-384-512/top5_error": 7.9,
         "multicrop_Q256-384-512/top1_error": 24.9, "multicrop_Q256-384-512/top5_error": 7.7})
     d.recipe = "paper; global batch 256, lr 0.01 at batch 256, no warmup"
     tiny = StageRow("A", "A", "72", "r2", {"single_Q72/top1_error": 3.0, "single_Q72/top5_error": 0.0},
                     "demo; global batch 32")
     md = render("exp", [d, tiny], [{"name": "ens", "member_stages": "D_jit,E_jit", "protocol": "dense_Q256-384-512",
-                                    "top1": 24.2, "top5": 7.2}])
-    assert "| D | [256,512] | 25.6 / 8.1 | 26.00 / 8.40 (single_Q384) [R1] |" in md
+                                    "top1": 24.2, "top5": 7.2},
+                                   {"name": "ens1", "member_stages": "D_jit,E_jit", "protocol": "single_Q384",
+                                    "top1": 25.0, "top5": 7.5}])
+    # Table 3 is dense at the single scale Q (Section 3.2), never our centre crop
+    assert "| D | [256,512] | 25.6 / 8.1 | 25.40 / 8.00 (dense_Q384) [R1] |" in md
     assert "| D | [256,512] | 24.8 / 7.5 | 25.10 / 7.90 (dense_Q256-384-512) [R1] |" in md
     assert "| D | [256,512] | multicrop | 24.6 / 7.5 | 24.90 / 7.70 (multicrop_Q256-384-512) [R1] |" in md
     assert "| D | [256,512] | dense+multicrop | 24.4 / 7.2 | not evaluated |" in md
-    assert "| A (stage A) | 72 | - | 3.00 / 0.00 (single_Q72) [R2] |" in md
-    assert "| A (stage A) | 72 | - | not evaluated |" in md  # no dense result for it: said, not invented
+    # a net with only a centre-crop number has none in the paper's tables ...
+    table3 = md.split("## Table 3")[1].split("## Table 4")[0]
+    assert "| A (stage A) | 72 | - | not evaluated |" in table3 and "single" not in table3.split("|---|")[1]
+    # ... the centre crop sits in its own section, labelled as ours, with no paper column
+    ours_only = md.split("## Ours only")[1]
+    assert "| A (stage A) | 72 | 3.00 / 0.00 (single_Q72) [R2] |" in ours_only
+    assert "| D (stage D_jit) | [256,512] | 26.00 / 8.40 (single_Q384) [R1] |" in ours_only
+    assert md.index("## Ours only") > md.index("## Table 6") and md.count("(single_Q") == 3
+    assert "ens1" in ours_only and "ens1" not in md.split("## Ours only")[0]
+    # every table names its protocol
+    for table in ("Table 3", "Table 4", "Table 5", "Table 6", "Ours only"):
+        assert "Protocol: " in md.split(f"## {table}")[1].split("|")[0], table
+    assert "Protocol: dense evaluation at the single scale Q, the flipped image" in md
     # every number of ours names its recipe; an ensemble's are its members'
     assert "| ens (D_jit,E_jit) | - | 24.20 / 7.20 (dense_Q256-384-512) [R1] |" in md
     assert "| R1 | paper; global batch 256, lr 0.01 at batch 256, no warmup |" in md
     assert "| R2 | demo; global batch 32 |" in md
     page = markdown_to_html(md, "exp")
-    assert page.count("<table>") == 5 and "<td>26.00 / 8.40 (single_Q384) [R1]</td>" in page
+    assert page.count("<table>") == 6 and "<td>25.40 / 8.00 (dense_Q384) [R1]</td>" in page
 
 
 def _post(probs, labels=(0, 1, 2, 0)):

@@ -76,13 +76,16 @@ def test_killed_worker_resumes_from_its_checkpoint(tmp_path, shards, ray_cluster
     plan = load_plan(write_plan(tmp_path, shards, epochs=8, max_failures=2, checkpoint_every=5))
     storage, outcome = tmp_path / "runs", {}
     steps_seen: set[int] = set()
+    streams: list = []  # the checkpoints' random generators
 
     def note_checkpoint_steps():
         import torch
 
         for ckpt in checkpoints(storage, "crash-1-A"):
             try:
-                steps_seen.add(torch.load(ckpt / "state.pt", weights_only=False)["step"])
+                state = torch.load(ckpt / "state.pt", weights_only=False)
+                steps_seen.add(state["step"])
+                streams.append(state["rng"])
             except Exception:  # noqa: BLE001 - being written or already rotated away
                 pass
         return len(_history_or_empty(mlflow_uri, "A")) >= 2
@@ -114,6 +117,11 @@ def test_killed_worker_resumes_from_its_checkpoint(tmp_path, shards, ray_cluster
     # 144 images / global batch 8 = 18 steps: mid-epoch checkpoints at steps 5, 10, 15
     # were written besides the epoch ends (18)
     assert steps_seen & {5, 10, 15} and 18 in steps_seen, steps_seen
+    # every rank's own generator is in the checkpoint (each rank draws its own dropout masks)
+    import torch
+
+    ranks = streams[-1]["ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["cpu"], ranks[1]["cpu"])
     _, at_step = stage_history(mlflow_uri, "crash-test", "A", "resumed_at_step")
     assert {m.value for m in at_step} <= {0, 5, 10, 15}
     # per-step curves: every record once, at its global step, across the kill and resume

@@ -388,8 +388,11 @@ def test_every_check_rejects_truncation_and_only_the_needed_pixels_are_decoded(k
                 prepare_image(cut, None, check, pixels)
     assert prepare_image(data, None, "scan", pixels=False) == (data, 500, 375, "kept", None)  # nothing decoded
     _, w, h, action, small = prepare_image(data, None, "scan", pixels=True)
-    assert (w, h, action) == (500, 375, "kept") and max(small.size) < 500  # decoded at reduced scale
-    assert max(prepare_image(data, None, "decode")[4].size) < 500
+    assert (w, h, action) == (500, 375, "kept") and small.size == (500, 375)  # 1/2 would leave 188 < 256
+    buf = io.BytesIO()
+    Image.fromarray((rng.random((750, 1000, 3)) * 255).astype("uint8")).save(buf, "JPEG", quality=90)
+    assert prepare_image(buf.getvalue(), None, "scan", pixels=True)[4].size == (500, 375)  # DCT-scaled by 1/2
+    assert max(prepare_image(data, None, "decode", pixels=False)[4].size) < 500  # checked at 1/8 scale
     assert prepare_image(data, None, "full")[4].size == (500, 375)
 
 
@@ -430,3 +433,41 @@ def test_colour_statistics_from_a_sample_estimate_those_of_every_image(image_tre
     assert data_files(tmp_path / "sampled") == data_files(shards)
     picked = sum(in_stats_sample(f"n01440764_{i}", 0.01) for i in range(20_000))
     assert 150 < picked < 250  # about the fraction asked for (200 +- 5 sigma)
+
+
+def _eigenvalues(pixels: np.ndarray) -> np.ndarray:
+    px = pixels.reshape(-1, 3).astype(np.float64)
+    return np.sort(np.linalg.eigvalsh(np.cov(px, rowvar=False, bias=True)))[::-1]
+
+
+def test_colour_eigenvalues_at_training_scale_are_close_to_full_resolution_ones():
+    """On real photos (scikit-image's bundled ones, ImageNet-sized), the eigenvalues shard.py
+    computes (shorter side 256, the smallest training scale) come within 8% of the
+    full-resolution ones; the 64-pixel thumbnails used before were 10-25% low."""
+    import skimage.data
+    from PIL import Image
+
+    from data_prep.writer import ShardResult, _accumulate, prepare_image
+
+    photos = {"astronaut": skimage.data.astronaut(), "chelsea": skimage.data.chelsea(),
+              "coffee": skimage.data.coffee(), "rocket": skimage.data.rocket(),
+              "motorcycle": skimage.data.stereo_motorcycle()[0]}
+    ours, thumbs = [], []
+    for name, array in photos.items():
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, "JPEG", quality=95)
+        with Image.open(io.BytesIO(buf.getvalue())) as im:
+            decoded = im.convert("RGB")
+        full = _eigenvalues(np.asarray(decoded))
+        stats = ShardResult("s")
+        _accumulate(stats, prepare_image(buf.getvalue(), None, "scan", pixels=True)[4])
+        mean = np.asarray(stats.rgb_sum) / stats.pixels
+        cov = np.asarray(stats.rgb_outer) / stats.pixels - np.outer(mean, mean)
+        got = np.sort(np.linalg.eigvalsh(cov))[::-1]
+        thumb = decoded.copy()
+        thumb.thumbnail((64, 64))
+        ours.append(got[:2] / full[:2])
+        thumbs.append(_eigenvalues(np.asarray(thumb))[:2] / full[:2])
+        assert np.all(np.abs(got[:2] / full[:2] - 1) < 0.15), (name, got, full)
+        assert abs(got.sum() / full.sum() - 1) < 0.08, (name, got, full)  # total colour variance
+    assert np.mean(ours) > 0.93 and np.mean(thumbs) < 0.9

@@ -56,14 +56,14 @@ def test_metrics_survive_a_tracking_server_outage(tmp_path, monkeypatch, capsys)
         stop(server)
 
 
-def test_logged_model_reloads_and_takes_any_batch(tmp_path, monkeypatch):
+def test_logged_model_reloads_and_takes_any_batch(tmp_path, monkeypatch, mlflow_uri):
     import mlflow
     import torch
 
     from pipeline.models import build_model
 
     monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_uri
     tracker = Tracker(uri, "model-test")
     run_id, _ = tracker.parent_run("r1", params={}, tags={"stage": "A"})
     torch.manual_seed(0)
@@ -79,14 +79,14 @@ def test_logged_model_reloads_and_takes_any_batch(tmp_path, monkeypatch):
     assert version.tags["stage"] == "A" and version.run_id == run_id
 
 
-def test_a_resumed_run_logs_what_its_checkpoint_carried_once(tmp_path):
+def test_a_resumed_run_logs_what_its_checkpoint_carried_once(tmp_path, mlflow_uri):
     """A driver killed after a checkpoint was written but before its figures reached MLflow:
     the resumed run's first report replays them; nothing already logged is logged twice."""
     from mlflow.tracking import MlflowClient
 
     from pipeline.worker import MlflowEpochMetrics
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_uri
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("replay")).info.run_id
 
@@ -145,12 +145,12 @@ def test_every_command_and_the_local_server_default_to_one_store(tmp_path, monke
         server.wait(timeout=60)
 
 
-def test_an_unknown_stage_or_experiment_is_answered_with_what_exists(tmp_path):
+def test_an_unknown_stage_or_experiment_is_answered_with_what_exists(tmp_path, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
     from pipeline.tracking import finished_stage_run
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_uri
     client = MlflowClient(uri)
     exp = client.create_experiment("vgg-x")
     for stage, status in (("A", "finished"), ("B", "finished"), ("C", "failed")):
