@@ -72,7 +72,9 @@ class Recipe:
     eval_scale: int | None = None  # Q for per-epoch validation; None: S (or the jitter mid-point)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU; bf16: on any device
     channels_last: bool | None = None  # None: on GPU only; true/false: on/off on any device
-    compile: bool = False
+    # torch.compile: true = inductor (what a GPU run uses); "aot_eager" captures and splits the
+    # graph the same way (Dynamo, DDP's graph splitting, AOTAutograd) without code generation.
+    compile: bool | Literal["inductor", "aot_eager"] = False
     normalize_std: bool = False  # also divide by the training set's RGB std (the paper only subtracts the mean)
     log_every_steps: int = 50
     checkpoint_every_steps: int = 0  # also checkpoint mid-epoch every N steps (0: at epoch ends only)

@@ -146,7 +146,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     # Gradients as views of DDP's buckets: no copy into the buckets, less memory.
     net = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"gradient_as_bucket_view": True})
     if recipe.compile:
-        net = torch.compile(net)
+        net = torch.compile(net, backend="inductor" if recipe.compile is True else recipe.compile)
     rng.seed_rank_streams(recipe.seed, rank)  # same init above; from here each rank its own dropout masks
 
     per_worker = max(1, recipe.batch_size // world)
