@@ -145,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="backend store URI: postgresql://USER@HOST:PORT/DB (password: PGPASSWORD or --password-file), "
                         "sqlite:///FILE, or any SQLAlchemy URL MLflow supports (default: MLFLOW_BACKEND_STORE_URI, "
                         "else a SQLite file under mlflow-server/)")
+    p.add_argument("--password-secret", metavar="NAME",
+                   help="AWS Secrets Manager secret whose value is the database password, read with the machine's "
+                        "own credentials (on the head of ray_cluster.yaml: its instance profile), so the password "
+                        "is in no file on any node")
     p.add_argument("--password-file", help="file whose first line is the database password (e.g. a mounted "
                                            "Kubernetes secret); default: PGPASSWORD from the environment")
     p.add_argument("--artifacts-destination", "--artifacts", dest="artifacts",
@@ -165,7 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.backend.startswith("sqlite:///"):
         Path(a.backend[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     password = None
-    if a.password_file:
+    if a.password_secret:
+        try:
+            password = read_secret(a.password_secret)
+        except RuntimeError as exc:
+            print(f"tracking_server: {exc}", file=sys.stderr)
+            return 2
+    elif a.password_file:
         try:
             password = Path(a.password_file).read_text().splitlines()[0]
         except (OSError, IndexError):
@@ -223,6 +233,26 @@ def _detach(log: Path) -> int:
     os.dup2(out, 1)
     os.dup2(out, 2)
     return write
+
+
+def read_secret(name: str) -> str:
+    """The SecretString of AWS Secrets Manager secret `name` (boto3, the machine's own
+    credentials); a RuntimeError naming the secret when it cannot be read."""
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.utils import InstanceMetadataRegionFetcher
+
+    # boto3 takes no region from an EC2 instance's metadata by itself: ask it, as the head would
+    region = boto3.session.Session().region_name or InstanceMetadataRegionFetcher(timeout=2).retrieve_region()
+    if not region:
+        raise RuntimeError(f"cannot read AWS secret {name!r}: no AWS region (set AWS_DEFAULT_REGION)")
+    try:
+        value = boto3.client("secretsmanager", region_name=region).get_secret_value(SecretId=name).get("SecretString")
+    except (BotoCoreError, ClientError) as exc:
+        raise RuntimeError(f"cannot read the database password from AWS secret {name!r}: {exc}") from None
+    if not value:
+        raise RuntimeError(f"AWS secret {name!r} has no string value (the database password)")
+    return value.strip()
 
 
 def _cmdline(pid: int) -> bytes:

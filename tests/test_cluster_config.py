@@ -63,14 +63,14 @@ def test_dashboard_and_mlflow_listen_on_loopback():
     assert mlflow and all("--host 127.0.0.1" in c for c in mlflow)
     # the store is an external PostgreSQL and the artifacts are in the bucket: nothing on the head's disk
     assert all('--backend-store-uri "$MLFLOW_BACKEND_STORE_URI"' in c and "sqlite" not in c for c in mlflow)
-    assert all('--artifacts-destination "s3://$VGG_BUCKET/mlflow"' in c and "--password-file" in c for c in mlflow)
+    assert all('--artifacts-destination "s3://$VGG_BUCKET/mlflow"' in c and "--password-secret " in c for c in mlflow)
     assert "0.0.0.0" not in commands
 
 
 def test_no_credentials_in_the_file():
     """Names of secret files and of the token mode, never a secret's value."""
     text = json.dumps(load())  # every key and value, no comments
-    for allowed in ("--password-file", "mlflow-db-secret", "auth_token", "RAY_AUTH_MODE=token"):
+    for allowed in ("--password-secret", "auth_token", "RAY_AUTH_MODE=token"):
         text = text.replace(allowed, "")
     assert not re.search(r"AKIA[0-9A-Z]{16}", text)  # AWS access key ids
     for word in ("aws_secret_access_key", "AWS_SECRET_ACCESS_KEY", "password", "token"):
@@ -321,3 +321,35 @@ def test_submit_and_retrain_refuse_storage_on_one_machine():
         assert out.returncode == 2, out.stdout + out.stderr
         assert "plan error: plan storage '/mnt/checkpoints' is a path on one machine" in out.stderr, out.stderr
         assert "--set storage=s3://$VGG_BUCKET/checkpoints" in out.stderr
+
+
+def test_the_database_password_is_in_no_file_on_any_node(monkeypatch):
+    """file_mounts go to every node: the password is not among them. The head's server
+    reads it from AWS Secrets Manager with the head's own profile (here: moto's server),
+    and a secret that cannot be read is named in the error."""
+    from services import s3_server
+
+    from cluster.tracking_server import read_secret
+
+    c = load()
+    assert not any("secret" in k or "secret" in str(v) for k, v in c["file_mounts"].items())
+    [line] = [x for x in c["head_start_ray_commands"] if "cluster.tracking_server" in x]
+    name = re.search(r"--password-secret (\S+)", line).group(1)
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    with s3_server():
+        import boto3
+
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        try:
+            read_secret(name)
+        except RuntimeError as exc:  # no region anywhere: said, not a botocore traceback
+            assert "no AWS region" in str(exc)
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        boto3.client("secretsmanager").create_secret(Name=name, SecretString="s3cr3t-value\n")
+        assert read_secret(name) == "s3cr3t-value"
+        try:
+            read_secret("no/such-secret")
+        except RuntimeError as exc:
+            assert "'no/such-secret'" in str(exc)
+        else:
+            raise AssertionError("a missing secret was read")
