@@ -62,10 +62,11 @@ def _needs_token(address: str) -> bool:
 
 def ensure_auth(address: str | None) -> str:
     """The dashboard address (http://HOST:8265; default RAY_ADDRESS, else the local
-    head's), with Ray's token authentication settled for this process. Ray 2.60's
-    `ray start --head` turns it on: the token is found as Ray's clients find it and
-    token mode is switched on; with none, and a dashboard that wants one, AuthError
-    says what to run, before anything is submitted."""
+    head's), with Ray's token authentication settled for this process. A cluster has it
+    on only when started in token mode with a token (ray_cluster.yaml and the KubeRay
+    manifests do; a bare `ray start --head` in a fresh home does not): the token is
+    found as Ray's clients find it and token mode is switched on; with none, and a
+    dashboard that wants one, AuthError says what to run, before anything is submitted."""
     address = address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
     if "://" not in address:
         address = f"http://{address}"

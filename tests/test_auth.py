@@ -1,6 +1,6 @@
-"""Ray 2.60's token authentication, as a user meets it: a head started with a token in
-token mode;
-cluster.submit and cluster.retrain find the token as Ray's own clients do (the
+"""Ray 2.60's token authentication, as a user meets it on a head started in token mode
+with a token (as ray_cluster.yaml starts it): cluster.submit and cluster.retrain find
+the token as Ray's own clients do (the
 RAY_AUTH_TOKEN variable or ~/.ray/auth_token) and, with none, stop before submitting
 with the commands to run. A real head on loopback; nothing is mocked."""
 
