@@ -70,7 +70,11 @@ def test_retrain_schedule(tmp_path, shards):
     overrides = [x for o in STUCK for x in ("--set", o)]
     pg = Postgres()
     server = (pg.uri, str(tmp_path / "artifacts"), free_port())
-    proc, uri = tracking_server.start(*server, log=tmp_path / "server.log", password=pg.password)
+    try:
+        proc, uri = tracking_server.start(*server, log=tmp_path / "server.log", password=pg.password)
+    except BaseException:  # e.g. the server too slow to answer on a loaded machine: no PostgreSQL left behind
+        pg.remove()
+        raise
     assert pg.password.encode() not in Path(f"/proc/{proc.pid}/cmdline").read_bytes()
     try:
         with ray_cluster_on_loopback("rt", [{"cpus": 2, "resources": {}}]) as cluster:
