@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 .PHONY: install demo test test-fast clean models mlflow-server image
 # The image cluster/k8s/*.yaml name (see Dockerfile); CONTAINER=podman works the same.
 CONTAINER ?= docker
-IMAGE ?= ghcr.io/your-org/vgg-pipeline:latest
+IMAGE ?= ghcr.io/your-org/vgg-pipeline:0.1.0
 
 install: $(STAMP)
 

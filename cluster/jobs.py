@@ -62,10 +62,11 @@ def _needs_token(address: str) -> bool:
 
 def ensure_auth(address: str | None) -> str:
     """The dashboard address (http://HOST:8265; default RAY_ADDRESS, else the local
-    head's), with Ray's token authentication settled for this process. Ray 2.60's
-    `ray start --head` turns it on: the token is found as Ray's clients find it and
-    token mode is switched on; with none, and a dashboard that wants one, AuthError
-    says what to run, before anything is submitted."""
+    head's), with Ray's token authentication settled for this process. A cluster has it
+    on only when started in token mode with a token (ray_cluster.yaml and the KubeRay
+    manifests do; a bare `ray start --head` in a fresh home does not): the token is
+    found as Ray's clients find it and token mode is switched on; with none, and a
+    dashboard that wants one, AuthError says what to run, before anything is submitted."""
     address = address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
     if "://" not in address:
         address = f"http://{address}"
@@ -117,6 +118,68 @@ def submit(jobs, entrypoint: str, *, submission_id: str | None = None, tracking_
                 raise
             time.sleep(2)
     raise AssertionError("unreachable")
+
+
+RETRYABLE = {"FAILED", "STOPPED"}
+
+
+def submit_once(jobs, entrypoint: str, base_id: str, *, tracking_uri: str | None = None,
+                env: dict[str, str] | None = None) -> tuple[str, str | None]:
+    """Submit under `base_id` unless that submission already stands: (job id, None) for a
+    new job, (job id, its status) for one found PENDING, RUNNING or SUCCEEDED, which is
+    not submitted again (a resubmit after a dropped tunnel, or a second scheduler,
+    follows it). A FAILED or STOPPED one is retried under `base_id`-retry1, -retry2, ...
+    (the Jobs API keeps a used id forever), with the same entrypoint: the same plan run
+    name, so the retry resumes from the last checkpoint."""
+    for attempt in range(1000):
+        job_id = base_id if attempt == 0 else f"{base_id}-retry{attempt}"
+        try:
+            return submit(jobs, entrypoint, submission_id=job_id, tracking_uri=tracking_uri, env=env), None
+        except RuntimeError as exc:
+            if "already exists" not in str(exc):
+                raise
+        status = jobs.get_job_status(job_id).value
+        if status not in RETRYABLE:
+            return job_id, status
+    raise RuntimeError(f"{base_id}: 1000 failed attempts; submit under another id")
+
+
+SHARED_FLAG = "--storage-is-shared"
+
+
+def check_storage(storage: str, shared: bool) -> None:
+    """Refuse a plan whose checkpoint `storage` is a path on one machine: Ray Train's
+    workers on several nodes write and read checkpoints there, and each would see only
+    its own disk. A URI (s3://, gs://, ...) passes; a local path passes only when the
+    user says every node shares it (an NFS mount, or a cluster on one machine)."""
+    if "://" in storage:
+        return
+    if not Path(storage).is_absolute():
+        raise ValueError(f"plan storage {storage!r} is a relative path: the job runs in Ray's copy of the working "
+                         "directory, so its checkpoints would land in a temporary folder; give s3://... or an "
+                         "absolute path (--set storage=...)")
+    if shared:
+        return
+    raise ValueError(f"plan storage {storage!r} is a path on one machine, and a Ray cluster's nodes need shared "
+                     "checkpoint storage: --set storage=s3://$VGG_BUCKET/checkpoints (or, if that path is shared "
+                     f"by every node or the cluster is this one machine, add {SHARED_FLAG})")
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """The MLflow address a job logs to, as the job will read it: given, else
+    MLFLOW_TRACKING_URI, else the project's default store. A job runs in Ray's copy of
+    the working directory, so a relative SQLite path would put its runs in a temporary
+    folder on a cluster node: SQLite paths are made absolute, and a bare path (no
+    scheme; MLflow's file store, refused by MLflow since 3.13) is refused."""
+    from pipeline.tracking import tracking_uri as default_uri
+
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
+    if uri.startswith("sqlite:///"):
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    if "://" not in uri:
+        raise ValueError(f"MLflow tracking address {uri!r}: give a server (http://HOST:5000) or "
+                         "sqlite:///ABSOLUTE/PATH, with --tracking-uri or MLFLOW_TRACKING_URI")
+    return uri
 
 
 def wait(jobs, job_id: str, poll: float = 2.0, timeout: float | None = None, on_status=None) -> str:

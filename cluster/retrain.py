@@ -6,12 +6,15 @@ and cluster/k8s/). Each run:
 1. hashes the shards' manifest (manifest.parquet, classes.json) and compares it with
    the `data_hash` tag of the registered model's `champion` version; unchanged data
    (and no --force) ends here, exit 0;
+   A tracking server that cannot be read (down, timing out) is not "no champion":
+   nothing is submitted or changed, exit 3;
 2. submits the plan as a Ray job whose submission id is derived from the plan's
    fingerprint and the data hash: a second scheduler that fires while the first
    retrain runs finds the job already submitted and follows it instead of starting
    it again (the Jobs API refuses a duplicate id);
 3. waits for the job. A failed or stopped job leaves the champion untouched, says
-   so, exits 1;
+   so, exits 1; the next run retries it (id suffix -retry1, ...; same plan run, so it
+   resumes from the last checkpoint), no --force needed;
 4. compares the new net's validation top-1 error with the champion's, both under the
    same protocol on the current validation data (the champion is re-evaluated
    when it was trained on other data), and moves the `champion` alias only if the
@@ -33,13 +36,26 @@ from data_prep.store import data_hash  # noqa: F401 - the gate's hash (tests imp
 ALIAS = "champion"
 
 
+class TrackingUnreachable(RuntimeError):
+    """The tracking server did not answer (or answered with an error): whether there is a
+    champion is unknown, so nothing may be trained or promoted."""
+
+
 def champion(client, model: str):
+    """The champion version of `model`, or None when the model or its alias does not exist.
+    Only MLflow's "does not exist" answer means "no champion"; any other failure (a
+    server that is down, a timeout, an error) raises TrackingUnreachable: read as "no
+    champion" it would retrain on unchanged data and promote without a comparison."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.get_model_version_by_alias(model, ALIAS)
-    except MlflowException:
-        return None  # no such registered model, or no champion yet
+        registered = client.get_registered_model(model)
+        version = registered.aliases.get(ALIAS)
+        return None if version is None else client.get_model_version(model, str(version))
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST" and "Registered Model" in str(exc):
+            return None
+        raise TrackingUnreachable(str(exc)) from exc
 
 
 def submission_id(plan, digest: str, force: bool) -> str:
@@ -86,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--plan", required=True, help="plan YAML inside this repository")
     p.add_argument("--address", help="Ray dashboard address (default: RAY_ADDRESS, else http://127.0.0.1:8265)")
+    p.add_argument(jobs.SHARED_FLAG, dest="storage_is_shared", action="store_true",
+                   help="the plan's storage is a local path that every node shares (an NFS mount, or a cluster on "
+                        "this one machine); without it a local storage path is refused")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--model", help="registered model whose champion is compared (default: the one of the plan's "
                                    "last stage, <experiment>-<arch>)")
@@ -107,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"plan error: {exc}", file=sys.stderr)
         return 2
+    try:
+        jobs.check_storage(plan.storage, a.storage_is_shared)
+    except ValueError as exc:
+        print(f"plan error: {exc}", file=sys.stderr)
+        return 2
     try:  # the cluster's token before any work: a missing one is said at once
         jobs.ensure_auth(a.address)
     except jobs.AuthError as exc:
@@ -117,7 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     uri = tracking_uri()
     client = MlflowClient(uri)
     digest = data_hash(plan.data.root)
-    champ = champion(client, model)
+    try:
+        champ = champion(client, model)
+    except TrackingUnreachable as exc:
+        print(f"cluster.retrain: cannot read {model}'s champion from the tracking server at {uri}: "
+              f"{str(exc)[:500]}\nNothing was submitted and no alias was changed; run again once the server "
+              "answers.", file=sys.stderr)
+        return 3
     if champ is not None and champ.tags.get("data_hash") == digest and not a.force:
         print(f"data unchanged ({digest[:12]}) since champion {model} v{champ.version}: nothing to retrain")
         return 0
@@ -126,16 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     run_name = sid.removeprefix("retrain-")
     jc = jobs.client(a.address)
     say = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
-    following = False  # another retrain submitted this job and is still waiting on it
-    try:
-        jobs.submit(jc, jobs.train_entrypoint(a.plan, run_name, a.overrides), submission_id=sid, tracking_uri=uri)
+    # the job id is fixed by plan and data, so two schedules that fire together start one
+    # job; one that FAILED or was STOPPED is retried under -retry1, -retry2, ... (same run
+    # name: it resumes from the last checkpoint) by the next run, without --force
+    sid, standing = jobs.submit_once(jc, jobs.train_entrypoint(a.plan, run_name, a.overrides), sid, tracking_uri=uri)
+    following = standing is not None and standing not in jobs.TERMINAL  # another retrain is waiting on it
+    if standing:
+        say(f"retrain job {sid} was already submitted (status {standing}): following it, not starting it twice")
+    else:
         say(f"data {digest[:12]}: submitted retrain job {sid}")
-    except RuntimeError as exc:
-        if "already exists" not in str(exc):
-            raise
-        now = jc.get_job_status(sid).value
-        following = now not in jobs.TERMINAL
-        say(f"retrain job {sid} was already submitted (status {now}): following it, not starting it twice")
     where = f"champion untouched ({f'{model} v{champ.version}' if champ else 'there is none'})"
     try:
         status = jobs.wait(jc, sid, timeout=a.timeout, on_status=lambda s: say(f"{sid}: {s}"))

@@ -14,6 +14,13 @@ with the excludes and the tracking address filled in. It prints the job id; then
 
 Rerunning the same plan (same run name) resumes it: finished stages are skipped,
 the current one restarts from its last checkpoint.
+
+Submitting is idempotent per plan run: the job id defaults to train-RUN_NAME, so a
+resubmit (after a dropped tunnel, say) of a plan run whose job is pending, running or
+finished follows that job instead of starting a second driver on the same runs; one
+that FAILED or was STOPPED is submitted again as train-RUN_NAME-retry1, ..., which
+resumes it. The tracking address the job gets is printed (relative SQLite paths are
+made absolute: the job runs in Ray's copy of the working directory).
 """
 
 from __future__ import annotations
@@ -31,31 +38,47 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", help="Ray dashboard address (default: RAY_ADDRESS, else http://127.0.0.1:8265)")
     p.add_argument("--run-name", help="plan run name (default: the plan's name and content hash, so resubmitting "
                                       "resumes)")
+    p.add_argument(jobs.SHARED_FLAG, dest="storage_is_shared", action="store_true",
+                   help="the plan's storage is a local path that every node shares (an NFS mount, or a cluster on "
+                        "this one machine); without it a local storage path is refused")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="plan overrides, as for `python -m pipeline train`")
     p.add_argument("--tracking-uri", help="MLflow address the job logs to (default: MLFLOW_TRACKING_URI); on a "
                                           "cluster, the head's http://127.0.0.1:5000")
-    p.add_argument("--submission-id", help="job id (a second submission with the same id is refused)")
+    p.add_argument("--submission-id", help="job id (default: train-RUN_NAME; a job already standing under it is "
+                                           "followed, not submitted again)")
     p.add_argument("--wait", action="store_true", help="block until the job ends; exit 0 only if it succeeded")
     a = p.parse_args(argv)
 
     # Validate here, before anything reaches the cluster: a typo costs a second.
     from pipeline.config import ConfigError
+    from pipeline.runner import default_run_name
     from pipeline.stages import load_plan
 
     try:
-        load_plan(a.plan, a.overrides)
+        plan = load_plan(a.plan, a.overrides)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"plan error: {exc}", file=sys.stderr)
         return 2
     try:
+        jobs.check_storage(plan.storage, a.storage_is_shared)
+    except ValueError as exc:
+        print(f"plan error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        uri = jobs.resolve_tracking_uri(a.tracking_uri)
         client = jobs.client(a.address)
-    except jobs.AuthError as exc:
+    except (ValueError, jobs.AuthError) as exc:
         print(f"cluster.submit: {exc}", file=sys.stderr)
         return 2
-    job_id = jobs.submit(client, jobs.train_entrypoint(a.plan, a.run_name, a.overrides),
-                         submission_id=a.submission_id, tracking_uri=a.tracking_uri)
-    print(f"submitted {job_id}\n  follow: ray job logs --follow {job_id}\n  stop:   ray job stop {job_id}", flush=True)
+    run_name = a.run_name or default_run_name(plan)
+    job_id, standing = jobs.submit_once(client, jobs.train_entrypoint(a.plan, run_name, a.overrides),
+                                        a.submission_id or f"train-{run_name}", tracking_uri=uri)
+    if standing:
+        print(f"{job_id} was already submitted for plan run {run_name} ({standing}): not submitted again", flush=True)
+    else:
+        print(f"submitted {job_id} (plan run {run_name})", flush=True)
+    print(f"  tracking: {uri}\n  follow: ray job logs --follow {job_id}\n  stop:   ray job stop {job_id}", flush=True)
     if not a.wait:
         return 0
     status = jobs.wait(client, job_id, on_status=lambda s: print(f"{job_id}: {s}", flush=True))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -97,18 +98,43 @@ def start(backend: str, artifacts: str, port: int, log: Path | None = None,
     return proc, url
 
 
-def stop(proc: subprocess.Popen) -> None:
-    import signal
-
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server's worker processes too
-        proc.wait(timeout=20)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
+def group_members(pgid: int) -> set[int]:
+    """Live processes (zombies excluded) in process group `pgid`."""
+    found = set()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.add(int(d.name))
+    return found
+
+
+def stop_group(pgid: int, timeout: float = 20) -> None:
+    """End every process of the server's group: `mlflow server`, its uvicorn and its
+    job runner with the huey consumers under it (all in the group the server was
+    started in), SIGKILL for any still there after `timeout`; return once none is
+    left, so the port is free for the next server."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(pgid, sig)
         except ProcessLookupError:
-            pass
-        proc.wait()
+            return
+        deadline = time.monotonic() + wait
+        while group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not group_members(pgid):
+            return
+    raise RuntimeError(f"processes {sorted(group_members(pgid))} of the MLflow server survived SIGKILL")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a server `start` returned, with everything it started."""
+    stop_group(proc.pid)  # start_new_session: its pid is its group's id
+    proc.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="backend store URI: postgresql://USER@HOST:PORT/DB (password: PGPASSWORD or --password-file), "
                         "sqlite:///FILE, or any SQLAlchemy URL MLflow supports (default: MLFLOW_BACKEND_STORE_URI, "
                         "else the store every pipeline command uses by default, $VGG_HOME/mlflow.db, ~/.vgg by default)")
+    p.add_argument("--password-secret", metavar="NAME",
+                   help="AWS Secrets Manager secret whose value is the database password, read with the machine's "
+                        "own credentials (on the head of ray_cluster.yaml: its instance profile), so the password "
+                        "is in no file on any node")
     p.add_argument("--password-file", help="file whose first line is the database password (e.g. a mounted "
                                            "Kubernetes secret); default: PGPASSWORD from the environment")
     p.add_argument("--artifacts-destination", "--artifacts", dest="artifacts",
@@ -126,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="artifact root, proxied by the server: s3://bucket/prefix or a folder (default: "
                         "MLFLOW_ARTIFACTS_DESTINATION, else $VGG_HOME/mlartifacts, beside the default store)")
     p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--pid-file", help="file holding this server's process ids: a server it names that is still "
+                                      "running is stopped (its whole process tree, port freed) before this one "
+                                      "starts, so a restart command never needs pkill")
+    p.add_argument("--detach", metavar="LOG", help="run in the background with all output in LOG; this command "
+                                                   "returns once the server answers (exit 0) or has failed (exit 2, "
+                                                   "with the log's tail), so a start script sees a failure")
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to bind (default loopback; 0.0.0.0 only inside a private pod network, "
                         "as in cluster/k8s/raycluster.yaml)")
@@ -133,25 +169,124 @@ def main(argv: list[str] | None = None) -> int:
     if a.backend.startswith("sqlite:///"):
         Path(a.backend[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     password = None
-    if a.password_file:
+    if a.password_secret:
+        try:
+            password = read_secret(a.password_secret)
+        except RuntimeError as exc:
+            print(f"tracking_server: {exc}", file=sys.stderr)
+            return 2
+    elif a.password_file:
         try:
             password = Path(a.password_file).read_text().splitlines()[0]
         except (OSError, IndexError):
             print(f"tracking_server: cannot read a password from {a.password_file}", file=sys.stderr)
             return 2
+    ready = _detach(Path(a.detach)) if a.detach else None
+    # SIGTERM (kill, systemd, a pid-file restart) ends the server's whole tree, not only
+    # this process: the server runs in a session of its own and would keep the port.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
+        if a.pid_file:
+            replace_previous(Path(a.pid_file))
         proc, url = start(a.backend, a.artifacts, a.port, host=a.host, password=password)
     except (ValueError, RuntimeError) as exc:
-        print(f"tracking_server: {exc}", file=sys.stderr)
+        print(f"tracking_server: {exc}", file=sys.stderr, flush=True)
         return 2
-    print(f"MLflow tracking server on {url} (backend {redact(a.backend)}, artifacts {a.artifacts})\n"
-          f"  export MLFLOW_TRACKING_URI={url}\n  Ctrl-C stops it.", flush=True)
     try:
+        if a.pid_file:
+            Path(a.pid_file).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.pid_file).write_text(f"{os.getpid()} {proc.pid}\n")
+        print(f"MLflow tracking server on {url} (backend {redact(a.backend)}, artifacts {a.artifacts})\n"
+              f"  export MLFLOW_TRACKING_URI={url}\n  Ctrl-C stops it.", flush=True)
+        if ready is not None:
+            os.write(ready, b"ok")
+            os.close(ready)
         return proc.wait()
     except KeyboardInterrupt:
-        stop(proc)
         return 0
+    finally:
+        stop(proc)
 
+
+def _detach(log: Path) -> int:
+    """Fork: the parent waits for the child's word and exits with it (0 once the server
+    answers, 2 when the child ended first, with the log's tail); the child goes on in a
+    session of its own with its output in `log`, and gets the pipe to say "ok" on."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    read, write = os.pipe()
+    if os.fork():
+        os.close(write)
+        word = b""
+        while chunk := os.read(read, 64):  # EOF: the child closed it, or died
+            word += chunk
+        if word == b"ok":
+            print(f"tracking_server: started (log: {log})", flush=True)
+            os._exit(0)
+        tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+        print(f"tracking_server: the server did not start; the end of {log}:\n{tail}", file=sys.stderr, flush=True)
+        os._exit(2)
+    os.close(read)
+    os.setsid()
+    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    return write
+
+
+def read_secret(name: str) -> str:
+    """The SecretString of AWS Secrets Manager secret `name` (boto3, the machine's own
+    credentials); a RuntimeError naming the secret when it cannot be read."""
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.utils import InstanceMetadataRegionFetcher
+
+    # boto3 takes no region from an EC2 instance's metadata by itself: ask it, as the head would
+    region = boto3.session.Session().region_name or InstanceMetadataRegionFetcher(timeout=2).retrieve_region()
+    if not region:
+        raise RuntimeError(f"cannot read AWS secret {name!r}: no AWS region (set AWS_DEFAULT_REGION)")
+    try:
+        value = boto3.client("secretsmanager", region_name=region).get_secret_value(SecretId=name).get("SecretString")
+    except (BotoCoreError, ClientError) as exc:
+        raise RuntimeError(f"cannot read the database password from AWS secret {name!r}: {exc}") from None
+    if not value:
+        raise RuntimeError(f"AWS secret {name!r} has no string value (the database password)")
+    return value.strip()
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def replace_previous(pid_file: Path, timeout: float = 60) -> None:
+    """Stop the server `pid_file` names, if it still runs: its wrapper (this module, which
+    stops its tree on SIGTERM) and then whatever is left in the server's process group
+    (all of it, were the wrapper killed with SIGKILL). Processes that are not this
+    server's (a reused pid) are left alone."""
+    try:
+        wrapper, pgid = (int(x) for x in pid_file.read_text().split())
+    except FileNotFoundError:
+        return
+    except ValueError:
+        raise ValueError(f"{pid_file}: expected two process ids written by cluster.tracking_server") from None
+    if _alive(wrapper) and b"cluster.tracking_server" in _cmdline(wrapper):
+        os.kill(wrapper, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _alive(wrapper) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    if any(b"mlflow" in _cmdline(pid) for pid in group_members(pgid)):
+        stop_group(pgid)
 
 if __name__ == "__main__":
     sys.exit(main())

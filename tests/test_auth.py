@@ -1,5 +1,6 @@
-"""Ray 2.60's token authentication, as a user meets it: `ray start --head` turns it on;
-cluster.submit and cluster.retrain find the token as Ray's own clients do (the
+"""Ray 2.60's token authentication, as a user meets it on a head started in token mode
+with a token (as ray_cluster.yaml starts it): cluster.submit and cluster.retrain find
+the token as Ray's own clients do (the
 RAY_AUTH_TOKEN variable or ~/.ray/auth_token) and, with none, stop before submitting
 with the commands to run. A real head on loopback; nothing is mocked."""
 
@@ -26,7 +27,8 @@ def test_token_is_found_in_ray_token_file_and_its_absence_is_explained(tmp_path)
         bare.update(HOME=str(home), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'never.db'}")
         for tool in ("cluster.submit", "cluster.retrain"):
             out = subprocess.run([sys.executable, "-m", tool, "--plan", "pipeline/plans/demo.yaml", "--address",
-                                  cluster["dashboard"]], cwd=REPO, env=bare, capture_output=True, text=True,
+                                  cluster["dashboard"], "--set", f"storage={tmp_path / 'runs'}", "--storage-is-shared"],
+                                 cwd=REPO, env=bare, capture_output=True, text=True,
                                  timeout=120)
             assert out.returncode == 2, out.stderr[-2000:]
             assert "uses token authentication and no token was found" in out.stderr

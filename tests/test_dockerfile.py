@@ -36,7 +36,7 @@ def test_base_image_matches_our_ray_and_python_and_the_build_steps_are_real():
     for src in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", text, re.M):
         for path in src.split():
             assert (REPO / path).exists(), path
-    check = re.search(r'python -c "import ([^"]+)"', text).group(1)
+    check = re.findall(r'python -c "import ([^";]+)"', text)[-1]
     for module in [m.strip() for m in check.split(",")]:
         assert importlib.util.find_spec(module) is not None, module
     assert "cu130" in text  # DALI's nvidia-dali-cuda130 needs torch built for CUDA 13
@@ -67,8 +67,11 @@ def test_the_build_steps_run_on_what_the_image_copies(tmp_path):
     for src, dest in re.findall(r"^COPY (?:--\S+ )*(.+) (\S+)$", text, re.M):
         for path in src.split():
             target = image / (path if dest == "./" else dest)
+            if dest.endswith("/") and dest != "./":  # into a folder
+                target = target / Path(path).name
+            target.parent.mkdir(parents=True, exist_ok=True)
             if (REPO / path).is_dir():
-                shutil.copytree(REPO / path, target, ignore=shutil.ignore_patterns("__pycache__"))
+                shutil.copytree(REPO / path, target, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
             else:
                 shutil.copy(REPO / path, target)
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
@@ -77,7 +80,7 @@ def test_the_build_steps_run_on_what_the_image_copies(tmp_path):
     [wheel] = (tmp_path / "wheel").glob("vgg_pipeline-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {"pipeline/cli.py", "cluster/submit.py", "data_prep/shard.py"} <= set(names)
-    check = re.search(r'python -c "import ([^"]+)"', text).group(1)
+    check = re.findall(r'python -c "import ([^";]+)"', text)[-1]
     where = ("import importlib, sys; mods = [m.strip() for m in sys.argv[1].split(',')]; "
              "[importlib.import_module(m) for m in mods]; "
              "print(*(sys.modules[m].__file__ for m in mods if m.split('.')[0] in ('pipeline', 'cluster', 'data_prep')), "
@@ -87,3 +90,19 @@ def test_the_build_steps_run_on_what_the_image_copies(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     files = out.stdout.split()
     assert files and all(Path(f).is_relative_to(image) for f in files), files
+
+
+def test_dependency_layers_come_before_the_code():
+    """Every layer that installs dependencies is built from files that are not the code
+    (pyproject.toml, cluster/constraints.txt): a code change rebuilds none of them. The
+    code is copied after them, and the project is then installed without dependencies."""
+    steps = re.findall(r"^(COPY|RUN) (.+?)(?<!\\)$", DOCKERFILE.read_text(), re.M | re.S)
+    code = ("pipeline", "data_prep", "cluster", "tools")
+    first_code = min(i for i, (op, arg) in enumerate(steps) if op == "COPY" and arg.split()[-2] in code)
+    installs = [i for i, (op, arg) in enumerate(steps) if op == "RUN" and "pip install" in arg]
+    dependency_installs = [i for i in installs if "--no-deps" not in steps[i][1]]
+    assert len(dependency_installs) >= 2 and max(dependency_installs) < first_code, steps
+    assert all(i > first_code for i in installs if i not in dependency_installs)
+    copied_before = " ".join(steps[i][1] for i in range(first_code) if steps[i][0] == "COPY")
+    assert "pyproject.toml" in copied_before and "cluster/constraints.txt" in copied_before
+    assert not any(f" {c} " in f" {copied_before} " for c in code)

@@ -79,3 +79,23 @@ def test_ray_job_submit_runs_the_plan(tmp_path, shards, head_only, mlflow_uri):
     assert "| A " in out.stdout  # the results table reached the job's logs
     _, runs = _stage_run(mlflow_uri, "twonode-test")
     assert any(r.data.tags["plan_run"] == "submitted" and r.info.status == "FINISHED" for r in runs)
+
+    # cluster.submit for the same plan run: the job runs (the plan run is finished, so it
+    # only reports), and a resubmit, as after a dropped tunnel, starts no second driver. The
+    # tracking address reaches the job absolute even when given relative to the repository.
+    import os
+
+    relative = "sqlite:///" + os.path.relpath(mlflow_uri[len("sqlite:///"):], REPO)
+    submit = [sys.executable, "-m", "cluster.submit", "--plan", str(plan), "--run-name", "submitted", "--address",
+              head_only["dashboard"], "--tracking-uri", relative, "--storage-is-shared"]
+    first = subprocess.run([*submit, "--wait"], cwd=REPO, env=head_only["env"], capture_output=True, text=True,
+                           timeout=500)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "submitted train-submitted (plan run submitted)" in first.stdout
+    assert f"tracking: {mlflow_uri}" in first.stdout, first.stdout
+    again = subprocess.run(submit, cwd=REPO, env=head_only["env"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "train-submitted was already submitted for plan run submitted (SUCCEEDED): not submitted again" in again.stdout
+    listed = subprocess.run([RAY, "job", "list", "--address", head_only["dashboard"]], env=head_only["env"],
+                            capture_output=True, text=True, timeout=300)
+    assert listed.stdout.count("submission_id='train-submitted") == 1, listed.stdout[-3000:]

@@ -3,8 +3,9 @@ on loopback, cluster.tracking_server on a real PostgreSQL (started here as an
 unprivileged user, the password in the server's environment only), and jobs submitted
 through the Ray Jobs API.
 
-One sequence, as a schedule would see it: two overlapping retrains start one job and
-crown a first champion; an unchanged dataset is not retrained; a forced retrain
+One sequence, as a schedule would see it: a retrain whose job is stopped changes
+nothing; two overlapping retrains then retry that job once (no --force) and crown a
+first champion; an unchanged dataset is not retrained; a forced retrain
 that is better takes the alias, one that is worse does not, and a failed job
 leaves the champion as it was. Two of the nets are evaluated and ensembled. Then the
 tracking server and the database restart (as after `ray down` / `ray up` with an
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from services import Postgres, free_port, ray_cluster_on_loopback, tiny_plan
+from services import RAY, Postgres, free_port, ray_cluster_on_loopback, tiny_plan
 
 from cluster.retrain import data_hash
 
@@ -40,7 +41,7 @@ STUCK = ["optim.lr=1e-9", "recipe.epochs=1"]
 def retrain(cluster, uri, plan, *extra) -> subprocess.Popen:
     env = dict(cluster["env"], MLFLOW_TRACKING_URI=uri)
     return subprocess.Popen([sys.executable, "-m", "cluster.retrain", "--plan", str(plan), "--address",
-                             cluster["dashboard"], *extra], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             cluster["dashboard"], "--storage-is-shared", *extra], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 
@@ -69,7 +70,11 @@ def test_retrain_schedule(tmp_path, shards):
     overrides = [x for o in STUCK for x in ("--set", o)]
     pg = Postgres()
     server = (pg.uri, str(tmp_path / "artifacts"), free_port())
-    proc, uri = tracking_server.start(*server, log=tmp_path / "server.log", password=pg.password)
+    try:
+        proc, uri = tracking_server.start(*server, log=tmp_path / "server.log", password=pg.password)
+    except BaseException:  # e.g. the server too slow to answer on a loaded machine: no PostgreSQL left behind
+        pg.remove()
+        raise
     assert pg.password.encode() not in Path(f"/proc/{proc.pid}/cmdline").read_bytes()
     try:
         with ray_cluster_on_loopback("rt", [{"cpus": 2, "resources": {}}]) as cluster:
@@ -110,11 +115,27 @@ def _registry(client) -> dict:
 
 def _schedule(client, cluster, uri, plan, overrides, shards) -> None:
     """The schedule's sequence (see the module docstring)."""
-    # two schedules fire together on new data: one job, one first champion
+    # the first retrain on new data loses its job (stopped, as when its node goes): exit 1, nothing promoted
+    lost = retrain(cluster, uri, plan, *overrides)
+    for line in lost.stdout:
+        if "submitted retrain job" in line:
+            sid = line.split("submitted retrain job ")[1].strip()
+            break
+    else:
+        raise AssertionError(f"no job submitted: {finish(lost)}")
+    stop = subprocess.run([RAY, "job", "stop", "--address", cluster["dashboard"], sid], env=cluster["env"],
+                          capture_output=True, text=True, timeout=300)
+    assert stop.returncode == 0, stop.stdout[-2000:] + stop.stderr[-2000:]
+    rc, out = finish(lost)
+    assert rc == 1 and f"retrain job {sid} STOPPED" in out, out[-3000:]
+
+    # two schedules fire together on the same data, no --force: the lost job is retried once
+    # (a new id, the same plan run), and one first champion is crowned
     first, second = retrain(cluster, uri, plan, *overrides), retrain(cluster, uri, plan, *overrides)
     (rc1, out1), (rc2, out2) = finish(first), finish(second)
     assert rc1 == 0 and rc2 == 0, out1[-3000:] + out2[-3000:]
-    assert len(jobs_submitted(cluster)) == 1
+    assert sorted(jobs_submitted(cluster)) == [sid, f"{sid}-retry1"]
+    assert f"submitted retrain job {sid}-retry1" in out1 + out2
     assert "already submitted" in out1 + out2
     assert (out1 + out2).count("is the new champion") == 1  # one decision per job
     champ = client.get_model_version_by_alias(MODEL, "champion")
@@ -124,7 +145,7 @@ def _schedule(client, cluster, uri, plan, overrides, shards) -> None:
 
     # the data has not changed: nothing is submitted
     rc, out = finish(retrain(cluster, uri, plan, *overrides))
-    assert rc == 0 and "data unchanged" in out and len(jobs_submitted(cluster)) == 1
+    assert rc == 0 and "data unchanged" in out and len(jobs_submitted(cluster)) == 2
 
     # forced, with a recipe that learns: better, so it becomes the champion
     rc, out = finish(retrain(cluster, uri, plan, "--force"))
@@ -145,4 +166,38 @@ def _schedule(client, cluster, uri, plan, overrides, shards) -> None:
     rc, out = finish(retrain(cluster, uri, plan, "--force", "--set", "recipe.batch_size=100000"))
     assert rc == 1 and "FAILED" in out and f"champion untouched ({MODEL} v{better.version})" in out
     assert client.get_model_version_by_alias(MODEL, "champion").version == better.version
-    assert len(jobs_submitted(cluster)) == 4
+    assert len(jobs_submitted(cluster)) == 5
+
+
+def test_an_unreachable_tracking_server_is_not_no_champion(tmp_path, shards):
+    """With the server up and no registered model, "no champion" is the answer and the
+    retrain goes on to the cluster (here a dead address, so it stops there). With the
+    same server stopped, the retrain must not take that path: it says the server cannot
+    be read, exits 3, and contacts no cluster."""
+    from services import mlflow_server
+
+    plan = write_plan(tmp_path, shards)
+    dead_ray = f"http://127.0.0.1:{free_port()}"
+    env = dict(os_environ(), MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10",
+               RAY_AUTH_MODE="disabled")
+
+    def run(uri):
+        return subprocess.run([sys.executable, "-m", "cluster.retrain", "--plan", str(plan), "--address", dead_ray,
+                               "--storage-is-shared"],
+                              cwd=REPO, env=dict(env, MLFLOW_TRACKING_URI=uri), capture_output=True, text=True,
+                              timeout=300)
+
+    with mlflow_server(tmp_path / "server") as uri:
+        up = run(uri)
+    assert up.returncode not in (0, 3) and "cannot read" not in up.stderr, up.stdout + up.stderr
+    assert dead_ray.split("//")[1] in up.stdout + up.stderr  # it went on to the cluster: no champion yet
+    down = run(uri)  # the same server, stopped
+    assert down.returncode == 3, down.stdout + down.stderr
+    assert f"cannot read {MODEL}'s champion from the tracking server at {uri}" in down.stderr
+    assert "Nothing was submitted" in down.stderr and dead_ray.split("//")[1] not in down.stdout + down.stderr
+
+
+def os_environ() -> dict:
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
