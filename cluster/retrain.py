@@ -36,28 +36,6 @@ from data_prep.store import data_hash  # noqa: F401 - the gate's hash (tests imp
 ALIAS = "champion"
 
 
-class TrackingUnreachable(RuntimeError):
-    """The tracking server did not answer (or answered with an error): whether there is a
-    champion is unknown, so nothing may be trained or promoted."""
-
-
-def champion(client, model: str):
-    """The champion version of `model`, or None when the model or its alias does not exist.
-    Only MLflow's "does not exist" answer means "no champion"; any other failure (a
-    server that is down, a timeout, an error) raises TrackingUnreachable: read as "no
-    champion" it would retrain on unchanged data and promote without a comparison."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        registered = client.get_registered_model(model)
-        version = registered.aliases.get(ALIAS)
-        return None if version is None else client.get_model_version(model, str(version))
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST" and "Registered Model" in str(exc):
-            return None
-        raise TrackingUnreachable(str(exc)) from exc
-
-
 def submission_id(plan, digest: str, force: bool) -> str:
     key = hashlib.sha256(f"{plan.fingerprint()}:{digest}".encode()).hexdigest()[:16]
     sid = f"retrain-{plan.name}-{key}"
@@ -114,12 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=None, help="give up waiting for the job after this many seconds")
     a = p.parse_args(argv)
 
-    from mlflow.tracking import MlflowClient
-
     from pipeline.config import ConfigError
     from pipeline.runner import registered_model_name
     from pipeline.stages import load_plan
-    from pipeline.tracking import tracking_uri
+    from pipeline.tracking import TrackingUnreachable, _client, champion, tracking_uri
 
     try:
         plan = load_plan(a.plan, a.overrides)
@@ -139,10 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     final = plan.order()[-1]
     model = a.model or registered_model_name(plan, final)
     uri = tracking_uri()
-    client = MlflowClient(uri)
+    client = _client(uri)
     digest = data_hash(plan.data.root)
     try:
-        champ = champion(client, model)
+        champ = champion(client, model, ALIAS)
     except TrackingUnreachable as exc:
         print(f"cluster.retrain: cannot read {model}'s champion from the tracking server at {uri}: "
               f"{str(exc)[:500]}\nNothing was submitted and no alias was changed; run again once the server "

@@ -65,6 +65,28 @@ def finished_stage_run(client, experiment: str, stage: str):
                      f"{', '.join(stages) or 'none'}")
 
 
+class TrackingUnreachable(RuntimeError):
+    """The tracking server did not answer (or answered with an error): whether there is a
+    champion is unknown, so nothing may be trained or promoted."""
+
+
+def champion(client, model: str, alias: str = "champion"):
+    """The champion version of `model`, or None when the model or its alias does not exist.
+    Only MLflow's "does not exist" answer means "no champion"; any other failure (a
+    server that is down, a timeout, an error) raises TrackingUnreachable: read as "no
+    champion" it would retrain on unchanged data and promote without a comparison."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        registered = client.get_registered_model(model)
+        version = registered.aliases.get(alias)
+        return None if version is None else client.get_model_version(model, str(version))
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST" and "Registered Model" in str(exc):
+            return None
+        raise TrackingUnreachable(str(exc)) from exc
+
+
 def experiment_link(base: str, experiment_id: str) -> str:
     """The experiment's page in MLflow 3's model-training view. The UI opens every page
     in its GenAI view unless the link says otherwise (the experiment's kind tag alone
