@@ -160,6 +160,13 @@ def run_plan(plan: Plan, *, run_name: str | None = None, tracking_uri: str, ray_
     it. A stage that stalls, diverges or crashes is marked FAILED (nothing registered),
     the stages that depend on it are not started, independent stages carry on, and then
     PlanFailed is raised naming them all. Results come in plan order."""
+    from pipeline.preflight import PreflightFailed, check
+
+    # Before Ray, MLflow or torch is even imported: a missing shard set, storage that takes no
+    # write or a tracking server that does not answer would otherwise surface as Ray tracebacks.
+    problems = check(plan, tracking_uri, data_here=not (ray_address or os.environ.get("RAY_ADDRESS")))
+    if problems:
+        raise PreflightFailed(problems)
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     from pipeline.tracking import Tracker
