@@ -124,3 +124,28 @@ def test_default_scales_follow_the_paper():
     assert default_scales("multicrop", (72, 72), 72, 64) == [64, 72, 81]  # step scaled to the crop, Q >= crop
     assert default_scales("single", (256, 512), 384, 224) == [384]
     assert metric_prefix("dense+multicrop", [256, 384, 512]) == "dense_multicrop_Q256-384-512"
+
+
+def test_the_exactly_once_check_counts_what_the_loaders_returned(info, shards):
+    """Keys come from the DALI reader itself (each sample's source), padding dropped, so the
+    check sees a sample read twice or never; checked against the manifest's keys."""
+    from pipeline.data import eval_loader
+    from pipeline.evaluate import exactly_once
+
+    val = sorted(manifest_labels(shards))
+    read = []
+    for rank in range(3):  # 48 images over 3 ranks in batches of 7: every rank's last batch is padded
+        loader = eval_loader(info, "val", rank=rank, world_size=3, batch_size=7, scale=40, crop=CROP, threads=1)
+        for _, labels in loader:
+            assert len(loader.batch_keys) == len(labels)
+            read += loader.batch_keys
+    assert sorted(read) == val
+    probs = np.full((len(read), 6), 1 / 6, dtype=np.float32)
+    exactly_once(Posteriors(read, np.zeros(len(read), np.int64), probs), info, "val", "single")
+    twice = read[:-1] + [read[0]]  # one sample read twice, another never
+    with pytest.raises(RuntimeError, match=rf"1 read more than once \(e.g. '{read[0]}'\); 1 never read "
+                                           rf"\(e.g. '{read[-1]}'\)"):
+        exactly_once(Posteriors(twice, np.zeros(len(read), np.int64), probs), info, "val", "single")
+    with pytest.raises(RuntimeError, match=rf"47 images read for 48 expected: 1 never read \(e.g. '{read[5]}'\)"):
+        short = read[:5] + read[6:]
+        exactly_once(Posteriors(short, np.zeros(47, np.int64), probs[:47]), info, "val", "single")
