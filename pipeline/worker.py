@@ -173,6 +173,14 @@ def train_loop_per_worker(config: dict) -> dict | None:
             f"{epochs} epochs x {steps} steps of {per_worker * world}, lr {schedule.base_lr:.3g}{warm}")
     pending_steps: list[dict] = []  # per-interval records not yet reported
     replay = {"replay": state["reported"]} if state is not None and state.get("reported") else {}
+    if state is not None and start_step == 0 and (start_epoch >= epochs or schedule.finished):
+        # The checkpoint is the stage's last epoch (the driver died before booking it): book
+        # it as it is. Its report goes to MLflow again (steps and epochs there are skipped);
+        # Ray Train's result is that checkpoint with its metrics.
+        if rank == 0:
+            say(f"{tag} its last epoch ({state['epoch'] + 1}) is in the checkpoint: booked, not trained again")
+        ray.train.report(replay if rank == 0 else {})
+        return None
     # What a registered model needs to classify an image on its own (pipeline/serving.py),
     # kept in every checkpoint: the driver that registers it may not see the shards.
     classes_file = Path(str(data.root)) / "classes.json"

@@ -22,11 +22,12 @@ REPO = Path(__file__).resolve().parent.parent
 ONE = {"num_workers": 1, "cpus_per_worker": 1}
 
 
-def plan_file(tmp_path, shards, name: str, a_recipe: dict | None = None, epochs: int = 3, log_every: int = 0) -> Path:
+def plan_file(tmp_path, shards, name: str, a_recipe: dict | None = None, epochs: int = 3, log_every: int = 0,
+              lrn_recipe: dict | None = None) -> Path:
     return tiny_plan(tmp_path, shards, name=name, experiment=f"{name}-test", epochs=epochs, log_every_steps=log_every,
                      optim={"lr": 0.05, "patience": 50},
                      stages={"A": {"arch": "A", "scale": 36, "resources": ONE, "recipe": a_recipe or {}},
-                             "A-LRN": {"arch": "A-LRN", "scale": 36, "resources": ONE},
+                             "A-LRN": {"arch": "A-LRN", "scale": 36, "resources": ONE, "recipe": lrn_recipe or {}},
                              "B": {"arch": "B", "scale": 36, "init_from": {"stage": "A"}, "resources": ONE,
                                    "recipe": {"epochs": 1}}})
 
@@ -41,22 +42,28 @@ def stage_runs(uri: str, experiment: str) -> dict:
 
 def test_independent_stages_overlap_and_a_dependant_waits(tmp_path, shards, ray_cluster, mlflow_uri, monkeypatch):
     """... and a booking that raises (here SQLite's "database is locked", as several
-    controllers writing one store can get) fails only its own stage: the plan goes on, B
-    starts from A, the parent run ends FAILED, nothing waits."""
+    controllers writing one store can get, once A-LRN's version is registered) fails only
+    its own stage: the plan goes on, B starts from A, the parent run ends FAILED, nothing
+    waits. The same command then books A-LRN from its last checkpoint without training it
+    again (it ended on a plateau, an epoch before its cap) and without a second version."""
     import sqlite3
+
+    from mlflow.tracking import MlflowClient
 
     from pipeline.runner import PlanFailed, run_plan
     from pipeline.tracking import Tracker
 
-    real = Tracker.finish_stage
+    real = Tracker.log_model
 
-    def finish_stage(self, run_id, *args, **kwargs):
+    def log_model(self, run_id, *args, **kwargs):
+        real(self, run_id, *args, **kwargs)
         if self.client.get_run(run_id).data.tags["stage"] == "A-LRN":
             raise sqlite3.OperationalError("database is locked")
-        return real(self, run_id, *args, **kwargs)
 
-    monkeypatch.setattr(Tracker, "finish_stage", finish_stage)
-    plan = load_plan(plan_file(tmp_path, shards, "par", epochs=2))
+    monkeypatch.setattr(Tracker, "log_model", log_model)
+    # A-LRN: no improvement ever counts (threshold 99%), so the 2nd epoch's plateau ends it
+    plateau = {"epochs": 3, "optim": {"patience": 1, "min_epochs_before_drop": 0, "max_drops": 0, "threshold": 0.99}}
+    plan = load_plan(plan_file(tmp_path, shards, "par", epochs=2, lrn_recipe=plateau))
     with pytest.raises(PlanFailed) as caught:
         run_plan(plan, run_name="par-1", tracking_uri=mlflow_uri, max_concurrent=2)
     results = caught.value.results
@@ -71,11 +78,20 @@ def test_independent_stages_overlap_and_a_dependant_waits(tmp_path, shards, ray_
     assert (a.status, lrn.status, b.status) == ("FINISHED", "FAILED", "FINISHED")
     assert "database is locked" in runs["A-LRN"].data.tags["failure"]
     assert len({r.data.tags["trial"] for r in runs.values()}) == 3  # own Ray Train runs and storage paths
-    from mlflow.tracking import MlflowClient
-
     client = MlflowClient(mlflow_uri)
     [parent] = client.search_runs([client.get_experiment_by_name("par-test").experiment_id], "tags.kind = 'plan'")
     assert parent.info.status == "FAILED" and parent.data.tags["failed_stages"] == "A-LRN"
+    assert len(client.search_model_versions(f"run_id = '{lrn.run_id}'")) == 1
+
+    monkeypatch.undo()  # the store works again: the same command books A-LRN
+    results = run_plan(plan, run_name="par-1", tracking_uri=mlflow_uri, max_concurrent=2)
+    assert [(r.status, r.skipped) for r in results] == [("finished", True), ("finished", False), ("finished", True)]
+    after = stage_runs(mlflow_uri, "par-test")["A-LRN"]
+    assert after.info.run_id == lrn.run_id and after.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(lrn.run_id, "train_loss")) == [0, 1]  # not trained again
+    assert len(client.search_model_versions(f"run_id = '{lrn.run_id}'")) == 1  # booked twice, one version
+    [parent] = client.search_runs([client.get_experiment_by_name("par-test").experiment_id], "tags.kind = 'plan'")
+    assert parent.info.status == "FINISHED"
 
 
 def test_a_failed_stage_leaves_its_dependant_unstarted_and_its_sibling_finishes(tmp_path, shards, ray_cluster,
