@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError
 from pipeline.preflight import PreflightFailed
+from pipeline.control import PlanInterrupted
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -351,6 +352,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    except PlanInterrupted as exc:  # Ctrl-C or SIGTERM: stages aborted, runs marked KILLED
+        print(f"\n{exc}", file=sys.stderr)
+        return 128 + exc.signal
+    except KeyboardInterrupt:  # a second Ctrl-C while the first one's abort was under way
+        print("\ninterrupted twice: stopped without waiting for the abort to finish; run the same command to "
+              "resume", file=sys.stderr)
+        return 130
     except PreflightFailed as exc:  # found before Ray started: one line per problem
         print(f"preflight: {len(exc.problems)} problem(s); nothing was started:", file=sys.stderr)
         for problem in exc.problems:

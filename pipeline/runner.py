@@ -153,7 +153,7 @@ def _attempt(tracker, plan: Plan, stage: Stage, srun, parent_id: str, run_name: 
 
 
 def run_plan(plan: Plan, *, run_name: str | None = None, tracking_uri: str, ray_address: str | None = None,
-             out=None, max_concurrent: int | None = None) -> list[StageResult]:
+             out=None, max_concurrent: int | None = None, waiting_note_s: float = 180.0) -> list[StageResult]:
     """Train the plan as a parallel schedule: every stage whose init_from stage has
     finished starts at once (at most `max_concurrent` at a time), each its own Ray Train
     run in a driver thread; a stage that does not fit the cluster waits for Ray to place
@@ -169,12 +169,18 @@ def run_plan(plan: Plan, *, run_name: str | None = None, tracking_uri: str, ray_
         raise PreflightFailed(problems)
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
+    from pipeline.control import abort, catch_signals, note_waiting, unplaceable
+    from pipeline.schedule import critical_path_priority
     from pipeline.tracking import Tracker
-    from pipeline.worker import checkpoint_from_uri, fit_stage
+    from pipeline.worker import StageControls, checkpoint_from_uri, fit_stage
 
     out = out or sys.stdout
     run_name = run_name or default_run_name(plan)
     storage = _storage(plan)
+    _ensure_ray(ray_address, plan)
+    problems = unplaceable(plan)  # before any MLflow run: a stage the cluster can never hold
+    if problems:
+        raise PreflightFailed(problems)
     tracker = Tracker(tracking_uri, plan.experiment)
     parent_id, resumed = tracker.parent_run(
         run_name, params={"plan_file": plan.source, "data.root": plan.data.root, "storage": plan.storage},
@@ -183,7 +189,6 @@ def run_plan(plan: Plan, *, run_name: str | None = None, tracking_uri: str, ray_
     )
     print(f"plan {plan.name}: run {run_name} ({'resumed' if resumed else 'new'}), MLflow run {parent_id}"
           + (f"; recipe deviates from the paper: {plan.deviation}" if plan.deviation else ""), file=out, flush=True)
-    _ensure_ray(ray_address, plan)
     say = lambda line: print(line, file=out, flush=True)  # noqa: E731
     checkpoints: dict[str, object] = {}
     results: dict[str, StageResult] = {}
@@ -197,9 +202,15 @@ def run_plan(plan: Plan, *, run_name: str | None = None, tracking_uri: str, ray_
     from pipeline.schedule import waves
 
     step_lines = cap == 1 or all(len(wave) == 1 for wave in waves(plan))
-    with ThreadPoolExecutor(max_workers=cap, thread_name_prefix="stage") as pool:
-        while pending or running:
-            for name in list(pending):
+    controls = StageControls()
+    priority = critical_path_priority(plan)
+    noted = time.monotonic()
+    interrupted: list[int] = []  # the signal that asked the plan to stop
+    restore = catch_signals(interrupted)
+    pool = ThreadPoolExecutor(max_workers=cap, thread_name_prefix="stage")
+    try:
+        while (pending or running) and not interrupted:
+            for name in sorted(pending, key=lambda n: -priority[n]):  # the critical path first
                 stage = plan.stages[name]
                 src = stage.init_from.stage if stage.init_from else None
                 if src in failed or src in unstarted:
@@ -232,7 +243,7 @@ def run_plan(plan: Plan, *, run_name: str | None = None, tracking_uri: str, ray_
                     future = pool.submit(fit_stage, stage, plan.data, trial_name=trial, storage=storage,
                                          tracking_uri=tracking_uri, mlflow_run_id=srun.run_id,
                                          init_checkpoint=init_ckpt, init_layers=init_layers,
-                                         init_from_label=init_label, step_lines=step_lines)
+                                         init_from_label=init_label, step_lines=step_lines, controls=controls)
                     running[future] = (stage, srun)
                 except Exception as exc:  # noqa: BLE001
                     failed[name] = (f"stage {name} could not be started: {type(exc).__name__}: {str(exc)[:500]}. "
@@ -243,7 +254,10 @@ def run_plan(plan: Plan, *, run_name: str | None = None, tracking_uri: str, ray_
                 if pending:  # cannot happen: plan order puts every source before its dependants
                     raise RuntimeError(f"plan {plan.name}: stages {pending} can never start")
                 continue  # everything left was decided without training (skipped, refused, not started)
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            done, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)  # a signal is seen within 1 s
+            if time.monotonic() - noted >= waiting_note_s:
+                noted = time.monotonic()
+                note_waiting(plan, controls, [stage.name for stage, _ in running.values()], waiting_note_s, say)
             for future in done:
                 stage, srun = running.pop(future)
                 try:
@@ -251,6 +265,11 @@ def run_plan(plan: Plan, *, run_name: str | None = None, tracking_uri: str, ray_
                 except Exception as exc:  # noqa: BLE001 - one stage's booking must not stop the plan
                     result = _booking_failed(tracker, stage, srun, future, exc, failed, say)
                 results[stage.name] = result
+        if interrupted:
+            abort(interrupted[0], tracker, controls, parent_id, run_name, running, say)
+    finally:
+        restore()
+        pool.shutdown(wait=not interrupted, cancel_futures=True)
     order = [s.name for s in plan.order()]
     final = [results[n] for n in order]
     done_ = [r for r in final if r.status == "finished"]

@@ -94,6 +94,24 @@ def test_independent_stages_overlap_and_a_dependant_waits(tmp_path, shards, ray_
     assert parent.info.status == "FINISHED"
 
 
+def test_a_stage_the_cluster_can_never_hold_is_refused_before_anything_starts(tmp_path, shards, ray_cluster,
+                                                                              mlflow_uri):
+    """3 workers of 1 CPU on the session's 2-CPU cluster: refused with the fix, before any
+    MLflow run exists (Ray Train would retry placing them every 60 s without end)."""
+    from pipeline.preflight import PreflightFailed
+    from pipeline.runner import run_plan
+
+    plan = load_plan(plan_file(tmp_path, shards, "toobig"), ["stages.A-LRN.resources.num_workers=3"])
+    with pytest.raises(PreflightFailed) as caught:
+        run_plan(plan, run_name="toobig-1", tracking_uri=mlflow_uri, max_concurrent=2)
+    [problem] = caught.value.problems
+    assert str(problem).startswith("stage A-LRN: needs 3 workers of 1 CPU each; the cluster's 1 node(s) (2 CPU) can "
+                                   "hold 2; fix: --set stages.A-LRN.resources.num_workers=2"), str(problem)
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(mlflow_uri).get_experiment_by_name("toobig-test") is None
+
+
 def test_a_failed_stage_leaves_its_dependant_unstarted_and_its_sibling_finishes(tmp_path, shards, ray_cluster,
                                                                                 mlflow_uri):
     from pipeline.runner import PlanFailed, run_plan
@@ -111,17 +129,37 @@ def test_a_failed_stage_leaves_its_dependant_unstarted_and_its_sibling_finishes(
     assert runs["A"].info.status == "FAILED" and runs["A-LRN"].info.status == "FINISHED"
 
 
-def test_killed_driver_resumes_every_in_flight_stage(tmp_path, shards, mlflow_uri):
+def group_processes(pgid: int) -> list[str]:
+    """Command lines of the processes still in process group (or session) `pgid`."""
+    left = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if fields[0] != "Z" and pgid in (int(fields[2]), int(fields[3])):
+            left.append(cmdline.strip())
+    return left
+
+
+def test_interrupted_driver_aborts_and_resumes_every_in_flight_stage(tmp_path, shards, mlflow_uri):
+    """Ctrl-C as a terminal sends it (SIGINT to the process group) while A and A-LRN train
+    side by side: both are aborted within 30 s, their MLflow runs and the plan's end KILLED,
+    no process is left behind, and the same command resumes both in the same runs."""
     path = plan_file(tmp_path, shards, "parkill", epochs=6, log_every=4)
     env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_uri)
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "pipeline", "train", "--plan", str(path), "--run-name", "parkill-1",
            "--max-concurrent-stages", "2"]
-    first = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    log = tmp_path / "first.log"
+    with open(log, "w") as fh:
+        first = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=fh, stderr=subprocess.STDOUT)
     storage = tmp_path / "runs"
 
     def both_checkpointed() -> bool:
+        if "run parkill-1 (new)" not in log.read_text():
+            return False  # two processes creating one SQLite store at once can break its migration
         try:
             runs = stage_runs(mlflow_uri, "parkill-test")
         except Exception:  # noqa: BLE001 - the store may not exist yet
@@ -137,15 +175,32 @@ def test_killed_driver_resumes_every_in_flight_stage(tmp_path, shards, mlflow_ur
         while not both_checkpointed():
             assert time.monotonic() < deadline and first.poll() is None, "both stages should be mid-way"
             time.sleep(0.2)
+        sent = time.monotonic()
+        os.killpg(first.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole foreground group
+        rc = first.wait(timeout=120)
+        took = time.monotonic() - sent
     finally:
-        os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
-        first.wait()
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+    output = log.read_text()
+    assert rc == 130, output[-3000:]
+    assert took < 30, f"the abort took {took:.0f} s"
+    assert "interrupted by SIGINT: stage(s) A, A-LRN aborted and marked KILLED" in output, output[-3000:]
+    # no traceback of the driver's own (Ray's actors may print theirs: with several Ray
+    # instances on one machine its PlacementGroupCleaner cannot find its own)
+    assert "KeyboardInterrupt" not in output and "pipeline/runner.py" not in output, output[-5000:]
+    assert group_processes(first.pid) == []  # no Ray Train worker, controller or local Ray left
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(mlflow_uri)
     before = {n: r.info.run_id for n, r in stage_runs(mlflow_uri, "parkill-test").items()}
     for name in ("A", "A-LRN"):
-        assert len(client.get_metric_history(before[name], "train_loss")) < 6, "the kill should land mid-stage"
+        assert client.get_run(before[name]).info.status == "KILLED", name
+        assert len(client.get_metric_history(before[name], "train_loss")) < 6, "the interrupt should land mid-stage"
+    exp = client.get_experiment_by_name("parkill-test").experiment_id
+    [parent] = client.search_runs([exp], "tags.kind = 'plan'")
+    assert parent.info.status == "KILLED"
     second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "run parkill-1 (resumed)" in second.stdout
@@ -156,10 +211,12 @@ def test_killed_driver_resumes_every_in_flight_stage(tmp_path, shards, mlflow_ur
         assert max(m.value for m in resumed) >= 1, name  # continued from a checkpoint, not from scratch
         epochs = sorted({m.step for m in client.get_metric_history(runs[name].info.run_id, "train_loss")})
         assert epochs == list(range(6)), name
-        # per-step curves: every record once across the kill and the resume, no gap and no
-        # duplicate (144 images / batch 16 = 9 steps an epoch; records every 4 and at the end)
+        # per-step curves: every record once across the interrupt and the resume, no gap and
+        # no duplicate (144 images / batch 16 = 9 steps an epoch; records every 4 and at the end)
         per_step = client.get_metric_history(runs[name].info.run_id, "step/train_loss")
         assert sorted(m.step for m in per_step) == step_records(6, 9, 4), name
     assert runs["B"].info.status == "FINISHED"
+    [parent] = client.search_runs([exp], "tags.kind = 'plan'")
+    assert parent.info.status == "FINISHED"
     third = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert third.returncode == 0 and third.stdout.count("already finished in this plan run; skipped") == 3

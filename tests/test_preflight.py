@@ -142,3 +142,17 @@ def test_submit_checks_what_it_can_see_before_contacting_the_cluster(tmp_path, c
     err = capsys.readouterr().err
     assert rc == 2 and "nothing was submitted" in err, err
     assert f"fix: python data_prep/shard.py --index {tmp_path / 'wds'}" in err
+
+
+def test_ready_stages_start_on_the_critical_path_first():
+    """paper.yaml: A feeds every deeper net, so it goes before A-LRN (a leaf); of wave 2,
+    the D and E chains (D-256 -> D-384 -> D-multi, deeper nets) go before B-256 (a leaf)."""
+    from pipeline.schedule import critical_path_priority
+
+    plan = load_plan(PLANS_DIR / "paper.yaml")
+    p = critical_path_priority(plan)
+    assert p["A"] > p["A-LRN"]
+    assert p["E-256"] > p["D-256"] > p["C-256"] > p["B-256"]
+    assert p["D-256"] > p["D-384"] > p["D-multi"]
+    ready = sorted(["B-256", "C-256", "D-256", "E-256"], key=lambda n: -p[n])
+    assert ready == ["E-256", "D-256", "C-256", "B-256"]
