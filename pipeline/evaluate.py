@@ -101,9 +101,9 @@ def run_posteriors(stage: Stage, checkpoint: str, root: str, split: str, protoco
 
         if not ray.is_initialized():
             ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
-        task = ray.remote(_stage_posteriors).options(num_cpus=stage.resources.cpus_per_worker,
-                                                    num_gpus=1 if stage.resources.use_gpu else 0)
-        names = {task.options(name=f"evaluate {stage.name} {protocol} {split} part {r + 1}/{workers}").remote(
+        task = ray.remote(_stage_posteriors)
+        names = {task.options(num_cpus=stage.resources.cpus_per_worker, num_gpus=1 if stage.resources.use_gpu else 0,
+                              name=f"evaluate {stage.name} {protocol} {split} part {r + 1}/{workers}").remote(
             stage, checkpoint, root, split, protocol, scales, r, workers, batch_size, threads): r
             for r in range(workers)}
         parts = [None] * workers
@@ -115,9 +115,10 @@ def run_posteriors(stage: Stage, checkpoint: str, root: str, split: str, protoco
             except Exception as exc:
                 for ref in waiting:  # the others' work is wasted once one part is missing
                     ray.cancel(ref, force=True)
+                cause = getattr(exc, "cause", None) or exc  # the task's own error, not Ray's wrapping of it
                 raise RuntimeError(f"evaluation task {names[ready[0]] + 1} of {workers} ({stage.name}, {protocol}, "
                                    f"{split} part {names[ready[0]] + 1}) failed; the other {len(waiting)} still "
-                                   f"running were cancelled: {type(exc).__name__}: {str(exc)[:2000]}") from exc
+                                   f"running were cancelled: {type(cause).__name__}: {str(cause)[:2000]}") from exc
     else:
         parts = [_stage_posteriors(stage, checkpoint, root, split, protocol, scales, 0, 1, batch_size, threads)]
     post = Posteriors.concat(parts)
