@@ -104,12 +104,20 @@ def abort(signum: int, tracker, controls, parent_id: str, run_name: str, running
     say(f"{name}: aborting {', '.join(stages.values()) or 'nothing'} (checkpoints are kept; the same command "
         "resumes)")
     deadline = time.monotonic() + grace
-    left = controls.abort(list(stages.values()), timeout=max(1.0, deadline - time.monotonic()))
+
+    def stop(names: list[str]) -> list[str]:
+        try:
+            return controls.abort(names, timeout=max(1.0, deadline - time.monotonic()))
+        except Exception as exc:  # noqa: BLE001 - what cannot be aborted is disconnected below
+            say(f"could not abort {', '.join(names)}: {type(exc).__name__}: {str(exc)[:200]}")
+            return []
+
+    left = stop(list(stages.values()))
     pending = set(running)
     while pending and time.monotonic() < deadline:
         _, pending = wait(pending, timeout=1.0)
         if left:  # a controller that had not announced itself yet
-            left = controls.abort(left, timeout=max(1.0, deadline - time.monotonic()))
+            left = stop(left)
     for future, (stage, srun) in running.items():
         try:
             tracker.client.set_tag(srun.run_id, "interrupted", name)
