@@ -55,10 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.runner import default_run_name
     from pipeline.stages import load_plan
 
+    from pipeline.preflight import check_from_afar
+
     try:
         plan = load_plan(a.plan, a.overrides)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"plan error: {exc}", file=sys.stderr)
+        return 2
+    problems = check_from_afar(plan)  # the job's own preflight checks the rest on the cluster
+    if problems:
+        print(f"preflight: {len(problems)} problem(s); nothing was submitted:", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
         return 2
     try:
         jobs.check_storage(plan.storage, a.storage_is_shared)

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError
+from pipeline.preflight import PreflightFailed
+from pipeline.control import PlanInterrupted
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -219,6 +221,20 @@ def cmd_bench(a) -> int:
     return bench.main(a)
 
 
+class _Protocols:
+    """The evaluation protocols' names, read from pipeline.protocols (which imports torch)
+    only when argparse checks or lists them: `train` must not pay torch's import to parse
+    its arguments (its preflight answers in a few seconds)."""
+
+    def __iter__(self):
+        from pipeline.protocols import PROTOCOLS
+
+        return iter(PROTOCOLS)
+
+    def __contains__(self, name) -> bool:
+        return name in tuple(self)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -250,13 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(t)
     t.set_defaults(func=cmd_train)
 
-    from pipeline.protocols import PROTOCOLS
+    PROTOCOLS = _Protocols()
 
     e = sub.add_parser("evaluate", help="evaluate a finished stage under the paper's test protocols")
     e.add_argument("--run-id", help="MLflow run id of a stage")
     e.add_argument("--experiment", help="with --stage: that stage's latest finished run")
     e.add_argument("--stage", help="stage name, e.g. D384")
-    e.add_argument("--protocol", nargs="+", choices=PROTOCOLS, default=["dense"],
+    e.add_argument("--protocol", nargs="+", choices=PROTOCOLS, default=["dense"], metavar="PROTOCOL",
                    help="dense (default, the paper's Section 3.2): whole image, FC as conv, + flip; multicrop: "
                         "5x5 grid + flips; dense+multicrop: both averaged; single: Q, one centre crop (ours, "
                         "not a protocol of the paper's tables); several allowed")
@@ -274,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     en = sub.add_parser("ensemble", help="average stored posteriors of finished, evaluated stages (no re-run)")
     en.add_argument("members", nargs="+", help="stage run ids, or stage names with --experiment")
     en.add_argument("--experiment", help="resolve stage names in this experiment")
-    en.add_argument("--protocol", choices=PROTOCOLS, default="dense+multicrop")
+    en.add_argument("--protocol", choices=PROTOCOLS, default="dense+multicrop", metavar="PROTOCOL",
+                    help="the protocol whose stored posteriors are averaged (as evaluate's --protocol)")
     en.add_argument("--scales", type=int, nargs="+", metavar="Q", help="the evaluated scales (default: as evaluate)")
     en.add_argument("--greedy", type=int, metavar="N", help="pick at most N members greedily by top-1 error")
     en.add_argument("--name", help="ensemble run name")
@@ -350,4 +367,16 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except PlanInterrupted as exc:  # Ctrl-C or SIGTERM: stages aborted, runs marked KILLED
+        print(f"\n{exc}", file=sys.stderr)
+        return 128 + exc.signal
+    except KeyboardInterrupt:  # a second Ctrl-C while the first one's abort was under way
+        print("\ninterrupted twice: stopped without waiting for the abort to finish; run the same command to "
+              "resume", file=sys.stderr)
+        return 130
+    except PreflightFailed as exc:  # found before Ray started: one line per problem
+        print(f"preflight: {len(exc.problems)} problem(s); nothing was started:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
         return 2

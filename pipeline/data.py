@@ -246,7 +246,7 @@ def center_crop_pipeline(info: DatasetInfo, split: str, shard_id: int, num_shard
     jpegs, cls = _reader(info, split, shard_id, num_shards, False, 0, 1)
     shape = fn.peek_image_shape(jpegs)
     images = _decode_window(jpegs, shape, _crop_window(shape, float(scale), crop, 0.5, 0.5), crop, gpu, "roi", hints)
-    return _normalize(images, info, normalize_std, gpu, layout), _label(cls, info, gpu)
+    return _normalize(images, info, normalize_std, gpu, layout), _label(cls, info, gpu), _source(jpegs)
 
 
 def _normalize(images, info: DatasetInfo, normalize_std: bool, gpu: bool, layout: str = "CHW", **crop):
@@ -269,7 +269,8 @@ def dense_pipeline(info: DatasetInfo, split: str, shard_id: int, num_shards: int
     """Dense evaluation (Section 3.2): the whole image rescaled to Q, for the fully
     convolutional net. Sizes vary per image, so run it with batch_size=1."""
     jpegs, cls = _reader(info, split, shard_id, num_shards, False, 0, 1)
-    return _normalize(_rescaled(jpegs, scale, gpu, hints), info, normalize_std, gpu), _label(cls, info, gpu)
+    return (_normalize(_rescaled(jpegs, scale, gpu, hints), info, normalize_std, gpu), _label(cls, info, gpu),
+            _source(jpegs))
 
 
 @pipeline_def
@@ -283,7 +284,20 @@ def multi_crop_pipeline(info: DatasetInfo, split: str, shard_id: int, num_shards
     steps = [i / (grid - 1) if grid > 1 else 0.5 for i in range(grid)]
     crops = [_normalize(images, info, normalize_std, gpu, crop=(crop, crop), crop_pos_x=x, crop_pos_y=y)
              for y in steps for x in steps]
-    return fn.stack(*crops), _label(cls, info, gpu)
+    return fn.stack(*crops), _label(cls, info, gpu), _source(jpegs)
+
+
+def _source(jpegs):
+    """Where each sample came from, as the reader saw it ("<tar>:<offset>:<member>", zero-
+    padded bytes): evaluation counts the keys its loaders returned, not the index's."""
+    return fn.pad(fn.get_property(jpegs, key="source_info"), axes=[0], fill_value=0)
+
+
+def _source_keys(raw: torch.Tensor) -> list[str]:
+    """Sample keys from `_source`'s bytes: the member name up to its first dot, as in the
+    index (`_index_keys`)."""
+    rows = raw.cpu().numpy()
+    return [bytes(row[row != 0]).decode().rsplit(":", 1)[-1].rsplit("/", 1)[-1].split(".", 1)[0] for row in rows]
 
 
 def _index_keys(idx: str) -> list[str]:
@@ -325,8 +339,9 @@ class Loader:
     def __init__(self, pipe, steps: int | None, device: torch.device, what: str,
                  source: tuple["DatasetInfo", str] | None = None, nhwc: bool = False):
         self.device, self.what, self.source, self.nhwc = device, what, source, nhwc
+        self.batch_keys: list[str] = []  # evaluation: the keys of the batch last yielded
         if steps is None:  # evaluation: the reader's shard, padding dropped
-            self._it = DALIGenericIterator(pipe, ["images", "labels"], reader_name=READER,
+            self._it = DALIGenericIterator(pipe, ["images", "labels", "keys"], reader_name=READER,
                                            last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
             self.steps = len(self._it)
         else:
@@ -358,6 +373,8 @@ class Loader:
                 labels = data["labels"]
                 if self.source and self.source[0].label_format == "json":
                     labels = _json_labels(labels, self.source[0].label_field)
+                if "keys" in data:
+                    self.batch_keys = _source_keys(data["keys"])
                 images = data["images"].permute(0, 3, 1, 2) if self.nhwc else data["images"]
                 yield _to_device(images, self.device), _to_device(labels.view(-1), self.device)
         except RuntimeError as exc:

@@ -104,21 +104,39 @@ def run_posteriors_by_scale(stage: Stage, checkpoint: str, root: str, split: str
 
         if not ray.is_initialized():
             ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
-        task = ray.remote(_stage_posteriors).options(num_cpus=stage.resources.cpus_per_worker,
-                                                    num_gpus=1 if stage.resources.use_gpu else 0)
-        parts = ray.get([task.remote(stage, checkpoint, root, split, protocol, scales, r, workers, batch_size,
-                                     threads) for r in range(workers)])
+        task = ray.remote(_stage_posteriors)
+        names = {task.options(num_cpus=stage.resources.cpus_per_worker, num_gpus=1 if stage.resources.use_gpu else 0,
+                              name=f"evaluate {stage.name} {protocol} {split} part {r + 1}/{workers}").remote(
+            stage, checkpoint, root, split, protocol, scales, r, workers, batch_size, threads): r
+            for r in range(workers)}
+        parts = [None] * workers
+        waiting = list(names)
+        while waiting:
+            ready, waiting = ray.wait(waiting, num_returns=1)
+            try:
+                parts[names[ready[0]]] = ray.get(ready[0])
+            except Exception as exc:
+                for ref in waiting:  # the others' work is wasted once one part is missing
+                    ray.cancel(ref, force=True)
+                cause = getattr(exc, "cause", None) or exc  # the task's own error, not Ray's wrapping of it
+                raise RuntimeError(f"evaluation task {names[ready[0]] + 1} of {workers} ({stage.name}, {protocol}, "
+                                   f"{split} part {names[ready[0]] + 1}) failed; the other {len(waiting)} still "
+                                   f"running were cancelled: {type(cause).__name__}: {str(cause)[:2000]}") from exc
     else:
         parts = [_stage_posteriors(stage, checkpoint, root, split, protocol, scales, 0, 1, batch_size, threads)]
-    expected = info.counts[split]
     out = {}
     for q in scales:
         post = Posteriors.concat([part[q] for part in parts])
-        if len(set(post.keys)) != len(post.keys) or len(post.keys) != expected:
-            raise RuntimeError(f"{protocol} at Q={q}: {len(post.keys)} posteriors ({len(set(post.keys))} distinct) "
-                               f"for {expected} {split} images")
+        exactly_once(post, info, split, f"{protocol} at Q={q}")
         out[q] = post
     return out
+
+
+def exactly_once(post, info, split: str, protocol: str) -> None:
+    """The keys the loaders returned, across every part, are the split's keys once each."""
+    from pipeline.protocols import check_keys, rank_keys
+
+    check_keys(post.keys, rank_keys(info, split, 0, 1), f"{protocol} over {split}: ")
 
 
 def run_posteriors(stage: Stage, checkpoint: str, root: str, split: str, protocol: str, scales: list[int], *,

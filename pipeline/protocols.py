@@ -105,9 +105,10 @@ def _as_net(images: torch.Tensor, model) -> torch.Tensor:
 def _single(model, info, split, q, crop, normalize_std, rank, world, device, batch_size, threads):
     from pipeline.data import eval_loader
 
-    for images, labels in eval_loader(info, split, rank=rank, world_size=world, batch_size=batch_size, scale=q,
-                                      crop=crop, normalize_std=normalize_std, device=device, threads=threads):
-        yield torch.softmax(model(_as_net(images, model)).float(), 1), labels
+    loader = eval_loader(info, split, rank=rank, world_size=world, batch_size=batch_size, scale=q, crop=crop,
+                         normalize_std=normalize_std, device=device, threads=threads)
+    for images, labels in loader:
+        yield torch.softmax(model(_as_net(images, model)).float(), 1), labels, loader.batch_keys
 
 
 @torch.no_grad()
@@ -116,24 +117,25 @@ def _dense(model, info, split, q, crop, normalize_std, rank, world, device, batc
     from pipeline.models import dense_form
 
     net = dense_form(model)
-    for image, labels in dense_loader(info, split, rank=rank, world_size=world, scale=q,
-                                      normalize_std=normalize_std, device=device, threads=threads):
+    loader = dense_loader(info, split, rank=rank, world_size=world, scale=q, normalize_std=normalize_std,
+                          device=device, threads=threads)
+    for image, labels in loader:
         x = _as_net(image, model)
         both = [net(v).float().mean(dim=(2, 3)) for v in (x, x.flip(3))]  # score maps, spatially averaged
-        yield (torch.softmax(both[0], 1) + torch.softmax(both[1], 1)) / 2, labels
+        yield (torch.softmax(both[0], 1) + torch.softmax(both[1], 1)) / 2, labels, loader.batch_keys
 
 
 @torch.no_grad()
 def _multicrop(model, info, split, q, crop, normalize_std, rank, world, device, batch_size, threads):
     from pipeline.data import multi_crop_loader
 
-    for crops, labels in multi_crop_loader(info, split, rank=rank, world_size=world, batch_size=batch_size,
-                                           scale=q, crop=crop, normalize_std=normalize_std, device=device,
-                                           threads=threads):
+    loader = multi_crop_loader(info, split, rank=rank, world_size=world, batch_size=batch_size, scale=q, crop=crop,
+                               normalize_std=normalize_std, device=device, threads=threads)
+    for crops, labels in loader:
         n, g = crops.shape[:2]
         x = _as_net(crops, model).reshape(n * g, *crops.shape[2:])
         probs = torch.cat([torch.softmax(model(v).float(), 1) for v in (x, x.flip(3))])  # 25 crops + flips
-        yield probs.view(2, n, g, -1).mean(dim=(0, 2)), labels
+        yield probs.view(2, n, g, -1).mean(dim=(0, 2)), labels, loader.batch_keys
 
 
 _RUNNERS = {"single": _single, "dense": _dense, "multicrop": _multicrop}
@@ -151,25 +153,25 @@ def posteriors_by_scale(model, info, split: str, protocol: str, scales: list[int
     if min(scales) < crop:
         raise ValueError(f"test scale Q={min(scales)} is smaller than the {crop}px crop")
     model = model.eval().to(device)
-    keys = rank_keys(info, split, rank, world)
+    expected = rank_keys(info, split, rank, world)
     parts = protocol.split("+")
-    labels, out = None, {}
+    labels, keys, out = None, None, {}
     for q in scales:
         total = None
         for part in parts:
-            probs, labs = [], []
-            for p, y in _RUNNERS[part](model, info, split, q, crop, normalize_std, rank, world, device, batch_size,
-                                       threads):
+            probs, labs, read = [], [], []
+            for p, y, k in _RUNNERS[part](model, info, split, q, crop, normalize_std, rank, world, device,
+                                          batch_size, threads):
                 probs.append(p.cpu())
                 labs.append(y.cpu())
+                read += k
             p = torch.cat(probs).numpy().astype(np.float64)
             y = torch.cat(labs).numpy().astype(np.int64)
-            if len(y) != len(keys):
-                raise RuntimeError(f"{protocol} at Q={q}: rank {rank} read {len(y)} images, its shard index "
-                                   f"says {len(keys)}")
-            if labels is not None and not np.array_equal(labels, y):
+            # The keys the loader returned, not the index's: a sample read twice or never shows.
+            check_keys(read, expected, f"{protocol} at Q={q}, rank {rank} of {world}: ")
+            if keys is not None and (read != keys or not np.array_equal(labels, y)):
                 raise RuntimeError(f"{protocol}: rank {rank} read its images in a different order at Q={q}")
-            labels = y
+            labels, keys = y, read
             total = p if total is None else total + p
         out[q] = Posteriors(list(keys), labels, (total / len(parts)).astype(np.float32))
     return out
@@ -189,6 +191,23 @@ def posteriors(model, info, split: str, protocol: str, scales: list[int], *, cro
     return average_scales(posteriors_by_scale(model, info, split, protocol, scales, crop=crop,
                                               normalize_std=normalize_std, rank=rank, world=world, device=device,
                                               batch_size=batch_size, threads=threads))
+
+
+def check_keys(read: list[str], expected: list[str], what: str = "") -> None:
+    """Every expected sample key exactly once in `read`, or an error naming a sample read
+    twice, one never read and one that should not be there."""
+    counts: dict[str, int] = {}
+    for key in read:
+        counts[key] = counts.get(key, 0) + 1
+    twice = sorted(k for k, n in counts.items() if n > 1)
+    missing = sorted(set(expected) - set(counts))
+    extra = sorted(set(counts) - set(expected))
+    if twice or missing or extra:
+        said = [f"{len(twice)} read more than once (e.g. {twice[0]!r})" if twice else "",
+                f"{len(missing)} never read (e.g. {missing[0]!r})" if missing else "",
+                f"{len(extra)} not expected (e.g. {extra[0]!r})" if extra else ""]
+        raise RuntimeError(f"{what}{len(read)} images read for {len(expected)} expected: "
+                           + "; ".join(x for x in said if x))
 
 
 # ---------------------------------------------------------------- storage

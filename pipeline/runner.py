@@ -153,21 +153,34 @@ def _attempt(tracker, plan: Plan, stage: Stage, srun, parent_id: str, run_name: 
 
 
 def run_plan(plan: Plan, *, run_name: str | None = None, tracking_uri: str, ray_address: str | None = None,
-             out=None, max_concurrent: int | None = None) -> list[StageResult]:
+             out=None, max_concurrent: int | None = None, waiting_note_s: float = 180.0) -> list[StageResult]:
     """Train the plan as a parallel schedule: every stage whose init_from stage has
     finished starts at once (at most `max_concurrent` at a time), each its own Ray Train
     run in a driver thread; a stage that does not fit the cluster waits for Ray to place
     it. A stage that stalls, diverges or crashes is marked FAILED (nothing registered),
     the stages that depend on it are not started, independent stages carry on, and then
     PlanFailed is raised naming them all. Results come in plan order."""
+    from pipeline.preflight import PreflightFailed, check
+
+    # Before Ray, MLflow or torch is even imported: a missing shard set, storage that takes no
+    # write or a tracking server that does not answer would otherwise surface as Ray tracebacks.
+    problems = check(plan, tracking_uri, data_here=not (ray_address or os.environ.get("RAY_ADDRESS")))
+    if problems:
+        raise PreflightFailed(problems)
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
+    from pipeline.control import abort, catch_signals, note_waiting, unplaceable
+    from pipeline.schedule import critical_path_priority
     from pipeline.tracking import Tracker
-    from pipeline.worker import checkpoint_from_uri, fit_stage
+    from pipeline.worker import StageControls, checkpoint_from_uri, fit_stage
 
     out = out or sys.stdout
     run_name = run_name or default_run_name(plan)
     storage = _storage(plan)
+    _ensure_ray(ray_address, plan)
+    problems = unplaceable(plan)  # before any MLflow run: a stage the cluster can never hold
+    if problems:
+        raise PreflightFailed(problems)
     tracker = Tracker(tracking_uri, plan.experiment)
     parent_id, resumed = tracker.parent_run(
         run_name, params={"plan_file": plan.source, "data.root": plan.data.root, "storage": plan.storage},
@@ -176,7 +189,6 @@ def run_plan(plan: Plan, *, run_name: str | None = None, tracking_uri: str, ray_
     )
     print(f"plan {plan.name}: run {run_name} ({'resumed' if resumed else 'new'}), MLflow run {parent_id}"
           + (f"; recipe deviates from the paper: {plan.deviation}" if plan.deviation else ""), file=out, flush=True)
-    _ensure_ray(ray_address, plan)
     say = lambda line: print(line, file=out, flush=True)  # noqa: E731
     checkpoints: dict[str, object] = {}
     results: dict[str, StageResult] = {}
@@ -190,9 +202,15 @@ def run_plan(plan: Plan, *, run_name: str | None = None, tracking_uri: str, ray_
     from pipeline.schedule import waves
 
     step_lines = cap == 1 or all(len(wave) == 1 for wave in waves(plan))
-    with ThreadPoolExecutor(max_workers=cap, thread_name_prefix="stage") as pool:
-        while pending or running:
-            for name in list(pending):
+    controls = StageControls()
+    priority = critical_path_priority(plan)
+    noted = time.monotonic()
+    interrupted: list[int] = []  # the signal that asked the plan to stop
+    restore = catch_signals(interrupted)
+    pool = ThreadPoolExecutor(max_workers=cap, thread_name_prefix="stage")
+    try:
+        while (pending or running) and not interrupted:
+            for name in sorted(pending, key=lambda n: -priority[n]):  # the critical path first
                 stage = plan.stages[name]
                 src = stage.init_from.stage if stage.init_from else None
                 if src in failed or src in unstarted:
@@ -204,36 +222,54 @@ def run_plan(plan: Plan, *, run_name: str | None = None, tracking_uri: str, ray_
                 if (src is not None and src not in checkpoints) or len(running) >= cap:
                     continue
                 pending.remove(name)
-                params = flatten(to_dict(stage)) | {"data.root": plan.data.root}
-                srun = tracker.stage_run(parent_id, run_name, name, params, _stage_tags(plan, stage))
-                if srun.finished:
-                    checkpoints[name] = checkpoint_from_uri(srun.checkpoint)
-                    say(f"[{name}] already finished in this plan run; skipped")
-                    results[name] = _result(stage, tracker, srun.run_id, skipped=True)
-                    continue
-                attempt = _attempt(tracker, plan, stage, srun, parent_id, run_name, params, checkpoints)
-                if isinstance(attempt, str):
-                    failed[name] = attempt
-                    say(f"[{name}] {attempt}")
-                    results[name] = _missing(stage, f"failed ({srun.failure_kind})", attempt, srun.run_id)
-                    continue
-                srun, trial, init_ckpt, init_layers, init_label = attempt
-                if srun.tags.get("trial") != trial:  # so a resumed driver finds this attempt's Ray Train run
-                    tracker.client.set_tag(srun.run_id, "trial", trial)
-                say(f"[{name}] starting ({len(running) + 1} stage(s) now running)")
-                future = pool.submit(fit_stage, stage, plan.data, trial_name=trial, storage=storage,
-                                     tracking_uri=tracking_uri, mlflow_run_id=srun.run_id, init_checkpoint=init_ckpt,
-                                     init_layers=init_layers, init_from_label=init_label, step_lines=step_lines)
-                running[future] = (stage, srun)
+                try:  # MLflow calls: one stage's error must not stop the others
+                    params = flatten(to_dict(stage)) | {"data.root": plan.data.root}
+                    srun = tracker.stage_run(parent_id, run_name, name, params, _stage_tags(plan, stage))
+                    if srun.finished:
+                        checkpoints[name] = checkpoint_from_uri(srun.checkpoint)
+                        say(f"[{name}] already finished in this plan run; skipped")
+                        results[name] = _result(stage, tracker, srun.run_id, skipped=True)
+                        continue
+                    attempt = _attempt(tracker, plan, stage, srun, parent_id, run_name, params, checkpoints)
+                    if isinstance(attempt, str):
+                        failed[name] = attempt
+                        say(f"[{name}] {attempt}")
+                        results[name] = _missing(stage, f"failed ({srun.failure_kind})", attempt, srun.run_id)
+                        continue
+                    srun, trial, init_ckpt, init_layers, init_label = attempt
+                    if srun.tags.get("trial") != trial:  # so a resumed driver finds this attempt's Ray Train run
+                        tracker.client.set_tag(srun.run_id, "trial", trial)
+                    say(f"[{name}] starting ({len(running) + 1} stage(s) now running)")
+                    future = pool.submit(fit_stage, stage, plan.data, trial_name=trial, storage=storage,
+                                         tracking_uri=tracking_uri, mlflow_run_id=srun.run_id,
+                                         init_checkpoint=init_ckpt, init_layers=init_layers,
+                                         init_from_label=init_label, step_lines=step_lines, controls=controls)
+                    running[future] = (stage, srun)
+                except Exception as exc:  # noqa: BLE001
+                    failed[name] = (f"stage {name} could not be started: {type(exc).__name__}: {str(exc)[:500]}. "
+                                    "Rerunning the same command tries again.")
+                    say(failed[name])
+                    results[name] = _missing(stage, "failed (start)", failed[name])
             if not running:
                 if pending:  # cannot happen: plan order puts every source before its dependants
                     raise RuntimeError(f"plan {plan.name}: stages {pending} can never start")
                 continue  # everything left was decided without training (skipped, refused, not started)
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            done, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)  # a signal is seen within 1 s
+            if time.monotonic() - noted >= waiting_note_s:
+                noted = time.monotonic()
+                note_waiting(plan, controls, [stage.name for stage, _ in running.values()], waiting_note_s, say)
             for future in done:
                 stage, srun = running.pop(future)
-                result = _finish(tracker, plan, stage, srun, future, run_name, checkpoints, failed, say)
+                try:
+                    result = _finish(tracker, plan, stage, srun, future, run_name, checkpoints, failed, say)
+                except Exception as exc:  # noqa: BLE001 - one stage's booking must not stop the plan
+                    result = _booking_failed(tracker, stage, srun, future, exc, failed, say)
                 results[stage.name] = result
+        if interrupted:
+            abort(interrupted[0], tracker, controls, parent_id, run_name, running, say)
+    finally:
+        restore()
+        pool.shutdown(wait=not interrupted, cancel_futures=True)
     order = [s.name for s in plan.order()]
     final = [results[n] for n in order]
     done_ = [r for r in final if r.status == "finished"]
@@ -241,7 +277,10 @@ def run_plan(plan: Plan, *, run_name: str | None = None, tracking_uri: str, ray_
     metrics = {"best_top1_error": best.top1_error, "best_top5_error": best.top5_error} if best else {}
     tags = {"failed_stages": ", ".join(n for n in order if n in failed) or "none",
             "not_started_stages": "; ".join(f"{k} ({unstarted[k]})" for k in order if k in unstarted) or "none"}
-    tracker.finish_parent(parent_id, metrics, status="FAILED" if failed else "FINISHED", tags=tags)
+    try:
+        tracker.finish_parent(parent_id, metrics, status="FAILED" if failed else "FINISHED", tags=tags)
+    except Exception as exc:  # noqa: BLE001 - the stages' outcome is reported all the same
+        say(f"could not close the plan's MLflow run {parent_id}: {type(exc).__name__}: {str(exc)[:300]}")
     if failed:
         lines = [f"plan run {run_name} FAILED: stage(s) {tags['failed_stages']} failed"
                  + (f"; not started: {tags['not_started_stages']}" if unstarted else "")]
@@ -286,6 +325,26 @@ def _finish(tracker, plan: Plan, stage: Stage, srun, future, run_name: str, chec
                          bundle=stage_bundle(stage, outcome.checkpoint, plan.data.root))
     say(f"[{stage.name}] finished: top-1 error {final['top1_error']:.2f}%")
     return _result(stage, tracker, srun.run_id, skipped=False)
+
+
+def _booking_failed(tracker, stage: Stage, srun, future, exc: Exception, failed: dict, say) -> StageResult:
+    """A stage whose Ray Train run ended but whose booking raised (an MLflow call, SQLite's
+    "database is locked", a storage read): FAILED with the reason, so its dependants are
+    not started and the plan goes on with the rest. Its checkpoints are kept: rerunning
+    the same command books it from them."""
+    trained = future.exception() is None and future.result().failure is None
+    message = (f"stage {stage.name} could not be booked: {type(exc).__name__}: {str(exc)[:500]}. "
+               + ("Its training ended and its checkpoints are kept: rerunning the same command books it."
+                  if trained else f"(It had failed: {failed.get(stage.name) or future.exception()}.) Rerunning the "
+                  "same command takes it up from its last checkpoint."))
+    failed[stage.name] = message
+    say(message)
+    try:
+        tracker.fail(srun.run_id, message)
+    except Exception as again:  # noqa: BLE001 - the store that failed the booking may fail this too
+        say(f"[{stage.name}] could not mark MLflow run {srun.run_id} FAILED either: {type(again).__name__}: "
+            f"{str(again)[:200]}")
+    return _missing(stage, "failed (booking)", message, srun.run_id)
 
 
 def _missing(stage: Stage, status: str, reason: str, run_id: str = "") -> StageResult:

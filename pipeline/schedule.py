@@ -155,3 +155,19 @@ def describe(plan: Plan, gpus: int | None, throughput: dict[str, float] | None, 
     lines.append(f"  parallel: {e['parallel_hours']:.1f} h; one stage at a time: {e['sequential_hours']:.1f} h; "
                  f"critical path {' -> '.join(e['critical_path'])}: {e['critical_path_hours']:.1f} h")
     return "\n".join(lines)
+
+
+def critical_path_priority(plan: Plan) -> dict[str, float]:
+    """Each stage's longest chain of work still ahead through its dependants (epochs x
+    GMACs per image / workers as the cost of a stage): stages ready at once start in
+    this order, so the critical path never waits behind a side branch."""
+    from pipeline.archs import get_arch
+    from pipeline.models import gmacs
+
+    cost = {s.name: s.recipe.epochs * gmacs(get_arch(s.arch), s.recipe.crop, width_mult=s.recipe.width_mult)
+            / s.resources.num_workers for s in plan.stages.values()}
+    priority: dict[str, float] = {}
+    for stage in reversed(plan.order()):
+        after = [priority[d.name] for d in plan.stages.values() if d.init_from and d.init_from.stage == stage.name]
+        priority[stage.name] = cost[stage.name] + max(after, default=0.0)
+    return priority

@@ -246,19 +246,26 @@ class Tracker:
         import mlflow
         import torch
 
-        mlflow.set_tracking_uri(self.uri)
-        side = getattr(model, "input_size", 224)
-        # pt2 export traces the forward pass with this example; a batch of 1 would pin the
-        # exported batch dimension to 1 (0/1 specialisation), so the example has 2.
-        example = torch.zeros(2, 3, side, side).numpy()
-        torch_req = f"torch=={torch.__version__.split('+')[0]}"
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pytorch.log_model(model.eval(), name="model", input_example=example,
-                                            registered_model_name=None if bundle else registered_name,
-                                            pip_requirements=[torch_req])
-            if bundle:
-                info = self._log_classifier(bundle, registered_name, torch_req)
-        version = getattr(info, "registered_model_version", None)
+        # A booking that a dead driver left half done registered this run's version already:
+        # never a second one (its tags and description are set again below).
+        booked = [v.version for v in self.client.search_model_versions(f"run_id = '{run_id}'")
+                  if v.name == registered_name] if registered_name else []
+        if booked:
+            version = booked[0]
+        else:
+            mlflow.set_tracking_uri(self.uri)
+            side = getattr(model, "input_size", 224)
+            # pt2 export traces the forward pass with this example; a batch of 1 would pin the
+            # exported batch dimension to 1 (0/1 specialisation), so the example has 2.
+            example = torch.zeros(2, 3, side, side).numpy()
+            torch_req = f"torch=={torch.__version__.split('+')[0]}"
+            with mlflow.start_run(run_id=run_id):
+                info = mlflow.pytorch.log_model(model.eval(), name="model", input_example=example,
+                                                registered_model_name=None if bundle else registered_name,
+                                                pip_requirements=[torch_req])
+                if bundle:
+                    info = self._log_classifier(bundle, registered_name, torch_req)
+            version = getattr(info, "registered_model_version", None)
         if registered_name and version is not None:
             tags = self.client.get_run(run_id).data.tags
             for key in ("stage", "plan_run", "train_scale", "init_from", "recipe", "deviation"):

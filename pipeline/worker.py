@@ -181,6 +181,14 @@ def train_loop_per_worker(config: dict) -> dict | None:
             f"{epochs} epochs x {steps} steps of {per_worker * world}, lr {schedule.base_lr:.3g}{warm}")
     pending_steps: list[dict] = []  # per-interval records not yet reported
     replay = {"replay": state["reported"]} if state is not None and state.get("reported") else {}
+    if state is not None and start_step == 0 and (start_epoch >= epochs or schedule.finished):
+        # The checkpoint is the stage's last epoch (the driver died before booking it): book
+        # it as it is. Its report goes to MLflow again (steps and epochs there are skipped);
+        # Ray Train's result is that checkpoint with its metrics.
+        if rank == 0:
+            say(f"{tag} its last epoch ({state['epoch'] + 1}) is in the checkpoint: booked, not trained again")
+        ray.train.report(replay if rank == 0 else {})
+        return None
     # What a registered model needs to classify an image on its own (pipeline/serving.py),
     # kept in every checkpoint: the driver that registers it may not see the shards.
     classes_file = Path(str(data.root)) / "classes.json"
@@ -303,7 +311,7 @@ class StageOutcome:
 
 def fit_stage(stage, data, *, trial_name: str, storage: str, tracking_uri: str | None, mlflow_run_id: str | None,
               init_checkpoint=None, init_layers=None, init_from_label: str | None = None,
-              step_lines: bool = True) -> StageOutcome:
+              step_lines: bool = True, controls: "StageControls | None" = None) -> StageOutcome:
     """Train one stage with Ray Train. Reusing `trial_name` under the same `storage`
     resumes that stage from its last checkpoint. `init_layers` overrides the stage's
     `init_from.layers` (a retry fine-tunes "all" of a failed attempt's last good weights).
@@ -323,7 +331,8 @@ def fit_stage(stage, data, *, trial_name: str, storage: str, tracking_uri: str |
         run_config=RunConfig(name=trial_name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=res.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             callbacks=[MlflowEpochMetrics(tracking_uri, mlflow_run_id)]),
+                             callbacks=[MlflowEpochMetrics(tracking_uri, mlflow_run_id)]
+                             + ([controls.callback(stage.name)] if controls else [])),
     )
     result = trainer.fit()
     failure = result.return_value if isinstance(result.return_value, dict) else None
@@ -347,4 +356,57 @@ def load_checkpoint_model(checkpoint) -> dict:
     """The model state dict of a stage checkpoint (for MLflow and evaluation)."""
     return _load_state(checkpoint)
 
+
+class _Board:
+    """A Ray actor in the driver's job: each running stage's Ray Train controller and its
+    state, as the controllers report them (StageControls' callback)."""
+
+    def __init__(self):
+        self.controllers, self.states = {}, {}
+
+    def started(self, stage: str, controller) -> None:
+        self.controllers[stage] = controller
+
+    def state(self, stage: str, state: str) -> None:
+        self.states[stage] = (state, time.time())
+
+    def read(self) -> tuple[dict, dict]:
+        return dict(self.controllers), dict(self.states)
+
+
+class StageControls:
+    """The driver's hold on the stages it runs in threads. Ray Train installs its Ctrl-C
+    abort only when fit() runs on the main thread; here every controller announces itself
+    (and each state it enters: scheduling means waiting for resources) to a board, so
+    `abort` can stop every running stage the way Ray's own handler would."""
+
+    def __init__(self):
+        self._board = ray.remote(num_cpus=0)(_Board).remote()
+
+    def callback(self, stage: str):
+        from ray.train.v2._internal.execution.callback import ControllerCallback
+
+        board = self._board
+
+        class Announce(ControllerCallback):
+            def after_controller_start(self, train_run_context):
+                board.started.remote(stage, ray.get_runtime_context().current_actor)
+
+            def after_controller_state_update(self, previous_state, current_state):
+                board.state.remote(stage, current_state._state_type.name)
+
+        return Announce()
+
+    def states(self) -> dict[str, tuple[str, float]]:
+        """stage -> (controller state, since when, epoch seconds)."""
+        return ray.get(self._board.read.remote(), timeout=10)[1]
+
+    def abort(self, stages, timeout: float = 20.0) -> list[str]:
+        """Abort these stages' Ray Train runs (worker groups killed, controllers ended);
+        the stages that had no controller to abort yet are returned."""
+        controllers = ray.get(self._board.read.remote(), timeout=10)[0]
+        refs = [controllers[s].abort.remote() for s in stages if s in controllers]
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        return [s for s in stages if s not in controllers]
 

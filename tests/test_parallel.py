@@ -22,11 +22,12 @@ REPO = Path(__file__).resolve().parent.parent
 ONE = {"num_workers": 1, "cpus_per_worker": 1}
 
 
-def plan_file(tmp_path, shards, name: str, a_recipe: dict | None = None, epochs: int = 3, log_every: int = 0) -> Path:
+def plan_file(tmp_path, shards, name: str, a_recipe: dict | None = None, epochs: int = 3, log_every: int = 0,
+              lrn_recipe: dict | None = None) -> Path:
     return tiny_plan(tmp_path, shards, name=name, experiment=f"{name}-test", epochs=epochs, log_every_steps=log_every,
                      optim={"lr": 0.05, "patience": 50},
                      stages={"A": {"arch": "A", "scale": 36, "resources": ONE, "recipe": a_recipe or {}},
-                             "A-LRN": {"arch": "A-LRN", "scale": 36, "resources": ONE},
+                             "A-LRN": {"arch": "A-LRN", "scale": 36, "resources": ONE, "recipe": lrn_recipe or {}},
                              "B": {"arch": "B", "scale": 36, "init_from": {"stage": "A"}, "resources": ONE,
                                    "recipe": {"epochs": 1}}})
 
@@ -39,18 +40,76 @@ def stage_runs(uri: str, experiment: str) -> dict:
     return {r.data.tags["stage"]: r for r in client.search_runs([exp.experiment_id], "tags.kind = 'stage'")}
 
 
-def test_independent_stages_overlap_and_a_dependant_waits(tmp_path, shards, ray_cluster, mlflow_uri):
-    from pipeline.runner import run_plan
+def test_independent_stages_overlap_and_a_dependant_waits(tmp_path, shards, ray_cluster, mlflow_uri, monkeypatch):
+    """... and a booking that raises (here SQLite's "database is locked", as several
+    controllers writing one store can get, once A-LRN's version is registered) fails only
+    its own stage: the plan goes on, B starts from A, the parent run ends FAILED, nothing
+    waits. The same command then books A-LRN from its last checkpoint without training it
+    again (it ended on a plateau, an epoch before its cap) and without a second version."""
+    import sqlite3
 
-    plan = load_plan(plan_file(tmp_path, shards, "par", epochs=2))
-    results = run_plan(plan, run_name="par-1", tracking_uri=mlflow_uri, max_concurrent=2)
-    assert [r.stage for r in results] == ["A", "A-LRN", "B"] and all(r.status == "finished" for r in results)
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.runner import PlanFailed, run_plan
+    from pipeline.tracking import Tracker
+
+    real = Tracker.log_model
+
+    def log_model(self, run_id, *args, **kwargs):
+        real(self, run_id, *args, **kwargs)
+        if self.client.get_run(run_id).data.tags["stage"] == "A-LRN":
+            raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(Tracker, "log_model", log_model)
+    # A-LRN: no improvement ever counts (threshold 99%), so the 2nd epoch's plateau ends it
+    plateau = {"epochs": 3, "optim": {"patience": 1, "min_epochs_before_drop": 0, "max_drops": 0, "threshold": 0.99}}
+    plan = load_plan(plan_file(tmp_path, shards, "par", epochs=2, lrn_recipe=plateau))
+    with pytest.raises(PlanFailed) as caught:
+        run_plan(plan, run_name="par-1", tracking_uri=mlflow_uri, max_concurrent=2)
+    results = caught.value.results
+    assert [r.stage for r in results] == ["A", "A-LRN", "B"]
+    assert [r.status for r in results] == ["finished", "failed (booking)", "finished"]
+    assert "stage(s) A-LRN failed" in str(caught.value)
+    assert "stage A-LRN could not be booked: OperationalError: database is locked" in str(caught.value)
     runs = stage_runs(mlflow_uri, "par-test")
     a, lrn, b = (runs[n].info for n in ("A", "A-LRN", "B"))
     assert max(a.start_time, lrn.start_time) < min(a.end_time, lrn.end_time)  # A and A-LRN trained side by side
     assert b.start_time >= a.end_time  # B only once A had finished
-    assert all(r.info.status == "FINISHED" for r in runs.values())
+    assert (a.status, lrn.status, b.status) == ("FINISHED", "FAILED", "FINISHED")
+    assert "database is locked" in runs["A-LRN"].data.tags["failure"]
     assert len({r.data.tags["trial"] for r in runs.values()}) == 3  # own Ray Train runs and storage paths
+    client = MlflowClient(mlflow_uri)
+    [parent] = client.search_runs([client.get_experiment_by_name("par-test").experiment_id], "tags.kind = 'plan'")
+    assert parent.info.status == "FAILED" and parent.data.tags["failed_stages"] == "A-LRN"
+    assert len(client.search_model_versions(f"run_id = '{lrn.run_id}'")) == 1
+
+    monkeypatch.undo()  # the store works again: the same command books A-LRN
+    results = run_plan(plan, run_name="par-1", tracking_uri=mlflow_uri, max_concurrent=2)
+    assert [(r.status, r.skipped) for r in results] == [("finished", True), ("finished", False), ("finished", True)]
+    after = stage_runs(mlflow_uri, "par-test")["A-LRN"]
+    assert after.info.run_id == lrn.run_id and after.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(lrn.run_id, "train_loss")) == [0, 1]  # not trained again
+    assert len(client.search_model_versions(f"run_id = '{lrn.run_id}'")) == 1  # booked twice, one version
+    [parent] = client.search_runs([client.get_experiment_by_name("par-test").experiment_id], "tags.kind = 'plan'")
+    assert parent.info.status == "FINISHED"
+
+
+def test_a_stage_the_cluster_can_never_hold_is_refused_before_anything_starts(tmp_path, shards, ray_cluster,
+                                                                              mlflow_uri):
+    """3 workers of 1 CPU on the session's 2-CPU cluster: refused with the fix, before any
+    MLflow run exists (Ray Train would retry placing them every 60 s without end)."""
+    from pipeline.preflight import PreflightFailed
+    from pipeline.runner import run_plan
+
+    plan = load_plan(plan_file(tmp_path, shards, "toobig"), ["stages.A-LRN.resources.num_workers=3"])
+    with pytest.raises(PreflightFailed) as caught:
+        run_plan(plan, run_name="toobig-1", tracking_uri=mlflow_uri, max_concurrent=2)
+    [problem] = caught.value.problems
+    assert str(problem).startswith("stage A-LRN: needs 3 workers of 1 CPU each; the cluster's 1 node(s) (2 CPU) can "
+                                   "hold 2; fix: --set stages.A-LRN.resources.num_workers=2"), str(problem)
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(mlflow_uri).get_experiment_by_name("toobig-test") is None
 
 
 def test_a_failed_stage_leaves_its_dependant_unstarted_and_its_sibling_finishes(tmp_path, shards, ray_cluster,
@@ -70,17 +129,37 @@ def test_a_failed_stage_leaves_its_dependant_unstarted_and_its_sibling_finishes(
     assert runs["A"].info.status == "FAILED" and runs["A-LRN"].info.status == "FINISHED"
 
 
-def test_killed_driver_resumes_every_in_flight_stage(tmp_path, shards, mlflow_uri):
+def group_processes(pgid: int) -> list[str]:
+    """Command lines of the processes still in process group (or session) `pgid`."""
+    left = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if fields[0] != "Z" and pgid in (int(fields[2]), int(fields[3])):
+            left.append(cmdline.strip())
+    return left
+
+
+def test_interrupted_driver_aborts_and_resumes_every_in_flight_stage(tmp_path, shards, mlflow_uri):
+    """Ctrl-C as a terminal sends it (SIGINT to the process group) while A and A-LRN train
+    side by side: both are aborted within 30 s, their MLflow runs and the plan's end KILLED,
+    no process is left behind, and the same command resumes both in the same runs."""
     path = plan_file(tmp_path, shards, "parkill", epochs=6, log_every=4)
     env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_uri)
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "pipeline", "train", "--plan", str(path), "--run-name", "parkill-1",
            "--max-concurrent-stages", "2"]
-    first = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    log = tmp_path / "first.log"
+    with open(log, "w") as fh:
+        first = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=fh, stderr=subprocess.STDOUT)
     storage = tmp_path / "runs"
 
     def both_checkpointed() -> bool:
+        if "run parkill-1 (new)" not in log.read_text():
+            return False  # two processes creating one SQLite store at once can break its migration
         try:
             runs = stage_runs(mlflow_uri, "parkill-test")
         except Exception:  # noqa: BLE001 - the store may not exist yet
@@ -96,15 +175,32 @@ def test_killed_driver_resumes_every_in_flight_stage(tmp_path, shards, mlflow_ur
         while not both_checkpointed():
             assert time.monotonic() < deadline and first.poll() is None, "both stages should be mid-way"
             time.sleep(0.2)
+        sent = time.monotonic()
+        os.killpg(first.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole foreground group
+        rc = first.wait(timeout=120)
+        took = time.monotonic() - sent
     finally:
-        os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
-        first.wait()
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+    output = log.read_text()
+    assert rc == 130, output[-3000:]
+    assert took < 30, f"the abort took {took:.0f} s"
+    assert "interrupted by SIGINT: stage(s) A, A-LRN aborted and marked KILLED" in output, output[-3000:]
+    # no traceback of the driver's own (Ray's actors may print theirs: with several Ray
+    # instances on one machine its PlacementGroupCleaner cannot find its own)
+    assert "KeyboardInterrupt" not in output and "pipeline/runner.py" not in output, output[-5000:]
+    assert group_processes(first.pid) == []  # no Ray Train worker, controller or local Ray left
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(mlflow_uri)
     before = {n: r.info.run_id for n, r in stage_runs(mlflow_uri, "parkill-test").items()}
     for name in ("A", "A-LRN"):
-        assert len(client.get_metric_history(before[name], "train_loss")) < 6, "the kill should land mid-stage"
+        assert client.get_run(before[name]).info.status == "KILLED", name
+        assert len(client.get_metric_history(before[name], "train_loss")) < 6, "the interrupt should land mid-stage"
+    exp = client.get_experiment_by_name("parkill-test").experiment_id
+    [parent] = client.search_runs([exp], "tags.kind = 'plan'")
+    assert parent.info.status == "KILLED"
     second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "run parkill-1 (resumed)" in second.stdout
@@ -115,10 +211,12 @@ def test_killed_driver_resumes_every_in_flight_stage(tmp_path, shards, mlflow_ur
         assert max(m.value for m in resumed) >= 1, name  # continued from a checkpoint, not from scratch
         epochs = sorted({m.step for m in client.get_metric_history(runs[name].info.run_id, "train_loss")})
         assert epochs == list(range(6)), name
-        # per-step curves: every record once across the kill and the resume, no gap and no
-        # duplicate (144 images / batch 16 = 9 steps an epoch; records every 4 and at the end)
+        # per-step curves: every record once across the interrupt and the resume, no gap and
+        # no duplicate (144 images / batch 16 = 9 steps an epoch; records every 4 and at the end)
         per_step = client.get_metric_history(runs[name].info.run_id, "step/train_loss")
         assert sorted(m.step for m in per_step) == step_records(6, 9, 4), name
     assert runs["B"].info.status == "FINISHED"
+    [parent] = client.search_runs([exp], "tags.kind = 'plan'")
+    assert parent.info.status == "FINISHED"
     third = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert third.returncode == 0 and third.stdout.count("already finished in this plan run; skipped") == 3

@@ -167,3 +167,63 @@ def test_every_protocol_makes_no_tensor_at_the_default_dtype_or_device(net, info
         if protocol == "dense":  # the one that made layers of its own (conv6-8)
             ref = posteriors(net, info, "val", protocol, [36], crop=CROP, normalize_std=False, threads=1)
             np.testing.assert_allclose(ours.probs, ref.probs, atol=1e-5)
+
+
+def test_the_exactly_once_check_counts_what_the_loaders_returned(info, shards):
+    """Keys come from the DALI reader itself (each sample's source), padding dropped, so the
+    check sees a sample read twice or never; checked against the manifest's keys."""
+    from pipeline.data import eval_loader
+    from pipeline.evaluate import exactly_once
+
+    val = sorted(manifest_labels(shards))
+    read = []
+    for rank in range(3):  # 48 images over 3 ranks in batches of 7: every rank's last batch is padded
+        loader = eval_loader(info, "val", rank=rank, world_size=3, batch_size=7, scale=40, crop=CROP, threads=1)
+        for _, labels in loader:
+            assert len(loader.batch_keys) == len(labels)
+            read += loader.batch_keys
+    assert sorted(read) == val
+    probs = np.full((len(read), 6), 1 / 6, dtype=np.float32)
+    exactly_once(Posteriors(read, np.zeros(len(read), np.int64), probs), info, "val", "single")
+    twice = read[:-1] + [read[0]]  # one sample read twice, another never
+    with pytest.raises(RuntimeError, match=rf"1 read more than once \(e.g. '{read[0]}'\); 1 never read "
+                                           rf"\(e.g. '{read[-1]}'\)"):
+        exactly_once(Posteriors(twice, np.zeros(len(read), np.int64), probs), info, "val", "single")
+    with pytest.raises(RuntimeError, match=rf"47 images read for 48 expected: 1 never read \(e.g. '{read[5]}'\)"):
+        short = read[:5] + read[6:]
+        exactly_once(Posteriors(short, np.zeros(47, np.int64), probs[:47]), info, "val", "single")
+
+
+@pytest.mark.slow
+def test_evaluation_tasks_on_ray_and_a_failed_one_names_itself(shards, tmp_path, ray_cluster, net):
+    """Two Ray tasks over the validation split: every image once. Then one JPEG of the last
+    val shard (read by the second task only) is overwritten with noise of the same size:
+    that task fails, says which it is, and the error carries DALI's reason."""
+    import shutil
+
+    from services import tiny_plan
+
+    from pipeline.evaluate import run_posteriors
+    from pipeline.stages import load_plan
+    from pipeline.worker import CHECKPOINT_FILE
+
+    plan = load_plan(tiny_plan(tmp_path, shards, name="ev", experiment="ev", stages={"A": {"arch": "A", "scale": 40}}))
+    stage = plan.stages["A"]
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    model = build_model("A", num_classes=6, width_mult=stage.recipe.width_mult, input_size=stage.recipe.crop,
+                        init="kaiming")
+    torch.save({"model": model.state_dict(), "num_classes": 6}, ckpt / CHECKPOINT_FILE)
+    post = run_posteriors(stage, str(ckpt), str(shards), "val", "single", [40], workers=2, batch_size=8)
+    assert sorted(post.keys) == sorted(manifest_labels(shards))
+    broken = tmp_path / "broken"
+    shutil.copytree(shards, broken)
+    last = sorted((broken / "val").glob("*.tar"))[-1]
+    fields = last.with_suffix(".idx").read_text().splitlines()[1].split()
+    ext, offset, size, name = next(fields[i:i + 4] for i in range(0, len(fields), 4) if fields[i] == "jpg")
+    with open(last, "r+b") as fh:
+        fh.seek(int(offset))
+        fh.write(b"\xff\xd8" + bytes(range(256)) * (int(size) // 256) + b"\0" * (int(size) % 256 - 2))
+    with pytest.raises(RuntimeError, match=r"evaluation task 2 of 2 \(A, single, val part 2\) failed") as caught:
+        run_posteriors(stage, str(ckpt), str(broken), "val", "single", [40], workers=2, batch_size=8)
+    assert f"sample {name.split('.')[0]!r} in shard {last} cannot be decoded" in str(caught.value), str(caught.value)

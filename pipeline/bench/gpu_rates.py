@@ -195,7 +195,7 @@ def eval_throughput(info: DatasetInfo, device: torch.device, sizes: dict, second
         for q in sizes["eval_scales"]:
             images, start = 0, time.perf_counter()
             with torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.no_grad():
-                for probs, _ in run(model, info, "val", q, sizes["crop"], False, 0, 1, device, sizes["check_batch"], 4):
+                for probs, *_ in run(model, info, "val", q, sizes["crop"], False, 0, 1, device, sizes["check_batch"], 4):
                     images += probs.shape[0]
                     if time.perf_counter() - start > seconds:
                         break
