@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# CPU machines: the CPU build of torch (on local disk here). For a GPU node, see README.
+# CPU machines: the CPU build of torch (on local disk here). For a GPU node, see docs/gpu.md.
 TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: install demo test test-fast clean models mlflow-server image

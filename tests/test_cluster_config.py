@@ -178,7 +178,7 @@ def test_every_node_and_the_image_install_pinned_versions():
 def test_shared_storage_and_shards_in_every_documented_run():
     """Every documented submit, RayJob and scheduled retrain checkpoints to the bucket (a
     path on one node is not multi-node storage) and names the shards each node has."""
-    readme = (REPO / "README.md").read_text()
+    readme = "\n".join(p.read_text() for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))])
     submits = re.findall(r"python -m cluster\.submit(?:[^\n]*\\\n)*[^\n]*", readme)
     cluster_submits = [s for s in submits if "paper.yaml" in s]
     assert cluster_submits and all("storage=s3://" in s and "data.root=" in s for s in cluster_submits)

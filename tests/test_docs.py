@@ -46,7 +46,7 @@ def blocks(page: Path):
         while j < len(lines) and not lines[j].startswith("```"):
             j += 1
         before = next((lines[k] for k in range(i - 1, -1, -1) if lines[k].strip()), "")
-        quoted = None
+        quoted, after = None, j + 1
         k = j + 1
         while k < len(lines) and not lines[k].strip():
             k += 1
@@ -54,9 +54,9 @@ def blocks(page: Path):
             end = k + 1
             while end < len(lines) and not lines[end].startswith("```"):
                 end += 1
-            quoted = lines[k + 1:end]
+            quoted, after = lines[k + 1:end], end + 1
         found.append((i + 1, m.group(1), "\n".join(lines[i + 1:j]), before, quoted))
-        i = j + 1
+        i = after
     return found
 
 
@@ -111,8 +111,9 @@ def plan_stages() -> dict[str, set[str]]:
 
 def check(words: list[str], monkeypatch) -> None:
     """One documented command, checked by the program that runs it."""
-    env_free = [w for w in words if not re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", w)]  # VAR=value prefixes
-    prog, args = env_free[0], env_free[1:]
+    while re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):  # VAR=value before the program
+        words = words[1:]
+    prog, args = words[0], words[1:]
     if prog in ("python", "python3") and args[:2] == ["-m", "pipeline"]:
         from pipeline.cli import main
 
