@@ -1,0 +1,282 @@
+"""One stage on one worker, as a short sequence of named steps: set up, restore, train,
+report, fail. Plain PyTorch, DALI and the engine: the Ray Train side (who this worker is,
+how a report and its checkpoint leave it, the DDP wrap) comes in as a `Seat`, filled by
+pipeline/worker.py, the only module that imports Ray Train.
+
+    stage = StageLoop(config, seat)   # set up: data, net, optimizer, lr schedule
+    stage.restore()                   # a checkpoint to resume, or the weights to start from
+    return stage.run()                # train epochs; report each; None, or why it FAILED
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+CHECKPOINT_FILE = "state.pt"
+
+
+def say(message: str) -> None:
+    """One line to the worker's stdout, which Ray streams to the driver and to `ray job
+    logs`. (Ray Train patches print() to write twice: to stdout and to its logger.)"""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
+@dataclass
+class Seat:
+    """Where this worker sits in its group, and how it talks to the rest."""
+
+    rank: int
+    world: int
+    device: torch.device
+    report: Callable[[dict, Path | None], None]  # every rank calls it; rank 0 may hand a checkpoint folder
+    wrap: Callable[[torch.nn.Module], torch.nn.Module]  # the DDP wrap
+    resume: dict | None = None  # the state of the checkpoint this run resumes from
+    init: dict | None = None  # the state of the checkpoint the stage starts from (init_from)
+
+
+class StageLoop:
+    def __init__(self, config: dict, seat: Seat):
+        """Set up: the data set, the net, the optimizer and the lr schedule for this
+        stage's recipe at this world size; nothing from a checkpoint yet."""
+        from pipeline import rng
+        from pipeline.data import DatasetInfo, train_steps
+        from pipeline.engine import LrSchedule, effective_lr, make_optimizer
+        from pipeline.models import build_model
+
+        self.config, self.seat = config, seat
+        self.stage, self.data = config["stage"], config["data"]
+        recipe = self.recipe = self.stage.recipe
+        self.rank, self.world, self.device = seat.rank, seat.world, seat.device
+        self.gpu = self.device.type == "cuda"
+        self.tag = f"[{self.stage.name}]"
+        torch.set_num_threads(max(1, int(self.stage.resources.cpus_per_worker)))
+        torch.manual_seed(recipe.seed)  # same init on every rank (DDP also broadcasts rank 0's)
+        if self.gpu:
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest conv algorithms once
+        self.info = DatasetInfo.load(self.data.root)
+        self.model = build_model(self.stage.arch, num_classes=self.info.num_classes, width_mult=recipe.width_mult,
+                                 batch_norm=recipe.batch_norm, input_size=recipe.crop, dropout=recipe.dropout,
+                                 init=recipe.init, init_std=recipe.init_std)
+        self._load_weights()
+        # Every GPU setting is reachable on the CPU too (bf16, channels_last, compile, fused
+        # SGD), so CI rehearses the GPU's branches: channels_last None means "on GPU only".
+        self.channels_last = self.gpu if recipe.channels_last is None else recipe.channels_last
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.net = seat.wrap(self.model)
+        if recipe.compile:
+            self.net = torch.compile(self.net, backend="inductor" if recipe.compile is True else recipe.compile)
+        rng.seed_rank_streams(recipe.seed, self.rank)  # same init above; from here each rank its own masks
+        self.per_worker = max(1, recipe.batch_size // self.world)
+        self.optimizer = make_optimizer(self.net, recipe.optim, self.per_worker * self.world)
+        self.steps = train_steps(self.info, self.data.train_split, self.per_worker, self.world)
+        self.schedule = LrSchedule(self.optimizer, recipe.optim, self.steps,
+                                   effective_lr(recipe.optim, self.per_worker * self.world))
+        self.epochs = recipe.epochs_for(self.info.counts[self.data.train_split])
+        self.start_epoch = self.start_step = 0
+        self.pending_steps: list[dict] = []  # per-interval records not yet reported
+        self.extra: dict = {}  # what rank 0's next report carries once: replay, dataset
+
+    def _load_weights(self) -> None:
+        from pipeline.models import init_from, load_state
+
+        if self.seat.resume is not None:
+            self.model.load_state_dict(load_state(self.seat.resume))
+        elif self.seat.init is not None:
+            source = load_state(self.seat.init)
+            layers = self.config.get("init_layers") or self.stage.init_from.layers
+            if layers == "all":
+                self.model.load_state_dict(source)
+            else:
+                init_from(self.model, source, layers)
+
+    def restore(self) -> None:
+        """Resume: optimizer, lr schedule, every rank's random streams and the position
+        (epoch, step) of the checkpoint; and what its report carried, to send again."""
+        from pipeline import rng
+
+        state = self.seat.resume
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.schedule.load_state_dict(state["schedule"])
+            how = rng.restore(state["rng"], rank=self.rank, world=self.world, seed=self.recipe.seed,
+                              epoch=state["epoch"], step=state.get("step", self.steps), device=self.device)
+            if self.rank == 0 and how != "restored":
+                say(f"{self.tag} random streams: {how}")
+            # Checkpoints before mid-epoch ones existed carry no step: they are epoch ends.
+            done = state.get("step", self.steps)
+            self.start_epoch, self.start_step = ((state["epoch"], done) if done < self.steps
+                                                 else (state["epoch"] + 1, 0))
+            if state.get("reported"):
+                self.extra["replay"] = state["reported"]
+        if self.rank == 0:
+            self.extra.update(self._dataset())
+            self._announce()
+
+    def _dataset(self) -> dict:
+        """The shard set's content hash (the retrain gate's), for the driver side to log as
+        the run's dataset input with the first report: the driver may not see the shards."""
+        from data_prep.store import data_hash
+
+        try:
+            return {"data_hash": data_hash(self.data.root), "data_root": str(self.data.root),
+                    "data_name": f"shards:{Path(str(self.data.root).rstrip('/')).name}"}
+        except FileNotFoundError:  # shards without a manifest: nothing to name them by
+            return {}
+
+    def _announce(self) -> None:
+        stage, recipe, config = self.stage, self.recipe, self.config
+        how = (f"resumed at epoch {self.start_epoch + 1} step {self.start_step}" if self.seat.resume is not None else
+               f"initialised from {config['init_from_label']}" if config.get("init_from_label") else
+               f"initialised from {stage.init_from.stage}" if stage.init_from else f"{recipe.init} init")
+        warm = f", {recipe.optim.warmup_epochs:g} warmup epochs" if recipe.optim.warmup_epochs else ""
+        say(f"{self.tag} {stage.arch} S={stage.scale_label} on {self.world} worker(s), {self.device}; {how}; "
+            f"{self.epochs} epochs x {self.steps} steps of {self.per_worker * self.world}, "
+            f"lr {self.schedule.base_lr:.3g}{warm}")
+
+    def run(self) -> dict | None:
+        """Train from the restored position to the last epoch (or the plateau's end).
+        None when the stage finished; {"kind", "epoch", "reason"} when it must FAIL."""
+        from pipeline.data import eval_loader
+
+        if self.seat.resume is not None and self.start_step == 0 and (
+                self.start_epoch >= self.epochs or self.schedule.finished):
+            # The checkpoint is the stage's last epoch (the driver died before booking it): book
+            # it as it is. Its report goes to MLflow again (steps and epochs there are skipped);
+            # Ray Train's result is that checkpoint with its metrics.
+            if self.rank == 0:
+                say(f"{self.tag} its last epoch ({self.seat.resume['epoch'] + 1}) is in the checkpoint: booked, "
+                    "not trained again")
+            self.seat.report({"replay": self.extra["replay"]} if self.rank == 0 and "replay" in self.extra else {},
+                             None)
+            return None
+        self.val_ld = eval_loader(self.info, self.data.val_split, rank=self.rank, world_size=self.world,
+                                  batch_size=self.per_worker, scale=self.stage.eval_scale, crop=self.recipe.crop,
+                                  normalize_std=self.recipe.normalize_std, device=self.device,
+                                  threads=self.data.reader_threads, channels_last=self.channels_last)
+        for epoch in range(self.start_epoch, self.epochs):
+            failure = self.train_epoch(epoch)
+            if failure is not None:
+                return failure
+            if epoch == self.epochs - 1 or self.schedule.finished:
+                break
+        return None
+
+    def train_epoch(self, epoch: int) -> dict | None:
+        """One epoch: train, validate, step the lr schedule, report with a checkpoint."""
+        from pipeline.data import train_loader
+        from pipeline.engine import NonFiniteLoss, evaluate, stall_reason, train_one_epoch
+
+        recipe, steps, t0 = self.recipe, self.steps, time.monotonic()
+        # One loader per epoch: its order depends on (seed, epoch) only, so a mid-epoch
+        # checkpoint's loader position is the step count, replayed by fast-forwarding.
+        lo, hi = self.stage.scale_range
+        train_ld = train_loader(self.info, self.data.train_split, rank=self.rank, world_size=self.world,
+                                batch_size=self.per_worker, scale_range=(lo, hi), crop=recipe.crop,
+                                color_shift=recipe.color_shift, normalize_std=recipe.normalize_std,
+                                device=self.device, seed=recipe.seed, epoch=epoch, threads=self.data.reader_threads,
+                                shuffle_buffer=self.data.shuffle_buffer,
+                                decode=self.data.gpu_decode if self.gpu else "roi", channels_last=self.channels_last)
+        skip = self.start_step if epoch == self.start_epoch else 0
+        train_ld.skip(skip)
+        try:
+            stats = train_one_epoch(
+                self.net, train_ld, self.optimizer, self.device, precision=recipe.precision,
+                channels_last=self.channels_last, grad_clip=recipe.optim.grad_clip,
+                log_every=recipe.log_every_steps, on_log=lambda record: self._progress(epoch, record),
+                checkpoint_every=recipe.checkpoint_every_steps,
+                on_checkpoint=lambda step: step < steps and self.report({"epoch": epoch, "step": step}, epoch, step),
+                lr_at=lambda s: self.schedule.lr_at(epoch * steps + s), start_step=skip,
+                where=f"{self.tag} epoch {epoch + 1}: ")
+        except NonFiniteLoss as exc:
+            # Every rank raises at the same sync point (the check is a collective). The
+            # bad weights are never checkpointed; the records up to the explosion are.
+            self.report({"epoch": epoch}, epoch, 0, checkpoint=False)
+            return self.fail("diverged", epoch, str(exc))
+        del train_ld  # frees the epoch's DALI pipeline before the next one is built
+        lr = self.schedule.lr
+        val = evaluate(self.net, self.val_ld, self.device, precision=recipe.precision)
+        decision = self.schedule.step(val["top1_error"])
+        resume = self.seat.resume
+        metrics = {"epoch": epoch, "step": steps, "train_loss": stats.loss, "val_top1_error": val["top1_error"],
+                   "val_top5_error": val["top5_error"], "val_loss": val["loss"], "val_images": val["images"],
+                   "lr": lr, "images_per_sec": stats.images_per_sec, "data_wait_fraction": stats.data_wait_fraction,
+                   "resumed_from_epoch": -1 if resume is None else resume["epoch"],  # the checkpoint's epoch
+                   "resumed_at_step": skip}
+        if self.rank == 0:
+            say(f"{self.tag} epoch {epoch + 1}/{self.epochs}: loss {stats.loss:.4f} val top-1 "
+                f"{val['top1_error']:.2f}% top-5 {val['top5_error']:.2f}% lr {lr:.3g} {stats.images_per_sec:.0f} "
+                f"img/s data wait {100 * stats.data_wait_fraction:.0f}% ({time.monotonic() - t0:.0f}s)"
+                + {"drop": f"; plateau: lr -> {self.schedule.lr:.3g}",
+                   "finish": "; plateau after the last drop: done"}.get(decision, ""))
+        stalled = stall_reason(val["top1_error"], self.info.num_classes, epoch + 1, recipe)
+        if stalled:
+            self.report(metrics, epoch, steps, checkpoint=False)  # the epoch's figures, not its weights
+            return self.fail("stalled", epoch, stalled)
+        self.report(metrics, epoch, steps)
+        return None
+
+    def _progress(self, epoch: int, record: dict) -> None:
+        """A per-interval record: kept for the next report (rank 0) and, unless stages run
+        side by side, printed with an ETA."""
+        if self.rank != 0:
+            return
+        steps, epochs = self.steps, self.epochs
+        self.pending_steps.append(dict(record, step=epoch * steps + record["step"]))
+        if not self.config.get("step_lines", True):
+            return
+        rate = record["images_per_sec"]
+        steps_left = steps - record["step"] + (epochs - epoch - 1) * steps
+        eta = steps_left * self.per_worker * self.world / max(rate, 1e-9)
+        say(f"{self.tag} epoch {epoch + 1}/{epochs} step {record['step']}/{steps} loss {record['train_loss']:.4f} "
+            f"lr {record.get('lr', self.schedule.lr):.3g} {rate:.0f} img/s ETA {eta / 60:.1f} min")
+
+    def report(self, metrics: dict, epoch: int, step: int, checkpoint: bool = True) -> None:
+        """Every rank reports (Ray Train needs it); rank 0 attaches the checkpoint and the
+        step records since its last report."""
+        from pipeline import rng
+        from pipeline.models import plain_names
+
+        streams = rng.gather_states(self.device) if checkpoint else None  # a collective: before rank 0 goes alone
+        if self.rank != 0:
+            self.seat.report(metrics, None)
+            return
+        metrics = dict(metrics, step_log=list(self.pending_steps), **self.extra)
+        self.pending_steps.clear()
+        self.extra.clear()
+        if not checkpoint:
+            self.seat.report(metrics, None)
+            return
+        # What this report carries to MLflow goes into the checkpoint too: a resumed run
+        # sends it again, in case the driver died before logging it.
+        reported = {k: v for k, v in metrics.items() if k not in ("replay", "data_hash", "data_root", "data_name")}
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save({"model": plain_names(self.net.state_dict()), "optimizer": self.optimizer.state_dict(),
+                        "schedule": self.schedule.state_dict(), "epoch": epoch, "step": step, "rng": streams,
+                        "arch": self.stage.arch, "num_classes": self.info.num_classes, "reported": reported,
+                        **self._serving_facts()}, Path(tmp) / CHECKPOINT_FILE)
+            self.seat.report(metrics, Path(tmp))
+
+    def _serving_facts(self) -> dict:
+        """What a registered model needs to classify an image on its own (pipeline/serving.py),
+        kept in every checkpoint: the driver that registers it may not see the shards."""
+        classes_file = Path(str(self.data.root)) / "classes.json"
+        info = self.info
+        return {"mean_rgb": list(info.mean_rgb), "std_rgb": list(info.std_rgb) if self.recipe.normalize_std else None,
+                "classes": json.loads(classes_file.read_text()) if classes_file.is_file() else []}
+
+    def fail(self, kind: str, epoch: int, reason: str) -> dict:
+        """A training failure (stalled, diverged): said once, returned to the driver; not a
+        crash, so Ray Train does not retry it from a checkpoint."""
+        if self.rank == 0:
+            say(f"{self.tag} FAILED ({kind}) in epoch {epoch + 1}: {reason}")
+        return {"kind": kind, "epoch": epoch + 1, "reason": reason}

@@ -1,0 +1,55 @@
+"""The stage loop on its own, without Ray: set up, restore, run, each report and its
+checkpoint, as pipeline/worker.py seats it for Ray Train (here: one rank, no DDP wrap,
+reports kept in a list). The Ray tests (test_train, test_resilience, test_failures) run
+the same loop under Ray Train with two ranks."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from services import tiny_plan
+
+from pipeline.stageloop import CHECKPOINT_FILE, Seat, StageLoop
+from pipeline.stages import load_plan
+
+
+def _seat(reports: list, resume: dict | None = None) -> Seat:
+    def report(metrics: dict, checkpoint_dir: Path | None) -> None:
+        state = torch.load(checkpoint_dir / CHECKPOINT_FILE, weights_only=False) if checkpoint_dir else None
+        reports.append((metrics, state))
+
+    return Seat(rank=0, world=1, device=torch.device("cpu"), report=report, wrap=lambda m: m, resume=resume)
+
+
+def _run(config: dict, seat: Seat):
+    stage = StageLoop(config, seat)
+    stage.restore()
+    return stage.run()
+
+
+def test_each_epoch_reports_with_its_checkpoint_and_a_resume_continues_where_it_stopped(tmp_path, shards):
+    plan = load_plan(tiny_plan(tmp_path, shards, name="loop", experiment="loop", epochs=3, log_every_steps=4,
+                               optim={"lr": 0.05, "patience": 50}, stages={"A": {"arch": "A", "scale": 36}}))
+    stage = plan.stages["A"]
+    config = {"stage": stage, "data": plan.data}
+    first: list = []
+    # two epochs, then the worker "dies": the second epoch's checkpoint is what a restart gets
+    two = {"stage": replace(stage, recipe=replace(stage.recipe, epochs=2)), "data": plan.data}
+    assert _run(two, _seat(first)) is None
+    epochs = [m["epoch"] for m, s in first if s is not None]
+    assert epochs == [0, 1] and first[0][0]["data_hash"] and first[0][0]["step_log"]  # the dataset rides once
+    assert "data_hash" not in first[1][0]
+    last = first[-1][1]
+    assert (last["epoch"], last["step"], last["arch"], last["num_classes"]) == (1, 9, "A", 6)
+    assert set(last["model"]) == set(StageLoop(config, _seat([])).model.state_dict())  # plain names, no module.
+    # the full recipe resumes at epoch 3, replaying what the checkpoint's report carried
+    resumed: list = []
+    assert _run(config, _seat(resumed, resume=last)) is None
+    assert [m["epoch"] for m, s in resumed if s is not None] == [2]
+    assert resumed[0][0]["replay"]["epoch"] == 1 and resumed[0][0]["resumed_from_epoch"] == 1
+    # a checkpoint of the last epoch is booked as it is: one report, nothing trained
+    booked: list = []
+    assert _run(config, _seat(booked, resume=resumed[-1][1])) is None
+    assert len(booked) == 1 and booked[0][1] is None and booked[0][0]["replay"]["epoch"] == 2
