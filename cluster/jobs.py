@@ -182,6 +182,34 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri
 
 
+def ray_job_command(address: str | None, verb: str, job_id: str) -> str:
+    """A `ray job VERB` line that works when pasted into another shell: the dashboard
+    address, and token mode where this process found a token (Ray's CLI reads the token
+    from ~/.ray/auth_token or RAY_AUTH_TOKEN, but sends it only in token mode)."""
+    import shlex
+
+    address = ensure_auth(address)
+    mode = "RAY_AUTH_MODE=token " if os.environ.get("RAY_AUTH_MODE") == "token" else ""
+    follow = " --follow" if verb == "logs" else ""
+    return f"{mode}ray job {verb} --address {shlex.quote(address)}{follow} {shlex.quote(job_id)}"
+
+
+def follow(jobs, job_id: str, out) -> str:
+    """Write the job's log to `out` as it grows, until the job ends; its final status."""
+    import asyncio
+
+    async def tail():
+        async for lines in jobs.tail_job_logs(job_id):
+            out.write(lines)
+            out.flush()
+
+    try:
+        asyncio.run(tail())
+    except Exception as exc:  # noqa: BLE001 - the log stream is a convenience; the status is what counts
+        out.write(f"(the job's log stream stopped: {type(exc).__name__}: {exc}; waiting for its end)\n")
+    return wait(jobs, job_id)
+
+
 def wait(jobs, job_id: str, poll: float = 2.0, timeout: float | None = None, on_status=None) -> str:
     """Block until the job ends; returns its final status (SUCCEEDED, FAILED, STOPPED)."""
     start, last = time.monotonic(), None

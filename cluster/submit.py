@@ -86,10 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{job_id} was already submitted for plan run {run_name} ({standing}): not submitted again", flush=True)
     else:
         print(f"submitted {job_id} (plan run {run_name})", flush=True)
-    print(f"  tracking: {uri}\n  follow: ray job logs --follow {job_id}\n  stop:   ray job stop {job_id}", flush=True)
+    print(f"  tracking: {uri}\n  follow: {jobs.ray_job_command(a.address, 'logs', job_id)}\n"
+          f"  stop:   {jobs.ray_job_command(a.address, 'stop', job_id)}", flush=True)
     if not a.wait:
         return 0
-    status = jobs.wait(client, job_id, on_status=lambda s: print(f"{job_id}: {s}", flush=True))
+    # The job's own output (the driver's progress lines and results table) as it comes.
+    status = jobs.follow(client, job_id, out=sys.stdout)
+    print(f"{job_id}: {status}", flush=True)
     return 0 if status == "SUCCEEDED" else 1
 
 

@@ -93,6 +93,13 @@ def test_ray_job_submit_runs_the_plan(tmp_path, shards, head_only, mlflow_uri):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "submitted train-submitted (plan run submitted)" in first.stdout
     assert f"tracking: {mlflow_uri}" in first.stdout, first.stdout
+    assert "| A " in first.stdout  # --wait follows the job's own output, its results table included
+    # the printed follow command works as printed, in a shell that has the token but not token mode
+    follow = first.stdout.split("follow: ", 1)[1].splitlines()[0]
+    assert f"--address {head_only['dashboard']}" in follow
+    env = {k: v for k, v in head_only["env"].items() if k != "RAY_AUTH_MODE"}
+    logs = subprocess.run(["bash", "-c", follow], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert logs.returncode == 0 and "| A " in logs.stdout, logs.stdout[-2000:] + logs.stderr[-2000:]
     again = subprocess.run(submit, cwd=REPO, env=head_only["env"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "train-submitted was already submitted for plan run submitted (SUCCEEDED): not submitted again" in again.stdout
