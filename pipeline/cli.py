@@ -122,7 +122,8 @@ def cmd_demo(a) -> int:
     print("\n== an ensemble of the demo's nets, from their stored posteriors", flush=True)
     from pipeline.ensemble import run_ensemble
 
-    ens = run_ensemble(run_ids, tracking_uri=uri, experiment=None, protocol="dense+multicrop", scales=None)
+    ens = run_ensemble(run_ids, tracking_uri=uri, experiment=None, protocol="dense+multicrop", scales=None,
+                       say=lambda message: print(f"ensemble: {message}", flush=True))
     print(f"{ens['name']}: {ens['metric_prefix']}: top-1 error {ens['top1_error']:.2f}%, "
           f"top-5 error {ens['top5_error']:.2f}%")
     print("\n== report", flush=True)
@@ -183,7 +184,8 @@ def cmd_ensemble(a) -> int:
 
     uri = tracking_uri()
     r = run_ensemble(a.members, tracking_uri=uri, experiment=a.experiment, protocol=a.protocol, scales=a.scales,
-                     greedy_max=a.greedy, name=a.name, register=not a.no_register)
+                     greedy_max=a.greedy, name=a.name, register=not a.no_register,
+                     say=lambda message: print(f"ensemble: {message}", flush=True))
     print(f"{r['name']}: members {', '.join(r['member_stages'])}; {r['metric_prefix']}: top-1 error "
           f"{r['top1_error']:.2f}%, top-5 error {r['top5_error']:.2f}% over {r['images']} images (run {r['run_id']}"
           f"{', made before: the same members, protocol and selection' if r['found'] else ''})")

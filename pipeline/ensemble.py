@@ -80,8 +80,10 @@ def greedy(candidates: dict[str, Posteriors], max_members: int) -> Choice:
 
 def run_ensemble(refs: list[str], *, tracking_uri: str, experiment: str | None, protocol: str,
                  scales: list[int] | None, greedy_max: int | None = None, name: str | None = None,
-                 register: bool = True) -> dict:
-    """`refs`: stage run ids, or stage names (latest finished run of that stage)."""
+                 register: bool = True, say=None) -> dict:
+    """`refs`: stage run ids, or stage names (latest finished run of that stage). `say`
+    is told each step as it starts (the command prints them)."""
+    say = say or (lambda message: None)
     from pipeline.evaluate import load_posteriors, load_stage_model, stage_from_run
     from pipeline.protocols import default_scales, metric_prefix
     from pipeline.tracking import Tracker, _client, finished_stage_run
@@ -111,6 +113,7 @@ def run_ensemble(refs: list[str], *, tracking_uri: str, experiment: str | None, 
         run, by_id = found, {r.info.run_id: (r, s) for r, s in zip(runs, stages)}
         chosen = found.data.tags["members"].split(",")
     else:
+        say(f"reading the stored {prefix} posteriors of {len(runs)} members")
         members = {r.info.run_id: load_posteriors(client, r.info.run_id, prefix) for r in runs}
         choice = greedy(members, greedy_max) if greedy_max else average(members)
         chosen = choice.run_ids
@@ -124,6 +127,8 @@ def run_ensemble(refs: list[str], *, tracking_uri: str, experiment: str | None, 
                             {"greedy_top1_error": [err for _, err in choice.trail]} if greedy_max else None)
     if register:
         from pipeline.evaluate import stage_bundle
+
+        say(f"registering {tracker.experiment}-ensemble: loading {len(chosen)} nets and their preprocessing")
 
         nets = [load_stage_model(by_id[i][1], by_id[i][0].data.tags["checkpoint"]) for i in chosen]
         parts = [stage_bundle(by_id[i][1], by_id[i][0].data.tags["checkpoint"],

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -77,16 +79,45 @@ def stage_bundle(stage: Stage, checkpoint, data_root: str | None = None):
     return [load_stage_model(stage, checkpoint)], [member], classes or []
 
 
+PROGRESS_EVERY_S = 10.0
+
+
+class Progress:
+    """One line every `every` seconds while an evaluation runs: images done of the
+    protocol's passes over the split (a pass per scale and per protocol part), and an
+    ETA from the rate so far."""
+
+    def __init__(self, what: str, total: int, every: float | None = None, out=None):
+        self.what, self.total, self.out = what, total, out or sys.stdout
+        self.every = PROGRESS_EVERY_S if every is None else every
+        self.done, self.start, self.last = 0, time.monotonic(), time.monotonic()
+
+    def add(self, images: int) -> None:
+        self.done += images
+        now = time.monotonic()
+        if now - self.last >= self.every and self.done < self.total:
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            self.out.write(f"{self.what}: {self.done:,} of {self.total:,} images ({100 * self.done / self.total:.0f}%), "
+                           f"{rate:.0f} img/s, ETA {(self.total - self.done) / max(rate, 1e-9) / 60:.1f} min\n")
+            self.out.flush()
+
+
 def _stage_posteriors(stage: Stage, checkpoint: str, root: str, split: str, protocol: str, scales: list[int],
-                      rank: int, world: int, batch_size: int, threads: int):
+                      rank: int, world: int, batch_size: int, threads: int, progress=None):
+    """This part's posteriors; `progress`: a Progress (in this process) or a Ray queue
+    that the driver reads (in a Ray task)."""
     from pipeline.data import DatasetInfo
     from pipeline.protocols import posteriors_by_scale
 
     device = torch.device("cuda" if stage.resources.use_gpu and torch.cuda.is_available() else "cpu")
     torch.set_num_threads(max(1, threads))
+    on_images = progress.add if isinstance(progress, Progress) else (
+        (lambda n: progress.put_nowait(n)) if progress is not None else None)
     return posteriors_by_scale(load_stage_model(stage, checkpoint), DatasetInfo.load(root), split, protocol,
                                scales, crop=stage.recipe.crop, normalize_std=stage.recipe.normalize_std, rank=rank,
-                               world=world, device=device, batch_size=batch_size, threads=threads)
+                               world=world, device=device, batch_size=batch_size, threads=threads,
+                               on_images=on_images)
 
 
 def run_posteriors_by_scale(stage: Stage, checkpoint: str, root: str, split: str, protocol: str,
@@ -99,31 +130,47 @@ def run_posteriors_by_scale(stage: Stage, checkpoint: str, root: str, split: str
 
     info = DatasetInfo.load(root)
     threads = max(1, int(stage.resources.cpus_per_worker))
+    progress = Progress(f"evaluate {stage.name} {protocol} Q={'-'.join(map(str, scales))}",
+                        info.counts[split] * len(scales) * len(protocol.split("+")))
     if workers > 1:
         import ray
+        from ray.util.queue import Empty, Queue
 
         if not ray.is_initialized():
             ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
         task = ray.remote(_stage_posteriors)
+        counts = Queue(actor_options={"num_cpus": 0})  # images done, from every task
         names = {task.options(num_cpus=stage.resources.cpus_per_worker, num_gpus=1 if stage.resources.use_gpu else 0,
                               name=f"evaluate {stage.name} {protocol} {split} part {r + 1}/{workers}").remote(
-            stage, checkpoint, root, split, protocol, scales, r, workers, batch_size, threads): r
+            stage, checkpoint, root, split, protocol, scales, r, workers, batch_size, threads, counts): r
             for r in range(workers)}
         parts = [None] * workers
         waiting = list(names)
-        while waiting:
-            ready, waiting = ray.wait(waiting, num_returns=1)
-            try:
-                parts[names[ready[0]]] = ray.get(ready[0])
-            except Exception as exc:
-                for ref in waiting:  # the others' work is wasted once one part is missing
-                    ray.cancel(ref, force=True)
-                cause = getattr(exc, "cause", None) or exc  # the task's own error, not Ray's wrapping of it
-                raise RuntimeError(f"evaluation task {names[ready[0]] + 1} of {workers} ({stage.name}, {protocol}, "
-                                   f"{split} part {names[ready[0]] + 1}) failed; the other {len(waiting)} still "
-                                   f"running were cancelled: {type(cause).__name__}: {str(cause)[:2000]}") from exc
+        try:
+            while waiting:
+                ready, waiting = ray.wait(waiting, num_returns=1, timeout=2.0)
+                try:
+                    while True:
+                        progress.add(counts.get_nowait())
+                except Empty:
+                    pass
+                if not ready:
+                    continue
+                try:
+                    parts[names[ready[0]]] = ray.get(ready[0])
+                except Exception as exc:
+                    for ref in waiting:  # the others' work is wasted once one part is missing
+                        ray.cancel(ref, force=True)
+                    cause = getattr(exc, "cause", None) or exc  # the task's own error, not Ray's wrapping of it
+                    part = names[ready[0]] + 1
+                    raise RuntimeError(f"evaluation task {part} of {workers} ({stage.name}, {protocol}, {split} part "
+                                       f"{part}) failed; the other {len(waiting)} still running were cancelled: "
+                                       f"{type(cause).__name__}: {str(cause)[:2000]}") from exc
+        finally:
+            counts.shutdown()
     else:
-        parts = [_stage_posteriors(stage, checkpoint, root, split, protocol, scales, 0, 1, batch_size, threads)]
+        parts = [_stage_posteriors(stage, checkpoint, root, split, protocol, scales, 0, 1, batch_size, threads,
+                                   progress)]
     out = {}
     for q in scales:
         post = Posteriors.concat([part[q] for part in parts])

@@ -144,10 +144,11 @@ _RUNNERS = {"single": _single, "dense": _dense, "multicrop": _multicrop}
 def posteriors_by_scale(model, info, split: str, protocol: str, scales: list[int], *, crop: int,
                         normalize_std: bool, rank: int = 0, world: int = 1,
                         device: torch.device = torch.device("cpu"), batch_size: int = 32,
-                        threads: int = 2) -> dict[int, Posteriors]:
+                        threads: int = 2, on_images=None) -> dict[int, Posteriors]:
     """This rank's share of the split under `protocol` at each Q of `scales` on its own.
     A multi-scale evaluation computes every single-scale one on the way: Table 4's
-    dense over {S-32, S, S+32} holds Table 3's dense at Q = S."""
+    dense over {S-32, S, S+32} holds Table 3's dense at Q = S. `on_images(n)` is told
+    after each batch how many images it held (progress)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol {protocol!r}: expected one of {', '.join(PROTOCOLS)}")
     if min(scales) < crop:
@@ -165,6 +166,8 @@ def posteriors_by_scale(model, info, split: str, protocol: str, scales: list[int
                 probs.append(p.cpu())
                 labs.append(y.cpu())
                 read += k
+                if on_images is not None:
+                    on_images(len(k))
             p = torch.cat(probs).numpy().astype(np.float64)
             y = torch.cat(labs).numpy().astype(np.int64)
             # The keys the loader returned, not the index's: a sample read twice or never shows.

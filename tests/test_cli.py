@@ -181,7 +181,9 @@ def test_demo_end_to_end_then_report_and_evaluate(tmp_path, mlflow_uri):
     assert "members A, B; dense_Q64-72-81: top-1 error" in en.stdout and "made before" not in en.stdout
     # the same ensemble again (now registered): found, not made a second time
     again = run(["ensemble", "A", "B", "--experiment", "vgg-demo", "--protocol", "dense"], env=env)
+    assert "ensemble: reading the stored dense_Q64-72-81 posteriors of 2 members" in en.stdout
     assert again.returncode == 0 and "made before: the same members, protocol and selection" in again.stdout
+    assert "ensemble: registering vgg-demo-ensemble: loading 2 nets" in again.stdout
     assert again.stdout.split("(run ")[1][:32] == en.stdout.split("(run ")[1][:32]
     ensembles = client.search_runs([exp.experiment_id], "tags.kind = 'ensemble'")
     assert len(ensembles) == 2 and all(r.data.tags.get("registered") for r in ensembles)

@@ -195,7 +195,8 @@ def test_the_exactly_once_check_counts_what_the_loaders_returned(info, shards):
 
 
 @pytest.mark.slow
-def test_evaluation_tasks_on_ray_and_a_failed_one_names_itself(shards, tmp_path, ray_cluster, net):
+def test_evaluation_tasks_on_ray_and_a_failed_one_names_itself(shards, tmp_path, ray_cluster, net, capsys,
+                                                                monkeypatch):
     """Two Ray tasks over the validation split: every image once. Then one JPEG of the last
     val shard (read by the second task only) is overwritten with noise of the same size:
     that task fails, says which it is, and the error carries DALI's reason."""
@@ -214,8 +215,12 @@ def test_evaluation_tasks_on_ray_and_a_failed_one_names_itself(shards, tmp_path,
     model = build_model("A", num_classes=6, width_mult=stage.recipe.width_mult, input_size=stage.recipe.crop,
                         init="kaiming")
     torch.save({"model": model.state_dict(), "num_classes": 6}, ckpt / CHECKPOINT_FILE)
+    monkeypatch.setattr("pipeline.evaluate.PROGRESS_EVERY_S", 0.0)  # a progress line at every count
     post = run_posteriors(stage, str(ckpt), str(shards), "val", "single", [40], workers=2, batch_size=8)
     assert sorted(post.keys) == sorted(manifest_labels(shards))
+    # the tasks' progress reaches the driver's console, with an ETA
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("evaluate A single Q=40: ")]
+    assert lines and all("of 48 images" in x and "ETA" in x for x in lines), lines
     broken = tmp_path / "broken"
     shutil.copytree(shards, broken)
     last = sorted((broken / "val").glob("*.tar"))[-1]
@@ -227,3 +232,23 @@ def test_evaluation_tasks_on_ray_and_a_failed_one_names_itself(shards, tmp_path,
     with pytest.raises(RuntimeError, match=r"evaluation task 2 of 2 \(A, single, val part 2\) failed") as caught:
         run_posteriors(stage, str(ckpt), str(broken), "val", "single", [40], workers=2, batch_size=8)
     assert f"sample {name.split('.')[0]!r} in shard {last} cannot be decoded" in str(caught.value), str(caught.value)
+
+
+def test_evaluation_in_one_process_says_how_far_it_is(net, shards, capsys, monkeypatch):
+    from pipeline.evaluate import Progress, _stage_posteriors
+    from pipeline.stages import load_plan
+    from pipeline.worker import CHECKPOINT_FILE
+    from services import tiny_plan
+
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        plan = load_plan(tiny_plan(Path(tmp), shards, name="p", experiment="p", stages={"A": {"arch": "A", "scale": 40}}))
+        torch.save({"model": net.state_dict(), "num_classes": 6}, Path(tmp) / CHECKPOINT_FILE)
+        progress = Progress("evaluate A dense+multicrop Q=40-48", 48 * 2 * 2, every=0.0)
+        _stage_posteriors(plan.stages["A"], tmp, str(shards), "val", "dense+multicrop", [40, 48], 0, 1, 8, 1, progress)
+    lines = capsys.readouterr().out.splitlines()
+    assert progress.done == 192 and len(lines) >= 3  # every pass over the split counted: 2 scales x 2 parts
+    assert lines[0].startswith("evaluate A dense+multicrop Q=40-48: ") and "of 192 images" in lines[0]
+    assert "ETA" in lines[-1] and "(100%)" not in "".join(lines)  # no line once it is done
