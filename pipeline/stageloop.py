@@ -41,6 +41,8 @@ class Seat:
     wrap: Callable[[torch.nn.Module], torch.nn.Module]  # the DDP wrap
     resume: dict | None = None  # the state of the checkpoint this run resumes from
     init: dict | None = None  # the state of the checkpoint the stage starts from (init_from)
+    node: str = "node"  # this worker's node, as its system figures are labelled
+    samples_node: bool = False  # this worker samples its node's system figures (one worker per node)
 
 
 class StageLoop:
@@ -85,6 +87,15 @@ class StageLoop:
         self.start_epoch = self.start_step = 0
         self.pending_steps: list[dict] = []  # per-interval records not yet reported
         self.extra: dict = {}  # what rank 0's next report carries once: replay, dataset
+        self.sampler = None
+        if seat.samples_node:
+            from pipeline.sysmetrics import Sampler
+
+            self.sampler = Sampler(gpus=self.gpu)
+
+    def close(self) -> None:
+        if self.sampler is not None:
+            self.sampler.stop()
 
     def _load_weights(self) -> None:
         from pipeline.models import init_from, load_state
@@ -247,6 +258,8 @@ class StageLoop:
         from pipeline.models import plain_names
 
         streams = rng.gather_states(self.device) if checkpoint else None  # a collective: before rank 0 goes alone
+        if self.sampler is not None:  # this node's figures since the last report, from any rank
+            metrics = dict(metrics, system={"node": self.seat.node, "samples": self.sampler.drain()})
         if self.rank != 0:
             self.seat.report(metrics, None)
             return
@@ -258,7 +271,8 @@ class StageLoop:
             return
         # What this report carries to MLflow goes into the checkpoint too: a resumed run
         # sends it again, in case the driver died before logging it.
-        reported = {k: v for k, v in metrics.items() if k not in ("replay", "data_hash", "data_root", "data_name")}
+        reported = {k: v for k, v in metrics.items()
+                    if k not in ("replay", "data_hash", "data_root", "data_name", "system")}
         with tempfile.TemporaryDirectory() as tmp:
             torch.save({"model": plain_names(self.net.state_dict()), "optimizer": self.optimizer.state_dict(),
                         "schedule": self.schedule.state_dict(), "epoch": epoch, "step": step, "rng": streams,

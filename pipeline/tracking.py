@@ -377,14 +377,15 @@ class MetricsLogger:
             print(f"warning: could not log the dataset input ({type(exc).__name__}: {str(exc)[:200]})",
                   file=sys.stderr)
 
-    def log(self, metrics: dict, step: int) -> None:
+    def log(self, metrics: dict, step: int, timestamp_ms: int | None = None, flush: bool = True) -> None:
         if not self.enabled:
             return
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
+        now = timestamp_ms or int(time.time() * 1000)
         self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self.flush()
+        if flush:
+            self.flush()
 
     def flush(self) -> bool:
         if not self.enabled or not self.pending:

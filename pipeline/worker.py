@@ -45,13 +45,25 @@ class MlflowEpochMetrics(ray.train.UserCallback):
             self._logger = MetricsLogger(self.tracking_uri, self.run_id, enabled=True)
             self._last_step = self._logger.last_step(STEP_METRIC)
             self._last_epoch = self._logger.last_step(EPOCH_METRIC)
+        for rank in metrics:  # each node's system figures, from the worker that samples it
+            if rank.get("system"):
+                self._log_system(rank["system"])
         rank0 = dict(metrics[0])
+        rank0.pop("system", None)
         replay = rank0.pop("replay", None)
         if replay:  # what came with the checkpoint this run resumed from: a driver killed
             self._log(dict(replay))  # right after it was written may never have logged it
         if "data_hash" in rank0:  # the shard set, as the run's MLflow dataset input
             self._logger.log_dataset(rank0.pop("data_name"), rank0.pop("data_hash"), rank0.pop("data_root"))
         self._log(rank0)
+
+    def _log_system(self, system: dict) -> None:
+        """A node's samples as `system/<node>/<figure>` (pipeline/sysmetrics.py), each at
+        the second it was taken (the step) and with its own timestamp."""
+        for taken_ms, figures in system["samples"]:
+            self._logger.log({f"system/{system['node']}/{k}": v for k, v in figures.items()},
+                             step=taken_ms // 1000, timestamp_ms=taken_ms, flush=False)
+        self._logger.flush()
 
     def _log(self, rank0: dict) -> None:
         """A report's step records and epoch figures, each once (steps and epochs already
@@ -108,10 +120,14 @@ def train_loop_per_worker(config: dict) -> dict | None:
                 wrap=lambda model: ray.train.torch.prepare_model(
                     model, parallel_strategy_kwargs={"gradient_as_bucket_view": True}),
                 resume=_load_state(resume) if resume is not None else None,
-                init=_load_state(config["init_checkpoint"]) if config.get("init_checkpoint") is not None else None)
+                init=_load_state(config["init_checkpoint"]) if config.get("init_checkpoint") is not None else None,
+                node=ray.get_runtime_context().get_node_id()[:8], samples_node=ctx.get_local_rank() == 0)
     stage = StageLoop(config, seat)
-    stage.restore()
-    return stage.run()
+    try:
+        stage.restore()
+        return stage.run()
+    finally:
+        stage.close()
 
 
 def _report(metrics: dict, checkpoint_dir: Path | None) -> None:

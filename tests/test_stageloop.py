@@ -15,21 +15,27 @@ from pipeline.stageloop import CHECKPOINT_FILE, Seat, StageLoop
 from pipeline.stages import load_plan
 
 
-def _seat(reports: list, resume: dict | None = None) -> Seat:
+def _seat(reports: list, resume: dict | None = None, samples_node: bool = False) -> Seat:
     def report(metrics: dict, checkpoint_dir: Path | None) -> None:
         state = torch.load(checkpoint_dir / CHECKPOINT_FILE, weights_only=False) if checkpoint_dir else None
         reports.append((metrics, state))
 
-    return Seat(rank=0, world=1, device=torch.device("cpu"), report=report, wrap=lambda m: m, resume=resume)
+    return Seat(rank=0, world=1, device=torch.device("cpu"), report=report, wrap=lambda m: m, resume=resume,
+                node="n0", samples_node=samples_node)
 
 
 def _run(config: dict, seat: Seat):
     stage = StageLoop(config, seat)
-    stage.restore()
-    return stage.run()
+    try:
+        stage.restore()
+        return stage.run()
+    finally:
+        stage.close()
 
 
-def test_each_epoch_reports_with_its_checkpoint_and_a_resume_continues_where_it_stopped(tmp_path, shards):
+def test_each_epoch_reports_with_its_checkpoint_and_a_resume_continues_where_it_stopped(tmp_path, shards,
+                                                                                        monkeypatch):
+    monkeypatch.setattr("pipeline.sysmetrics.INTERVAL_S", 0.05)
     plan = load_plan(tiny_plan(tmp_path, shards, name="loop", experiment="loop", epochs=3, log_every_steps=4,
                                optim={"lr": 0.05, "patience": 50}, stages={"A": {"arch": "A", "scale": 36}}))
     stage = plan.stages["A"]
@@ -37,10 +43,14 @@ def test_each_epoch_reports_with_its_checkpoint_and_a_resume_continues_where_it_
     first: list = []
     # two epochs, then the worker "dies": the second epoch's checkpoint is what a restart gets
     two = {"stage": replace(stage, recipe=replace(stage.recipe, epochs=2)), "data": plan.data}
-    assert _run(two, _seat(first)) is None
+    assert _run(two, _seat(first, samples_node=True)) is None
     epochs = [m["epoch"] for m, s in first if s is not None]
     assert epochs == [0, 1] and first[0][0]["data_hash"] and first[0][0]["step_log"]  # the dataset rides once
     assert "data_hash" not in first[1][0]
+    # the node's system figures ride with the reports, each sample once, none in the checkpoint
+    samples = [s for m, _ in first for s in m["system"]["samples"]]
+    assert samples and all(m["system"]["node"] == "n0" for m, _ in first)
+    assert len({ts for ts, _ in samples}) == len(samples) and "system" not in first[-1][1]["reported"]
     last = first[-1][1]
     assert (last["epoch"], last["step"], last["arch"], last["num_classes"]) == (1, 9, "A", 6)
     assert set(last["model"]) == set(StageLoop(config, _seat([])).model.state_dict())  # plain names, no module.

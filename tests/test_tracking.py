@@ -160,3 +160,34 @@ def test_an_unknown_stage_or_experiment_is_answered_with_what_exists(tmp_path, m
         finished_stage_run(client, "vgg-x", "C")
     with pytest.raises(ValueError, match="no experiment 'vgg-y' in sqlite:.*; experiments there: Default, vgg-x$"):
         finished_stage_run(client, "vgg-y", "A")
+
+
+def test_each_nodes_system_figures_are_logged_under_its_label_at_the_time_taken(mlflow_uri):
+    """A real sampler's figures (psutil on this machine) ride with two ranks' reports, as
+    pipeline/stageloop.py sends them; the controller's callback logs them per node."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.sysmetrics import Sampler
+    from pipeline.worker import MlflowEpochMetrics
+
+    sampler = Sampler(interval=0.05)
+    deadline = time.monotonic() + 30
+    while len(sampler._samples) < 2:  # two samples at least, at the thread's own pace
+        assert time.monotonic() < deadline, "the sampler took no samples"
+        time.sleep(0.05)
+    sampler.stop()
+    samples = sampler.drain()
+    assert {"cpu_utilization_percentage", "system_memory_usage_percentage", "disk_read_megabytes",
+            "network_receive_megabytes"} <= set(samples[0][1])
+    client = MlflowClient(mlflow_uri)
+    run_id = client.create_run(client.create_experiment("system")).info.run_id
+    callback = MlflowEpochMetrics(mlflow_uri, run_id)
+    callback.after_report(None, [{"epoch": 0, "step": 3, "system": {"node": "aaaa1111", "samples": samples}},
+                                 {"epoch": 0, "step": 3, "system": {"node": "bbbb2222", "samples": samples[:1]}}],
+                          None)
+    mine = client.get_metric_history(run_id, "system/aaaa1111/cpu_utilization_percentage")
+    assert [(m.timestamp, m.step) for m in mine] == [(ts, ts // 1000) for ts, _ in samples]
+    assert len(client.get_metric_history(run_id, "system/bbbb2222/system_memory_usage_percentage")) == 1
+    assert "system" not in str(client.get_run(run_id).data.params)

@@ -130,6 +130,10 @@ def test_staged_plan_on_ray_tracks_everything_and_resumes(tmp_path, shards, ray_
     assert [m.step for m in per_step] == [e * 9 + s for e in range(4) for s in (2, 4, 6, 8, 9)]
     for key in ("step/lr", "step/images_per_sec", "step/data_wait_fraction"):
         assert len(client.get_metric_history(stages["A"].info.run_id, key)) == len(per_step), key
+    # the node's machine figures beside them (one sampling worker per node; both workers share this one)
+    system = [k for k in stages["A"].data.metrics if k.startswith("system/")]
+    assert len({k.split("/")[1] for k in system}) == 1 and any(k.endswith("/cpu_utilization_percentage")
+                                                               for k in system), system
     assert stages["A"].data.tags["recipe"] == "tiny; global batch 16, lr 0.05 at batch 256, no warmup"
     # as a training user expects the UI: the model-training view, descriptions, the data as an input
     from data_prep.store import data_hash
