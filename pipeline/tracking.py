@@ -282,7 +282,7 @@ class Tracker:
 
         from pipeline.serving import write_bundle
 
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, _known_harmless_mlflow_notes():
             folder = write_bundle(Path(tmp) / "bundle", *bundle)
             return mlflow.pyfunc.log_model(name="classifier", python_model=_classifier_model(),
                                            artifacts={"bundle": str(folder)},
@@ -297,12 +297,36 @@ class Tracker:
         return [dict(run_id=r.info.run_id, status=r.info.status, **r.data.tags, **r.data.metrics) for r in runs]
 
 
+class _known_harmless_mlflow_notes:
+    """MLflow logs on every registration of our classifier that "a Python object is pickled
+    with CloudPickle": the object is this module's own class, shipped with `pipeline/` as
+    code. Only that message is held back, only while the classifier is logged."""
+
+    PICKLED = "Passing a Python object as `python_model` causes it to be serialized using CloudPickle"
+
+    def __enter__(self):
+        import logging
+
+        self._logger = logging.getLogger("mlflow.pyfunc")
+        self._filter = lambda record: self.PICKLED not in record.getMessage()
+        self._logger.addFilter(self._filter)
+        return self
+
+    def __exit__(self, *exc):
+        self._logger.removeFilter(self._filter)
+        return False
+
+
 def _classifier_model():
     """An mlflow.pyfunc model over pipeline.serving's Classifier (defined here, the only
     module that imports MLflow; pickled by value, with `pipeline/` shipped as code)."""
     import mlflow.pyfunc
 
     class VGGClassifier(mlflow.pyfunc.PythonModel):
+        # Its input is JPEG bytes, base64 or uint8 arrays, which the classifier checks itself:
+        # no type-hint schema for MLflow to validate against (nor its note asking for one).
+        _skip_type_hint_validation = True
+
         def load_context(self, context):
             from pipeline.serving import load_bundle
 

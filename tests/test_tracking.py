@@ -191,3 +191,29 @@ def test_each_nodes_system_figures_are_logged_under_its_label_at_the_time_taken(
     assert [(m.timestamp, m.step) for m in mine] == [(ts, ts // 1000) for ts, _ in samples]
     assert len(client.get_metric_history(run_id, "system/bbbb2222/system_memory_usage_percentage")) == 1
     assert "system" not in str(client.get_run(run_id).data.params)
+
+
+def test_registration_holds_back_only_mlflows_two_inapplicable_notes():
+    """Registering our classifier printed MLflow's "add type hints" and "pickled with
+    CloudPickle" notes every time; those two are gone, every other warning still shows."""
+    import logging
+    import warnings
+
+    from pipeline.tracking import _classifier_model, _known_harmless_mlflow_notes
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _classifier_model()  # MLflow inspects predict's type hints when the class is made
+    assert not [w for w in seen if "type hints" in str(w.message)]
+    log, records = logging.getLogger("mlflow.pyfunc"), []  # MLflow's loggers do not propagate: listen on it
+    handler = logging.Handler()
+    handler.emit = records.append
+    log.addHandler(handler)
+    try:
+        with _known_harmless_mlflow_notes():
+            log.warning(_known_harmless_mlflow_notes.PICKLED + ", requires exercising caution")
+            log.warning("something else went wrong")
+        log.warning(_known_harmless_mlflow_notes.PICKLED + " (outside a registration)")
+    finally:
+        log.removeHandler(handler)
+    assert [r.getMessage()[:26] for r in records] == ["something else went wrong", "Passing a Python object as"]
