@@ -16,7 +16,7 @@ sys.path.insert(0, str(REPO))
 # `make test` runs the files on two pytest-xdist workers (--dist loadfile: a file's tests
 # and its module fixtures stay on one worker), handed out in this order: the longest
 # files first, so the last one to start is a short one (measured durations, slowest first).
-LONGEST_FIRST = ["test_retrain.py", "test_cli.py", "test_parallel.py", "test_failures.py", "test_resilience.py",
+LONGEST_FIRST = ["test_retrain.py", "test_cli.py", "test_parallel.py", "test_failures.py",
                  "test_train.py", "test_multinode.py", "test_foreign.py", "test_s3.py", "test_auth.py",
                  "test_tracking.py", "test_shard.py", "test_protocols.py", "test_data.py"]
 

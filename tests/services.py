@@ -228,3 +228,24 @@ class Postgres:
         if (self.data / "postmaster.pid").exists():
             self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def wait_for(predicate, timeout: float, what: str):
+    """`predicate()`'s first truthy value, polled every 50 ms, or an error after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def stage_history(uri: str, experiment: str, stage: str, metric: str):
+    """(the stage's MLflow runs, the metric's history in the first of them)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], f"tags.stage = '{stage}' and tags.kind = 'stage'")
+    return runs, (client.get_metric_history(runs[0].info.run_id, metric) if runs else [])

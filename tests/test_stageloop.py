@@ -1,6 +1,6 @@
 """The stage loop on its own, without Ray: set up, restore, run, each report and its
 checkpoint, as pipeline/worker.py seats it for Ray Train (here: one rank, no DDP wrap,
-reports kept in a list). The Ray tests (test_train, test_resilience, test_failures) run
+reports kept in a list). The Ray tests (test_train, test_failures, test_parallel) run
 the same loop under Ray Train with two ranks."""
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
 """A reduced plan on a real local Ray cluster (2 CPU workers, gloo DDP) with a real
-MLflow SQLite store: runs nest, metrics land, the loss falls, B starts from A, and a
-rerun of the same plan run skips finished stages.
+MLflow SQLite store: runs nest, metrics land, the loss falls, B starts from A, a worker
+SIGKILLed mid-stage resumes from its checkpoint (mid-epoch ones included) in the same
+run with no gap or duplicate in any curve, and a rerun of the same plan run skips
+finished stages. (A killed driver, resumed by rerunning the same command:
+tests/test_parallel.py.)
 
 It runs with the GPU recipe turned on, rehearsed on the CPU (issue 20): bf16 autocast,
 channels_last (NHWC from the DALI graph), torch.compile (compile(DDP(net)), aot_eager backend: see below),
@@ -21,8 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from services import tiny_plan
-from test_resilience import wait_for
+from services import stage_history, step_records, tiny_plan, wait_for
 
 from pipeline.stages import load_plan
 
@@ -61,6 +63,7 @@ def test_staged_plan_on_ray_tracks_everything_and_resumes(tmp_path, shards, ray_
 
     plan = load_plan(tiny_plan(
         tmp_path, shards, name="tiny", experiment="tiny-test", epochs=4, log_every_steps=2, max_failures=1,
+        checkpoint_every_steps=4,  # mid-epoch checkpoints (steps 4 and 8 of 9) besides the epoch ends
         # compile through Dynamo, DDP's graph splitting and AOTAutograd without inductor's code
         # generation: on 2 shared cores inductor's CPU codegen cost 330 s of this test (694 s
         # cold against 363 s), and the code a GPU runs is Triton's, which only a GPU can show.
@@ -79,10 +82,17 @@ def test_staged_plan_on_ray_tracks_everything_and_resumes(tmp_path, shards, ray_
         except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
             outcome["error"] = exc
 
-    def a_epochs() -> int:
-        try:
-            from test_resilience import stage_history
+    storage, steps_seen, streams = tmp_path / "runs", set(), []  # the checkpoints' steps and generators
 
+    def a_epochs() -> int:
+        for ckpt in sorted((storage / "tiny-1-A").glob("checkpoint_*")):
+            try:
+                state = torch.load(ckpt / "state.pt", weights_only=False)
+                steps_seen.add(state["step"])
+                streams.append(state["rng"])
+            except Exception:  # noqa: BLE001 - being written or already rotated away
+                pass
+        try:
             return len(stage_history(mlflow_uri, "tiny-test", "A", "train_loss")[1])
         except Exception:  # noqa: BLE001 - the store or the run may not exist yet
             return 0
@@ -126,8 +136,16 @@ def test_staged_plan_on_ray_tracks_everything_and_resumes(tmp_path, shards, ray_
         assert len(client.get_metric_history(stages["A"].info.run_id, key)) == 4, key
     assert client.get_metric_history(stages["A"].info.run_id, "val_images")[0].value == 48  # each val image once
     # per-step curves every 2 steps (and at each epoch's end): 144 images / 16 = 9 steps an epoch
+    # (and at the mid-epoch checkpoints, 4 and 8), each once across the kill and the resume
     per_step = sorted(client.get_metric_history(stages["A"].info.run_id, "step/train_loss"), key=lambda m: m.step)
-    assert [m.step for m in per_step] == [e * 9 + s for e in range(4) for s in (2, 4, 6, 8, 9)]
+    assert [m.step for m in per_step] == step_records(4, 9, 2, checkpoint_every=4)
+    assert steps_seen & {4, 8} and 9 in steps_seen, steps_seen  # mid-epoch checkpoints besides the epoch ends
+    ranks = streams[-1]["ranks"]  # every rank's own generator (each rank draws its own dropout masks)
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["cpu"], ranks[1]["cpu"])
+    at_step = client.get_metric_history(stages["A"].info.run_id, "resumed_at_step")
+    assert {m.value for m in at_step} <= {0, 4, 8}
+    lrs = client.get_metric_history(stages["A"].info.run_id, "step/lr")
+    assert all(m.value == pytest.approx(0.05 * 16 / 256) for m in lrs)  # the lr scaled to the global batch
     for key in ("step/lr", "step/images_per_sec", "step/data_wait_fraction"):
         assert len(client.get_metric_history(stages["A"].info.run_id, key)) == len(per_step), key
     # the node's machine figures beside them (one sampling worker per node; both workers share this one)
