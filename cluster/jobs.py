@@ -147,6 +147,29 @@ def submit_once(jobs, entrypoint: str, base_id: str, *, tracking_uri: str | None
 SHARED_FLAG = "--storage-is-shared"
 
 
+def checked_plan(path: str, overrides: list[str], storage_is_shared: bool, what: str = "submitted"):
+    """The plan, validated here before anything reaches the cluster (keys and values, what
+    of its shard set and storage this machine can see, storage every node can reach), or
+    ValueError with every problem, one per line: a typo costs a second, not a job."""
+    from pipeline.config import ConfigError
+    from pipeline.preflight import check_from_afar
+    from pipeline.stages import load_plan
+
+    try:
+        plan = load_plan(path, overrides)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        raise ValueError(f"plan error: {exc}") from None
+    problems = check_from_afar(plan)  # the job's own preflight checks the rest on the cluster
+    if problems:
+        raise ValueError(f"preflight: {len(problems)} problem(s); nothing was {what}:\n"
+                         + "\n".join(f"  {p}" for p in problems))
+    try:
+        check_storage(plan.storage, storage_is_shared)
+    except ValueError as exc:
+        raise ValueError(f"plan error: {exc}") from None
+    return plan
+
+
 def check_storage(storage: str, shared: bool) -> None:
     """Refuse a plan whose checkpoint `storage` is a path on one machine: Ray Train's
     workers on several nodes write and read checkpoints there, and each would see only

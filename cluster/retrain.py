@@ -92,20 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=None, help="give up waiting for the job after this many seconds")
     a = p.parse_args(argv)
 
-    from pipeline.config import ConfigError
     from pipeline.runner import registered_model_name
-    from pipeline.stages import load_plan
     from pipeline.tracking import TrackingUnreachable, _client, champion, tracking_uri
 
     try:
-        plan = load_plan(a.plan, a.overrides)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"plan error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        jobs.check_storage(plan.storage, a.storage_is_shared)
+        plan = jobs.checked_plan(a.plan, a.overrides, a.storage_is_shared, what="retrained")
     except ValueError as exc:
-        print(f"plan error: {exc}", file=sys.stderr)
+        print(exc, file=sys.stderr)
         return 2
     try:  # the cluster's token before any work: a missing one is said at once
         jobs.ensure_auth(a.address)

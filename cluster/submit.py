@@ -50,28 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wait", action="store_true", help="block until the job ends; exit 0 only if it succeeded")
     a = p.parse_args(argv)
 
-    # Validate here, before anything reaches the cluster: a typo costs a second.
-    from pipeline.config import ConfigError
     from pipeline.runner import default_run_name
-    from pipeline.stages import load_plan
-
-    from pipeline.preflight import check_from_afar
 
     try:
-        plan = load_plan(a.plan, a.overrides)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"plan error: {exc}", file=sys.stderr)
-        return 2
-    problems = check_from_afar(plan)  # the job's own preflight checks the rest on the cluster
-    if problems:
-        print(f"preflight: {len(problems)} problem(s); nothing was submitted:", file=sys.stderr)
-        for problem in problems:
-            print(f"  {problem}", file=sys.stderr)
-        return 2
-    try:
-        jobs.check_storage(plan.storage, a.storage_is_shared)
+        plan = jobs.checked_plan(a.plan, a.overrides, a.storage_is_shared)
     except ValueError as exc:
-        print(f"plan error: {exc}", file=sys.stderr)
+        print(exc, file=sys.stderr)
         return 2
     try:
         uri = jobs.resolve_tracking_uri(a.tracking_uri)
