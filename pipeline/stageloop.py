@@ -6,6 +6,8 @@ pipeline/worker.py, the only module that imports Ray Train.
     stage = StageLoop(config, seat)   # set up: data, net, optimizer, lr schedule
     stage.restore()                   # a checkpoint to resume, or the weights to start from
     return stage.run()                # train epochs; report each; None, or why it FAILED
+
+(`run_stage` does exactly that, and stops the node's system-figure sampler after.)
 """
 
 from __future__ import annotations
@@ -28,6 +30,15 @@ def say(message: str) -> None:
     logs`. (Ray Train patches print() to write twice: to stdout and to its logger.)"""
     sys.stdout.write(message + "\n")
     sys.stdout.flush()
+
+
+def run_stage(config: dict, seat: "Seat") -> dict | None:
+    stage = StageLoop(config, seat)
+    try:
+        stage.restore()
+        return stage.run()
+    finally:
+        stage.close()
 
 
 @dataclass

@@ -109,7 +109,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     retried from a checkpoint."""
     import ray.train.torch
 
-    from pipeline.stageloop import Seat, StageLoop
+    from pipeline.stageloop import Seat, run_stage
 
     _quiet_ray_train_info()
     ctx = ray.train.get_context()
@@ -122,12 +122,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
                 resume=_load_state(resume) if resume is not None else None,
                 init=_load_state(config["init_checkpoint"]) if config.get("init_checkpoint") is not None else None,
                 node=ray.get_runtime_context().get_node_id()[:8], samples_node=ctx.get_local_rank() == 0)
-    stage = StageLoop(config, seat)
-    try:
-        stage.restore()
-        return stage.run()
-    finally:
-        stage.close()
+    return run_stage(config, seat)
 
 
 def _report(metrics: dict, checkpoint_dir: Path | None) -> None:

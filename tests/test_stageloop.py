@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from services import tiny_plan
 
-from pipeline.stageloop import CHECKPOINT_FILE, Seat, StageLoop
+from pipeline.stageloop import CHECKPOINT_FILE, Seat, StageLoop, run_stage
 from pipeline.stages import load_plan
 
 
@@ -24,15 +24,6 @@ def _seat(reports: list, resume: dict | None = None, samples_node: bool = False)
                 node="n0", samples_node=samples_node)
 
 
-def _run(config: dict, seat: Seat):
-    stage = StageLoop(config, seat)
-    try:
-        stage.restore()
-        return stage.run()
-    finally:
-        stage.close()
-
-
 def test_each_epoch_reports_with_its_checkpoint_and_a_resume_continues_where_it_stopped(tmp_path, shards,
                                                                                         monkeypatch):
     monkeypatch.setattr("pipeline.sysmetrics.INTERVAL_S", 0.05)
@@ -43,7 +34,7 @@ def test_each_epoch_reports_with_its_checkpoint_and_a_resume_continues_where_it_
     first: list = []
     # two epochs, then the worker "dies": the second epoch's checkpoint is what a restart gets
     two = {"stage": replace(stage, recipe=replace(stage.recipe, epochs=2)), "data": plan.data}
-    assert _run(two, _seat(first, samples_node=True)) is None
+    assert run_stage(two, _seat(first, samples_node=True)) is None
     epochs = [m["epoch"] for m, s in first if s is not None]
     assert epochs == [0, 1] and first[0][0]["data_hash"] and first[0][0]["step_log"]  # the dataset rides once
     assert "data_hash" not in first[1][0]
@@ -56,10 +47,10 @@ def test_each_epoch_reports_with_its_checkpoint_and_a_resume_continues_where_it_
     assert set(last["model"]) == set(StageLoop(config, _seat([])).model.state_dict())  # plain names, no module.
     # the full recipe resumes at epoch 3, replaying what the checkpoint's report carried
     resumed: list = []
-    assert _run(config, _seat(resumed, resume=last)) is None
+    assert run_stage(config, _seat(resumed, resume=last)) is None
     assert [m["epoch"] for m, s in resumed if s is not None] == [2]
     assert resumed[0][0]["replay"]["epoch"] == 1 and resumed[0][0]["resumed_from_epoch"] == 1
     # a checkpoint of the last epoch is booked as it is: one report, nothing trained
     booked: list = []
-    assert _run(config, _seat(booked, resume=resumed[-1][1])) is None
+    assert run_stage(config, _seat(booked, resume=resumed[-1][1])) is None
     assert len(booked) == 1 and booked[0][1] is None and booked[0][0]["replay"]["epoch"] == 2
