@@ -51,7 +51,8 @@ def test_train_dry_run_prints_the_papers_order():
     out = run(["train", "--plan", "pipeline/plans/paper.yaml", "--dry-run"])
     assert out.returncode == 0
     lines = [line.split(":")[0] for line in out.stdout.splitlines()]
-    assert lines[0] == "plan paper, recipe" and "recipe: paper\n" in out.stdout
+    assert lines[0] == "plan paper, recipe" and "recipe: paper (deviation from the paper: bf16_autocast:" in out.stdout
+    assert "float16_batches:" in out.stdout.splitlines()[0]  # every declared deviation, where the plan is shown
     assert lines.index("A") < lines.index("D-256") < lines.index("D-384") < lines.index("D-multi")
     assert "D-384: D S=384 <- D-256" in out.stdout and "warmup" not in out.stdout
     # 12 stages, 4 waves deep: what a parallel schedule runs side by side
