@@ -97,10 +97,12 @@ def test_invalid_plan_fails_before_ray_or_mlflow(tmp_path, capsys, monkeypatch):
 
     db = tmp_path / "never.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    started = []  # a tripwire: this test process may already hold another test's Ray session
+    monkeypatch.setattr(ray, "init", lambda *a, **k: started.append(a) or pytest.fail("Ray was started"))
     bad = write(tmp_path, MINI.replace("arch: B", "arch: Q"))
     assert cli_main(["train", "--plan", str(bad)]) == 2
     assert "stages.B.arch" in capsys.readouterr().err
-    assert not ray.is_initialized()
+    assert started == []
     assert not db.exists()  # MLflow was never touched
 
 
