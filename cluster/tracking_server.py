@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                    default=os.environ.get("MLFLOW_BACKEND_STORE_URI") or default_store(),
                    help="backend store URI: postgresql://USER@HOST:PORT/DB (password: PGPASSWORD or --password-file), "
                         "sqlite:///FILE, or any SQLAlchemy URL MLflow supports (default: MLFLOW_BACKEND_STORE_URI, "
-                        "else the store every pipeline command uses by default, $VGG_HOME/mlflow.db, ~/.vgg by default)")
+                        "else the store every pipeline command uses by default, $VGG_HOME/mlflow.db, "
+                        "~/.vgg by default)")
     p.add_argument("--password-secret", metavar="NAME",
                    help="AWS Secrets Manager secret whose value is the database password, read with the machine's "
                         "own credentials (on the head of ray_cluster.yaml: its instance profile), so the password "

@@ -98,7 +98,8 @@ class Progress:
         if now - self.last >= self.every and self.done < self.total:
             self.last = now
             rate = self.done / max(now - self.start, 1e-9)
-            self.out.write(f"{self.what}: {self.done:,} of {self.total:,} images ({100 * self.done / self.total:.0f}%), "
+            share = 100 * self.done / self.total
+            self.out.write(f"{self.what}: {self.done:,} of {self.total:,} images ({share:.0f}%), "
                            f"{rate:.0f} img/s, ETA {(self.total - self.done) / max(rate, 1e-9) / 60:.1f} min\n")
             self.out.flush()
 

@@ -4,7 +4,8 @@ The only module that imports MLflow. The store is `MLFLOW_TRACKING_URI` when set
 else one SQLite file per user, `$VGG_HOME/mlflow.db` (`~/.vgg` by default; the plain
 ./mlruns file store is refused by MLflow since 3.13): an absolute path, never one
 relative to the directory a process starts in, which for a Ray job is Ray's temporary
-copy of the repository. `make mlflow-server` serves the same file. A tracking server that is down must not stop training:
+copy of the repository. `make mlflow-server` serves the same file. A tracking server
+that is down must not stop training:
 `MetricsLogger` buffers what it could not send and retries later.
 """
 

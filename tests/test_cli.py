@@ -190,7 +190,8 @@ def test_demo_end_to_end_then_report_and_evaluate(tmp_path, mlflow_uri):
     assert len(ensembles) == 2 and all(r.data.tags.get("registered") for r in ensembles)
     assert len(client.search_model_versions("name = 'vgg-demo-ensemble'")) == 2
     missing = run(["ensemble", "A", "Z", "--experiment", "vgg-demo"], env=env)
-    assert missing.returncode != 0 and "experiment vgg-demo: no finished run of stage 'Z'; finished stages there: A, B" in missing.stderr
+    assert missing.returncode != 0
+    assert "experiment vgg-demo: no finished run of stage 'Z'; finished stages there: A, B" in missing.stderr
 
 
 def test_bench_loader_reports_both_loaders_on_the_same_shards(shards, tmp_path):
