@@ -104,6 +104,22 @@ class Progress:
             self.out.flush()
 
 
+class _Sender:
+    """A task's image counts to the driver's queue, at most once a second: each send is a
+    round trip to the queue's actor, which the evaluation loop should not pay per batch.
+    (What is held back at the end is not sent: the driver's line is a progress estimate,
+    and the task's return value is the count that matters.)"""
+
+    def __init__(self, queue, every: float = 1.0):
+        self.queue, self.every, self.held, self.last = queue, every, 0, float("-inf")  # the first batch at once
+
+    def add(self, images: int) -> None:
+        self.held += images
+        if time.monotonic() - self.last >= self.every:
+            self.queue.put_nowait(self.held)
+            self.held, self.last = 0, time.monotonic()
+
+
 def _stage_posteriors(stage: Stage, checkpoint: str, root: str, split: str, protocol: str, scales: list[int],
                       rank: int, world: int, batch_size: int, threads: int, progress=None):
     """This part's posteriors; `progress`: a Progress (in this process) or a Ray queue
@@ -114,7 +130,7 @@ def _stage_posteriors(stage: Stage, checkpoint: str, root: str, split: str, prot
     device = torch.device("cuda" if stage.resources.use_gpu and torch.cuda.is_available() else "cpu")
     torch.set_num_threads(max(1, threads))
     on_images = progress.add if isinstance(progress, Progress) else (
-        (lambda n: progress.put_nowait(n)) if progress is not None else None)
+        _Sender(progress).add if progress is not None else None)
     return posteriors_by_scale(load_stage_model(stage, checkpoint), DatasetInfo.load(root), split, protocol,
                                scales, crop=stage.recipe.crop, normalize_std=stage.recipe.normalize_std, rank=rank,
                                world=world, device=device, batch_size=batch_size, threads=threads,

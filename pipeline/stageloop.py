@@ -216,7 +216,7 @@ class StageLoop:
                 channels_last=self.channels_last, grad_clip=recipe.optim.grad_clip,
                 log_every=recipe.log_every_steps, on_log=lambda record: self._progress(epoch, record),
                 checkpoint_every=recipe.checkpoint_every_steps,
-                on_checkpoint=lambda step: step < steps and self.report({"epoch": epoch, "step": step}, epoch, step),
+                on_checkpoint=lambda step: self._mid_epoch_checkpoint(epoch, step),
                 lr_at=lambda s: self.schedule.lr_at(epoch * steps + s), start_step=skip,
                 where=f"{self.tag} epoch {epoch + 1}: ")
         except NonFiniteLoss as exc:
@@ -246,6 +246,11 @@ class StageLoop:
             return self.fail("stalled", epoch, stalled)
         self.report(metrics, epoch, steps)
         return None
+
+    def _mid_epoch_checkpoint(self, epoch: int, step: int) -> None:
+        """Every `checkpoint_every_steps` steps; the epoch's end has its own, with its figures."""
+        if step < self.steps:
+            self.report({"epoch": epoch, "step": step}, epoch, step)
 
     def _progress(self, epoch: int, record: dict) -> None:
         """A per-interval record: kept for the next report (rank 0) and, unless stages run
