@@ -255,8 +255,13 @@ def check_tracking(uri: str) -> list[Problem]:
         path = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
         if path is None:
             return [Problem(f"MLFLOW_TRACKING_URI {uri}", "expected sqlite:///PATH", fix)]
-        if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
-            return [Problem(f"MLFLOW_TRACKING_URI {uri}", f"folder {path.parent} missing or not writable", fix)]
+        try:  # a first run on a fresh machine: the store's folder (~/.vgg by default) is made here
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return [Problem(f"MLFLOW_TRACKING_URI {uri}", f"folder {path.parent} cannot be made ({exc.strerror or exc})",
+                            fix)]
+        if not os.access(path.parent, os.W_OK):
+            return [Problem(f"MLFLOW_TRACKING_URI {uri}", f"folder {path.parent} not writable", fix)]
         if path.exists():
             try:
                 with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2) as db:

@@ -94,8 +94,11 @@ def test_storage_that_cannot_be_written_and_tracking_that_does_not_answer(tmp_pa
         port = s.getsockname()[1]
     [problem] = check_tracking(f"http://127.0.0.1:{port}")
     assert "not reachable" in problem.what and "cluster.tracking_server" in problem.fix
-    [problem] = check_tracking(f"sqlite:///{tmp_path / 'missing-dir' / 'mlflow.db'}")
-    assert "missing or not writable" in problem.what
+    # a fresh machine's default store: its folder is made, as MLflow makes the file
+    assert check_tracking(f"sqlite:///{tmp_path / 'fresh' / 'home' / 'mlflow.db'}") == []
+    assert (tmp_path / "fresh" / "home").is_dir()
+    [problem] = check_tracking(f"sqlite:///{blocker / 'home' / 'mlflow.db'}")
+    assert f"folder {blocker / 'home'} cannot be made" in problem.what
 
 
 def test_train_exits_2_in_seconds_without_starting_ray(shard_copy, tmp_path):
