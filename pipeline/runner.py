@@ -59,15 +59,17 @@ def default_run_name(plan: Plan, fresh: bool = False) -> str:
 def _ensure_ray(address: str | None, plan: Plan) -> None:
     import ray
 
+    from pipeline import rayconsole
+
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        rayconsole.connect(address)
         return
     # A local single-node cluster sized for the largest stage.
     cpus = max(int(s.resources.num_workers * s.resources.cpus_per_worker + 0.999) for s in plan.stages.values())
-    ray.init(num_cpus=max(cpus, os.cpu_count() or 1), dashboard_host="127.0.0.1")
+    rayconsole.start_local(max(cpus, os.cpu_count() or 1), dashboard_host="127.0.0.1")
 
 
 def registered_model_name(plan: Plan, stage: Stage) -> str:

@@ -118,6 +118,8 @@ def test_demo_end_to_end_then_report_and_evaluate(tmp_path, mlflow_uri):
                "--set", "stages.B.recipe.epochs=1"], env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "data_prep/shard.py" in out.stdout and "sharded train 600, val 150 images" in out.stdout
+    console = out.stdout + out.stderr  # no Ray-internal chatter (pipeline/rayconsole.py), no traceback
+    assert "'PreemptionWatcher'" not in console and "Traceback" not in console, console[-3000:]
     training = out.stdout.split("== the paper's test protocols")[0]
     table = [line for line in training.splitlines() if line.startswith("| A ") or line.startswith("| B ")]
     assert len(table) == 2
