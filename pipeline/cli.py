@@ -152,13 +152,13 @@ def _stage_run_id(client, experiment: str | None, run_id: str | None, stage: str
 def evaluate_protocols(uri: str, run_ids: list[str], protocols: list[str], scales: list[int] | None, workers: int,
                        batch_size: int = 32, data_root: str | None = None, split: str = "val",
                        address: str | None = None) -> list[dict]:
-    from pipeline.evaluate import evaluate_run
+    from pipeline.evaluate import evaluate_run_protocols
 
     results = []
     for run_id in run_ids:
-        for protocol in protocols:
-            r = evaluate_run(run_id, tracking_uri=uri, protocol=protocol, scales=scales, workers=workers,
-                             batch_size=batch_size, data_root=data_root, split=split, ray_address=address)
+        for r in evaluate_run_protocols(run_id, protocols, tracking_uri=uri, scales=scales, workers=workers,
+                                        batch_size=batch_size, data_root=data_root, split=split,
+                                        ray_address=address):
             print(f"{r['stage']}: {r['metric_prefix']}: top-1 error {r['top1_error']:.2f}%, top-5 error "
                   f"{r['top5_error']:.2f}% over {r['images']} images (run {run_id})", flush=True)
             for q, e in r["per_scale"].items():

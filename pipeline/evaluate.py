@@ -120,35 +120,37 @@ class _Sender:
             self.held, self.last = 0, time.monotonic()
 
 
-def _stage_posteriors(stage: Stage, checkpoint: str, root: str, split: str, protocol: str, scales: list[int],
+def _stage_posteriors(stage: Stage, checkpoint: str, root: str, split: str, parts: str, scales: list[int],
                       rank: int, world: int, batch_size: int, threads: int, progress=None):
-    """This part's posteriors; `progress`: a Progress (in this process) or a Ray queue
-    that the driver reads (in a Ray task)."""
+    """This rank's posteriors of each pass in `parts` ("dense+multicrop": both passes) at
+    each Q, keyed (pass, Q); `progress`: a Progress (in this process) or a Ray queue that
+    the driver reads (in a Ray task)."""
     from pipeline.data import DatasetInfo
-    from pipeline.protocols import posteriors_by_scale
+    from pipeline.protocols import parts_by_scale
 
     device = torch.device("cuda" if stage.resources.use_gpu and torch.cuda.is_available() else "cpu")
     torch.set_num_threads(max(1, threads))
     on_images = progress.add if isinstance(progress, Progress) else (
         _Sender(progress).add if progress is not None else None)
-    return posteriors_by_scale(load_stage_model(stage, checkpoint), DatasetInfo.load(root), split, protocol,
-                               scales, crop=stage.recipe.crop, normalize_std=stage.recipe.normalize_std, rank=rank,
-                               world=world, device=device, batch_size=batch_size, threads=threads,
-                               on_images=on_images)
+    return parts_by_scale(load_stage_model(stage, checkpoint), DatasetInfo.load(root), split, parts.split("+"),
+                          scales, crop=stage.recipe.crop, normalize_std=stage.recipe.normalize_std, rank=rank,
+                          world=world, device=device, batch_size=batch_size, threads=threads, on_images=on_images)
 
 
-def run_posteriors_by_scale(stage: Stage, checkpoint: str, root: str, split: str, protocol: str,
-                            scales: list[int], *, workers: int = 1, batch_size: int = 32,
-                            ray_address: str | None = None) -> dict:
-    """All of the split's posteriors at each Q: one Ray task per shard of the split when
-    workers > 1, else in this process. Every image exactly once, or an error."""
+def run_parts_by_scale(stage: Stage, checkpoint: str, root: str, split: str, parts: list[str],
+                       scales: list[int], *, workers: int = 1, batch_size: int = 32,
+                       ray_address: str | None = None) -> dict:
+    """All of the split's posteriors of each pass at each Q, keyed (pass, Q): one Ray task
+    per shard of the split when workers > 1, else in this process. Every image exactly
+    once, or an error."""
     from pipeline.data import DatasetInfo
     from pipeline.protocols import Posteriors
 
     info = DatasetInfo.load(root)
     threads = max(1, int(stage.resources.cpus_per_worker))
-    progress = Progress(f"evaluate {stage.name} {protocol} Q={'-'.join(map(str, scales))}",
-                        info.counts[split] * len(scales) * len(protocol.split("+")))
+    what = "+".join(parts)
+    progress = Progress(f"evaluate {stage.name} {', '.join(parts)} Q={'-'.join(map(str, scales))}",
+                        info.counts[split] * len(scales) * len(parts))
     if workers > 1:
         import ray
         from ray.util.queue import Empty, Queue
@@ -158,10 +160,10 @@ def run_posteriors_by_scale(stage: Stage, checkpoint: str, root: str, split: str
         task = ray.remote(_stage_posteriors)
         counts = Queue(actor_options={"num_cpus": 0})  # images done, from every task
         names = {task.options(num_cpus=stage.resources.cpus_per_worker, num_gpus=1 if stage.resources.use_gpu else 0,
-                              name=f"evaluate {stage.name} {protocol} {split} part {r + 1}/{workers}").remote(
-            stage, checkpoint, root, split, protocol, scales, r, workers, batch_size, threads, counts): r
+                              name=f"evaluate {stage.name} {what} {split} part {r + 1}/{workers}").remote(
+            stage, checkpoint, root, split, what, scales, r, workers, batch_size, threads, counts): r
             for r in range(workers)}
-        parts = [None] * workers
+        shares = [None] * workers
         waiting = list(names)
         try:
             while waiting:
@@ -174,26 +176,37 @@ def run_posteriors_by_scale(stage: Stage, checkpoint: str, root: str, split: str
                 if not ready:
                     continue
                 try:
-                    parts[names[ready[0]]] = ray.get(ready[0])
+                    shares[names[ready[0]]] = ray.get(ready[0])
                 except Exception as exc:
                     for ref in waiting:  # the others' work is wasted once one part is missing
                         ray.cancel(ref, force=True)
                     cause = getattr(exc, "cause", None) or exc  # the task's own error, not Ray's wrapping of it
                     part = names[ready[0]] + 1
-                    raise RuntimeError(f"evaluation task {part} of {workers} ({stage.name}, {protocol}, {split} part "
+                    raise RuntimeError(f"evaluation task {part} of {workers} ({stage.name}, {what}, {split} part "
                                        f"{part}) failed; the other {len(waiting)} still running were cancelled: "
                                        f"{type(cause).__name__}: {str(cause)[:2000]}") from exc
         finally:
             counts.shutdown()
     else:
-        parts = [_stage_posteriors(stage, checkpoint, root, split, protocol, scales, 0, 1, batch_size, threads,
-                                   progress)]
+        shares = [_stage_posteriors(stage, checkpoint, root, split, what, scales, 0, 1, batch_size, threads,
+                                    progress)]
     out = {}
-    for q in scales:
-        post = Posteriors.concat([part[q] for part in parts])
-        exactly_once(post, info, split, f"{protocol} at Q={q}")
-        out[q] = post
+    for key in shares[0]:
+        post = Posteriors.concat([share[key] for share in shares])
+        exactly_once(post, info, split, f"{key[0]} at Q={key[1]}")
+        out[key] = post
     return out
+
+
+def run_posteriors_by_scale(stage: Stage, checkpoint: str, root: str, split: str, protocol: str,
+                            scales: list[int], *, workers: int = 1, batch_size: int = 32,
+                            ray_address: str | None = None) -> dict:
+    """All of the split's posteriors under `protocol` at each Q."""
+    from pipeline.protocols import combine, protocol_parts
+
+    parts = run_parts_by_scale(stage, checkpoint, root, split, protocol_parts([protocol]), scales, workers=workers,
+                               batch_size=batch_size, ray_address=ray_address)
+    return combine(parts, protocol, scales)
 
 
 def exactly_once(post, info, split: str, protocol: str) -> None:
@@ -215,8 +228,20 @@ def run_posteriors(stage: Stage, checkpoint: str, root: str, split: str, protoco
 def evaluate_run(run_id: str, *, tracking_uri: str, protocol: str = "dense", scales: list[int] | None = None,
                  workers: int = 1, batch_size: int = 32, data_root: str | None = None, split: str = "val",
                  ray_address: str | None = None) -> dict:
-    from pipeline.protocols import average_scales, default_scales, metric_prefix, write_parquet
-    from pipeline.tracking import MetricsLogger, _client
+    return evaluate_run_protocols(run_id, [protocol], tracking_uri=tracking_uri, scales=scales, workers=workers,
+                                  batch_size=batch_size, data_root=data_root, split=split,
+                                  ray_address=ray_address)[0]
+
+
+def evaluate_run_protocols(run_id: str, protocols: list[str], *, tracking_uri: str, scales: list[int] | None = None,
+                           workers: int = 1, batch_size: int = 32, data_root: str | None = None,
+                           split: str = "val", ray_address: str | None = None) -> list[dict]:
+    """Evaluate a finished stage run under each of `protocols`, each pass computed once:
+    protocols at the same scales share their passes (dense, multicrop and dense+multicrop
+    cost the dense and the multi-crop pass). Each protocol's figures and posteriors are
+    logged to the run; one result per protocol, in order."""
+    from pipeline.protocols import combine, default_scales, protocol_parts
+    from pipeline.tracking import _client
 
     client = _client(tracking_uri)
     run = client.get_run(run_id)
@@ -224,12 +249,28 @@ def evaluate_run(run_id: str, *, tracking_uri: str, protocol: str = "dense", sca
     checkpoint = run.data.tags.get("checkpoint")
     if not checkpoint:
         raise ValueError(f"run {run_id}: stage {stage.name} has not finished (no checkpoint tag)")
-    scales = list(scales or default_scales(protocol, stage.scale_range, stage.eval_scale, stage.recipe.crop))
     root = data_root or run.data.params.get("data.root")
     if not root:
         raise ValueError(f"run {run_id}: no data.root param; pass --data-root")
-    by_scale = run_posteriors_by_scale(stage, checkpoint, root, split, protocol, scales, workers=workers,
-                                       batch_size=batch_size, ray_address=ray_address)
+    at = {p: list(scales or default_scales(p, stage.scale_range, stage.eval_scale, stage.recipe.crop))
+          for p in protocols}
+    passes = {}
+    for qs in dict.fromkeys(tuple(q) for q in at.values()):  # each set of scales once, its passes once
+        group = [p for p in protocols if tuple(at[p]) == qs]
+        passes[qs] = run_parts_by_scale(stage, checkpoint, root, split, protocol_parts(group), list(qs),
+                                        workers=workers, batch_size=batch_size, ray_address=ray_address)
+    return [_log_protocol(client, tracking_uri, run_id, stage.name, protocol,
+                          combine(passes[tuple(at[protocol])], protocol, at[protocol]))
+            for protocol in protocols]
+
+
+def _log_protocol(client, tracking_uri: str, run_id: str, stage: str, protocol: str, by_scale: dict) -> dict:
+    """One protocol's figures (over its scales, and each scale on its own) and posteriors,
+    logged to the run."""
+    from pipeline.protocols import average_scales, metric_prefix, write_parquet
+    from pipeline.tracking import MetricsLogger
+
+    scales = list(by_scale)
     post = average_scales(by_scale)
     result = post.errors()
     prefix = metric_prefix(protocol, scales)
@@ -246,7 +287,7 @@ def evaluate_run(run_id: str, *, tracking_uri: str, protocol: str = "dense", sca
         path = Path(tmp) / f"{prefix}.parquet"
         write_parquet(post, path)
         client.log_artifact(run_id, str(path), POSTERIORS_DIR)
-    return dict(result, metric_prefix=prefix, run_id=run_id, stage=stage.name, scales=scales, protocol=protocol,
+    return dict(result, metric_prefix=prefix, run_id=run_id, stage=stage, scales=scales, protocol=protocol,
                 per_scale=per_scale)
 
 

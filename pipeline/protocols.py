@@ -141,24 +141,27 @@ def _multicrop(model, info, split, q, crop, normalize_std, rank, world, device, 
 _RUNNERS = {"single": _single, "dense": _dense, "multicrop": _multicrop}
 
 
-def posteriors_by_scale(model, info, split: str, protocol: str, scales: list[int], *, crop: int,
-                        normalize_std: bool, rank: int = 0, world: int = 1,
-                        device: torch.device = torch.device("cpu"), batch_size: int = 32,
-                        threads: int = 2, on_images=None) -> dict[int, Posteriors]:
-    """This rank's share of the split under `protocol` at each Q of `scales` on its own.
-    A multi-scale evaluation computes every single-scale one on the way: Table 4's
-    dense over {S-32, S, S+32} holds Table 3's dense at Q = S. `on_images(n)` is told
-    after each batch how many images it held (progress)."""
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol {protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+def protocol_parts(protocols: list[str]) -> list[str]:
+    """The passes these protocols need, each once: dense+multicrop is made of the dense
+    and multi-crop passes, so evaluating all three costs two."""
+    for protocol in protocols:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol {protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+    return list(dict.fromkeys(part for protocol in protocols for part in protocol.split("+")))
+
+
+def parts_by_scale(model, info, split: str, parts: list[str], scales: list[int], *, crop: int,
+                   normalize_std: bool, rank: int = 0, world: int = 1, device: torch.device = torch.device("cpu"),
+                   batch_size: int = 32, threads: int = 2, on_images=None) -> dict[tuple[str, int], Posteriors]:
+    """This rank's share of the split for each pass (`part`: single, dense or multicrop) at
+    each Q of `scales` on its own, keyed (part, Q), probabilities in float64 until combined.
+    `on_images(n)` is told after each batch how many images it held (progress)."""
     if min(scales) < crop:
         raise ValueError(f"test scale Q={min(scales)} is smaller than the {crop}px crop")
     model = model.eval().to(device)
     expected = rank_keys(info, split, rank, world)
-    parts = protocol.split("+")
     labels, keys, out = None, None, {}
     for q in scales:
-        total = None
         for part in parts:
             probs, labs, read = [], [], []
             for p, y, k in _RUNNERS[part](model, info, split, q, crop, normalize_std, rank, world, device,
@@ -171,13 +174,36 @@ def posteriors_by_scale(model, info, split: str, protocol: str, scales: list[int
             p = torch.cat(probs).numpy().astype(np.float64)
             y = torch.cat(labs).numpy().astype(np.int64)
             # The keys the loader returned, not the index's: a sample read twice or never shows.
-            check_keys(read, expected, f"{protocol} at Q={q}, rank {rank} of {world}: ")
+            check_keys(read, expected, f"{part} at Q={q}, rank {rank} of {world}: ")
             if keys is not None and (read != keys or not np.array_equal(labels, y)):
-                raise RuntimeError(f"{protocol}: rank {rank} read its images in a different order at Q={q}")
+                raise RuntimeError(f"{part}: rank {rank} read its images in a different order at Q={q}")
             labels, keys = y, read
-            total = p if total is None else total + p
-        out[q] = Posteriors(list(keys), labels, (total / len(parts)).astype(np.float32))
+            out[(part, q)] = Posteriors(list(read), y, p)
     return out
+
+
+def combine(parts: dict[tuple[str, int], Posteriors], protocol: str, scales: list[int]) -> dict[int, Posteriors]:
+    """`protocol` at each Q from its passes: dense+multicrop averages the dense and the
+    multi-crop posteriors (Section 3.2)."""
+    out = {}
+    for q in scales:
+        passes = [parts[(part, q)] for part in protocol.split("+")]
+        probs = np.mean([p.probs.astype(np.float64) for p in passes], axis=0)
+        out[q] = Posteriors(list(passes[0].keys), passes[0].labels, probs.astype(np.float32))
+    return out
+
+
+def posteriors_by_scale(model, info, split: str, protocol: str, scales: list[int], *, crop: int,
+                        normalize_std: bool, rank: int = 0, world: int = 1,
+                        device: torch.device = torch.device("cpu"), batch_size: int = 32,
+                        threads: int = 2, on_images=None) -> dict[int, Posteriors]:
+    """This rank's share of the split under `protocol` at each Q of `scales` on its own.
+    A multi-scale evaluation computes every single-scale one on the way: Table 4's
+    dense over {S-32, S, S+32} holds Table 3's dense at Q = S."""
+    parts = parts_by_scale(model, info, split, protocol_parts([protocol]), scales, crop=crop,
+                           normalize_std=normalize_std, rank=rank, world=world, device=device,
+                           batch_size=batch_size, threads=threads, on_images=on_images)
+    return combine(parts, protocol, scales)
 
 
 def average_scales(by_scale: dict[int, Posteriors]) -> Posteriors:

@@ -83,6 +83,25 @@ def test_protocols_match_the_per_image_reference(net, info, protocol):
     assert ours.errors()["images"] == truth["images"] == 48
 
 
+def test_table_5s_three_protocols_cost_two_passes(net, info):
+    """dense, multicrop and dense+multicrop from one dense and one multi-crop pass (each
+    image counted once per pass and scale), each equal to the per-image reference."""
+    from pipeline.protocols import combine, parts_by_scale, protocol_parts
+
+    protocols, scales, seen = ["dense", "multicrop", "dense+multicrop"], [36, 44], []
+    parts = protocol_parts(protocols)
+    assert parts == ["dense", "multicrop"]
+    passes = parts_by_scale(net, info, "val", parts, scales, crop=CROP, normalize_std=False, batch_size=5,
+                            threads=1, on_images=seen.append)
+    assert sum(seen) == 48 * len(scales) * 2
+    for protocol in protocols:
+        by_scale = combine(passes, protocol, scales)
+        mean = np.mean([by_scale[q].probs for q in scales], axis=0)
+        np.testing.assert_allclose(mean, reference(net, info, protocol, scales), atol=2e-5)
+    with pytest.raises(ValueError, match=r"protocol 'dense\+flip'"):
+        protocol_parts(["dense+flip"])
+
+
 def test_each_scale_of_a_multi_scale_run_is_that_scales_own_protocol(net, info):
     """Table 3's number (dense at one Q) comes out of Table 4's run (dense over three Q):
     each scale's posteriors are the per-image reference at that Q alone."""
