@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="evaluate a finished stage under the paper's test protocols")
     e.add_argument("--run-id", help="MLflow run id of a stage")
     e.add_argument("--experiment", help="with --stage: that stage's latest finished run")
-    e.add_argument("--stage", help="stage name, e.g. D384")
+    e.add_argument("--stage", help="stage name, e.g. D-384")
     e.add_argument("--protocol", nargs="+", choices=PROTOCOLS, default=["dense"], metavar="PROTOCOL",
                    help="dense (default, the paper's Section 3.2): whole image, FC as conv, + flip; multicrop: "
                         "5x5 grid + flips; dense+multicrop: both averaged; single: Q, one centre crop (ours, "

@@ -109,8 +109,26 @@ def test_paper_fast_is_the_paper_plan_at_batch_2048_with_warmup_and_says_so():
     assert "A: A S=256, 74 epochs, batch 2048, lr 0.01, warmup 5 epochs" in out.stdout
 
 
+def in_process(argv, capsys):
+    """A command as `python -m pipeline` runs it, in this process (no torch/MLflow import
+    to pay again), with what it printed and its exit status."""
+    from types import SimpleNamespace
+
+    from pipeline.cli import main
+
+    capsys.readouterr()
+    try:
+        rc = main(argv)
+    except SystemExit as exc:  # what Python prints and returns for an uncaught SystemExit
+        rc = exc.code if isinstance(exc.code, int) else 1
+        if exc.code is not None and not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=rc, stdout=out.out, stderr=out.err)
+
+
 @pytest.mark.slow
-def test_demo_end_to_end_then_report_and_evaluate(tmp_path, mlflow_uri):
+def test_demo_end_to_end_then_report_and_evaluate(tmp_path, mlflow_uri, capsys, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_uri)
@@ -157,7 +175,13 @@ def test_demo_end_to_end_then_report_and_evaluate(tmp_path, mlflow_uri):
     assert list(rows["class_name"]) and all(len(t) == 5 for t in rows["top5_ids"])
     assert "## Table 6: ensembles" in out.stdout and "| ensemble-A+B (A,B) | - |" in out.stdout
 
-    report = run(["report", "--experiment", "vgg-demo", "--out", str(tmp_path / "report")], env=env)
+    # the commands a user runs next, each as `python -m pipeline` runs it (in this process)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+
+    def cli(argv, env=None):
+        return in_process(argv, capsys)
+
+    report = cli(["report", "--experiment", "vgg-demo", "--out", str(tmp_path / "report")], env=env)
     assert report.returncode == 0, report.stderr[-2000:]
     assert "| D | [256,512] | 25.6 / 8.1 | not trained |" in report.stdout
     # Table 3 of ours is dense at Q = S; the centre crop only in its own section
@@ -168,22 +192,22 @@ def test_demo_end_to_end_then_report_and_evaluate(tmp_path, mlflow_uri):
                                                                  "curves-B.png"}
 
     stage_a = next(r for r in nested if r.data.tags["stage"] == "A")
-    ev = run(["evaluate", "--run-id", stage_a.info.run_id, "--scale", "80"], env=env)  # the paper's dense by default
+    ev = cli(["evaluate", "--run-id", stage_a.info.run_id, "--scale", "80"], env=env)  # the paper's dense by default
     assert ev.returncode == 0, ev.stderr[-2000:]
     assert "dense_Q80: top-1 error" in ev.stdout and "over 150 images" in ev.stdout
     metrics = client.get_run(stage_a.info.run_id).data.metrics
     assert "dense_Q80/top1_error" in metrics
     # our centre crop again at the training Q: the stage's own number comes back
-    ev72 = run(["evaluate", "--experiment", "vgg-demo", "--stage", "A", "--protocol", "single"], env=env)
+    ev72 = cli(["evaluate", "--experiment", "vgg-demo", "--stage", "A", "--protocol", "single"], env=env)
     assert ev72.returncode == 0
     assert client.get_run(stage_a.info.run_id).data.metrics["single_Q72/top1_error"] == pytest.approx(
         metrics["top1_error"], abs=1e-6)
     # an ensemble named by stages, from the posteriors the demo stored
-    en = run(["ensemble", "A", "B", "--experiment", "vgg-demo", "--protocol", "dense", "--no-register"], env=env)
+    en = cli(["ensemble", "A", "B", "--experiment", "vgg-demo", "--protocol", "dense", "--no-register"], env=env)
     assert en.returncode == 0, en.stderr[-2000:]
     assert "members A, B; dense_Q64-72-81: top-1 error" in en.stdout and "made before" not in en.stdout
     # the same ensemble again (now registered): found, not made a second time
-    again = run(["ensemble", "A", "B", "--experiment", "vgg-demo", "--protocol", "dense"], env=env)
+    again = cli(["ensemble", "A", "B", "--experiment", "vgg-demo", "--protocol", "dense"], env=env)
     assert "ensemble: reading the stored dense_Q64-72-81 posteriors of 2 members" in en.stdout
     assert again.returncode == 0 and "made before: the same members, protocol and selection" in again.stdout
     assert "ensemble: registering vgg-demo-ensemble: loading 2 nets" in again.stdout
@@ -191,7 +215,7 @@ def test_demo_end_to_end_then_report_and_evaluate(tmp_path, mlflow_uri):
     ensembles = client.search_runs([exp.experiment_id], "tags.kind = 'ensemble'")
     assert len(ensembles) == 2 and all(r.data.tags.get("registered") for r in ensembles)
     assert len(client.search_model_versions("name = 'vgg-demo-ensemble'")) == 2
-    missing = run(["ensemble", "A", "Z", "--experiment", "vgg-demo"], env=env)
+    missing = cli(["ensemble", "A", "Z", "--experiment", "vgg-demo"], env=env)
     assert missing.returncode != 0
     assert "experiment vgg-demo: no finished run of stage 'Z'; finished stages there: A, B" in missing.stderr
 

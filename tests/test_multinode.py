@@ -80,28 +80,41 @@ def test_ray_job_submit_runs_the_plan(tmp_path, shards, head_only, mlflow_uri):
     _, runs = _stage_run(mlflow_uri, "twonode-test")
     assert any(r.data.tags["plan_run"] == "submitted" and r.info.status == "FINISHED" for r in runs)
 
-    # cluster.submit for the same plan run: the job runs (the plan run is finished, so it
-    # only reports), and a resubmit, as after a dropped tunnel, starts no second driver. The
-    # tracking address reaches the job absolute even when given relative to the repository.
+    # cluster.submit for the same plan run, as the README's walk-through runs it: no
+    # MLFLOW_TRACKING_URI, so the user's default store ($VGG_HOME/mlflow.db, here the test's
+    # store) goes to the job, absolute; the job runs (the plan run is finished, so it only
+    # reports) and ends with the UI command, whose store holds the runs. A resubmit, as
+    # after a dropped tunnel, starts no second driver.
     import os
 
-    relative = "sqlite:///" + os.path.relpath(mlflow_uri[len("sqlite:///"):], REPO)
+    from mlflow.tracking import MlflowClient
+
+    store = Path(mlflow_uri[len("sqlite:///"):])
+    user = {k: v for k, v in head_only["env"].items() if k != "MLFLOW_TRACKING_URI"} | {"VGG_HOME": str(store.parent)}
     submit = [sys.executable, "-m", "cluster.submit", "--plan", str(plan), "--run-name", "submitted", "--address",
-              head_only["dashboard"], "--tracking-uri", relative, "--storage-is-shared"]
-    first = subprocess.run([*submit, "--wait"], cwd=REPO, env=head_only["env"], capture_output=True, text=True,
-                           timeout=500)
+              head_only["dashboard"], "--storage-is-shared"]
+    first = subprocess.run([*submit, "--wait"], cwd=REPO, env=user, capture_output=True, text=True, timeout=500)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "submitted train-submitted (plan run submitted)" in first.stdout
     assert f"tracking: {mlflow_uri}" in first.stdout, first.stdout
     assert "| A " in first.stdout  # --wait follows the job's own output, its results table included
+    ui = first.stdout.split("MLflow UI: ", 1)[1].splitlines()[0]
+    assert ui.startswith(f"mlflow ui --backend-store-uri {mlflow_uri}"), ui
+    shown = MlflowClient(ui.split("--backend-store-uri ")[1].split()[0])
+    exp = shown.get_experiment_by_name("twonode-test").experiment_id
+    assert shown.search_runs([exp], "tags.plan_run = 'submitted' and tags.kind = 'stage'")
     # the printed follow command works as printed, in a shell that has the token but not token mode
     follow = first.stdout.split("follow: ", 1)[1].splitlines()[0]
     assert f"--address {head_only['dashboard']}" in follow
     env = {k: v for k, v in head_only["env"].items() if k != "RAY_AUTH_MODE"}
     logs = subprocess.run(["bash", "-c", follow], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert logs.returncode == 0 and "| A " in logs.stdout, logs.stdout[-2000:] + logs.stderr[-2000:]
-    again = subprocess.run(submit, cwd=REPO, env=head_only["env"], capture_output=True, text=True, timeout=300)
+    # the tracking address reaches the job absolute even when given relative to the repository
+    relative = "sqlite:///" + os.path.relpath(store, REPO)
+    again = subprocess.run([*submit, "--tracking-uri", relative], cwd=REPO, env=head_only["env"],
+                           capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"tracking: {mlflow_uri}" in again.stdout, again.stdout
     assert "train-submitted was already submitted for plan run submitted (SUCCEEDED): not submitted again" in again.stdout
     listed = subprocess.run([RAY, "job", "list", "--address", head_only["dashboard"]], env=head_only["env"],
                             capture_output=True, text=True, timeout=300)
