@@ -183,9 +183,13 @@ def cmd_ensemble(a) -> int:
     from pipeline.tracking import tracking_uri
 
     uri = tracking_uri()
-    r = run_ensemble(a.members, tracking_uri=uri, experiment=a.experiment, protocol=a.protocol, scales=a.scales,
-                     greedy_max=a.greedy, name=a.name, register=not a.no_register,
-                     say=lambda message: print(f"ensemble: {message}", flush=True))
+    try:
+        r = run_ensemble(a.members, tracking_uri=uri, experiment=a.experiment, protocol=a.protocol, scales=a.scales,
+                         greedy_max=a.greedy, name=a.name, register=not a.no_register,
+                         say=lambda message: print(f"ensemble: {message}", flush=True))
+    except ValueError as exc:  # members that do not resolve or were not evaluated: the message says which
+        print(f"ensemble: {exc}", file=sys.stderr)
+        return 1
     print(f"{r['name']}: members {', '.join(r['member_stages'])}; {r['metric_prefix']}: top-1 error "
           f"{r['top1_error']:.2f}%, top-5 error {r['top5_error']:.2f}% over {r['images']} images (run {r['run_id']}"
           f"{', made before: the same members, protocol and selection' if r['found'] else ''})")
