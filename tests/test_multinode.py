@@ -25,8 +25,10 @@ def two_nodes():
         yield cluster
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def head_only():
+    """One head for this file's tests that need no second node (a cluster start and stop
+    is 15-25 s here)."""
     with ray_cluster_on_loopback("head", [{"cpus": 2, "resources": {"head": 1}}]) as cluster:
         yield cluster
 
@@ -119,3 +121,40 @@ def test_ray_job_submit_runs_the_plan(tmp_path, shards, head_only, mlflow_uri):
     listed = subprocess.run([RAY, "job", "list", "--address", head_only["dashboard"]], env=head_only["env"],
                             capture_output=True, text=True, timeout=300)
     assert listed.stdout.count("submission_id='train-submitted") == 1, listed.stdout[-3000:]
+
+
+def test_token_is_found_in_ray_token_file_and_its_absence_is_explained(tmp_path, head_only):
+    """Ray 2.60's token authentication, as a user meets it on a head started in token mode
+    with a token (as ray_cluster.yaml starts it): cluster.submit and cluster.retrain find
+    the token as Ray's own clients do (the RAY_AUTH_TOKEN variable or ~/.ray/auth_token)
+    and, with none, stop before submitting with the commands to run."""
+    cluster = head_only
+    token = cluster["env"]["RAY_AUTH_TOKEN"]
+    probe = ("from cluster import jobs; c = jobs.client(%r); print('jobs:', len(c.list_jobs()))"
+             % cluster["dashboard"])
+    before = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=cluster["env"], capture_output=True,
+                            text=True, timeout=120)
+    assert before.returncode == 0, before.stderr[-2000:]
+    home = tmp_path / "home"
+    home.mkdir()
+    bare = {k: v for k, v in cluster["env"].items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE",
+                                                                  "RAY_AUTH_TOKEN_PATH")}
+    bare.update(HOME=str(home), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'never.db'}")
+    for tool in ("cluster.submit", "cluster.retrain"):
+        out = subprocess.run([sys.executable, "-m", tool, "--plan", "pipeline/plans/demo.yaml", "--address",
+                              cluster["dashboard"], "--set", f"storage={tmp_path / 'runs'}", "--storage-is-shared"],
+                             cwd=REPO, env=bare, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert "uses token authentication and no token was found" in out.stderr
+        assert "ray get-auth-token" in out.stderr and "export RAY_AUTH_TOKEN=" in out.stderr
+    # nothing was submitted; with the token in Ray's file, the client works
+    (home / ".ray").mkdir()
+    (home / ".ray" / "auth_token").write_text(token)
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=bare, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout == before.stdout, out.stdout + out.stderr[-2000:]
+    # and from the variable, as `export RAY_AUTH_TOKEN=...` gives it
+    env = dict(bare, HOME=str(tmp_path), RAY_AUTH_TOKEN=token)
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout == before.stdout, out.stdout + out.stderr[-2000:]

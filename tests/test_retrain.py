@@ -29,7 +29,11 @@ MODEL = "retrain-test-A"
 
 
 def write_plan(tmp_path: Path, shards: Path) -> Path:
-    return tiny_plan(tmp_path, shards, name="nightly", experiment="retrain-test", stages={"A": {"arch": "A", "scale": 36}},
+    # One worker a job: what is tested here is the schedule around the jobs (DDP across
+    # workers and nodes is test_train's and test_multinode's), and each job's second
+    # worker process cost a torch, DALI and gloo start.
+    return tiny_plan(tmp_path, shards, name="nightly", experiment="retrain-test",
+                     stages={"A": {"arch": "A", "scale": 36, "resources": {"num_workers": 1, "cpus_per_worker": 1}}},
                      epochs=6, log_every_steps=0, optim={"lr": 0.05, "patience": 50})
 
 
