@@ -146,11 +146,10 @@ def fit_stage(stage, data, *, trial_name: str, storage: str, tracking_uri: str |
     `step_lines=False` keeps the console to one line per epoch (stages running side by
     side); the step figures still go to MLflow."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     res = stage.resources
     per_worker = {"CPU": res.cpus_per_worker} | ({"GPU": 1} if res.use_gpu else {})
-    trainer = TorchTrainer(
+    trainer = _stage_trainer()(
         train_loop_per_worker,
         train_loop_config=dict(stage=stage, data=data, init_checkpoint=init_checkpoint, init_layers=init_layers,
                                init_from_label=init_from_label, step_lines=step_lines),
@@ -167,6 +166,23 @@ def fit_stage(stage, data, *, trial_name: str, storage: str, tracking_uri: str |
     if failure is None and result.checkpoint is None:
         raise RuntimeError(f"stage {stage.name}: Ray Train finished without a checkpoint")
     return StageOutcome(result.checkpoint, dict(result.metrics or {}), failure)
+
+
+def _stage_trainer():
+    """TorchTrainer without the Ray Data `DatasetManager` actor that Ray Train 2.60 starts
+    at every worker-group start, restart and resize even for a run with no Ray Datasets
+    (ours read their shards with DALI): one process, with Ray Data's imports, fewer each
+    time. A run given Ray Datasets, or a Ray whose callbacks differ, keeps Ray's own list."""
+    from ray.train.torch import TorchTrainer
+
+    class StageTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            return [c for c in callbacks if type(c).__name__ != "DatasetsCallback"]
+
+    return StageTrainer
 
 
 def checkpoint_uri(checkpoint) -> str:

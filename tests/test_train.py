@@ -178,6 +178,11 @@ def test_staged_plan_on_ray_tracks_everything_and_resumes(tmp_path, shards, ray_
     assert both["images"] == 48 and 0 <= both["top1_error"] <= 100
     logged = client.get_run(stages["A"].info.run_id).data.metrics
     assert logged["dense_multicrop_Q36/top1_error"] == pytest.approx(both["top1_error"])
+    # no Ray Data DatasetManager was started for these DALI-fed stages (one process fewer at
+    # every worker-group start; pipeline/worker.py), while Ray Train's own helpers were
+    # (the GCS's own table: this session's Ray runs without the dashboard the State API needs)
+    started = {a["ActorClassName"] for a in ray_cluster._private.state.actors().values()}
+    assert "TrainController" in started and "DatasetManager" not in started, started
     # the trained model is logged to MLflow and loads back
     import mlflow.pytorch
 
