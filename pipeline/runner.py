@@ -305,6 +305,8 @@ def _finish(tracker, plan: Plan, stage: Stage, srun, future, run_name: str, chec
         failed[stage.name] = message
         say(message)
         return _missing(stage, "failed (crashed)", message, srun.run_id)
+    if outcome.failure is not None and outcome.failure["kind"] == "corrupt":
+        return _corrupt_sample(tracker, stage, srun, outcome, run_name, failed, say)
     if outcome.failure is not None:
         last_good = checkpoint_uri(outcome.checkpoint) if outcome.checkpoint is not None else None
         message = _failure_message(plan, stage, outcome.failure, run_name, last_good)
@@ -325,6 +327,24 @@ def _finish(tracker, plan: Plan, stage: Stage, srun, future, run_name: str, chec
                          bundle=stage_bundle(stage, outcome.checkpoint, plan.data.root))
     say(f"[{stage.name}] finished: top-1 error {final['top1_error']:.2f}%")
     return _result(stage, tracker, srun.run_id, skipped=False)
+
+
+def _corrupt_sample(tracker, stage: Stage, srun, outcome, run_name: str, failed: dict, say) -> StageResult:
+    """A sample no rank could decode stopped every rank: FAILED naming it, but not as a
+    training failure (no failure_kind): the recipe is fine, so a rerun of this plan run
+    resumes the stage from its last checkpoint once the shard is fixed or skipping is on."""
+    from pipeline.worker import checkpoint_uri
+
+    last = checkpoint_uri(outcome.checkpoint) if outcome.checkpoint is not None else "none (it starts again)"
+    message = (f"stage {stage.name} FAILED (corrupt sample) in epoch {outcome.failure['epoch']}: "
+               f"{outcome.failure['reason']}. Nothing was registered. Re-shard the shard named (or add --set "
+               f"data.on_corrupt_sample=skip) and rerun with --run-name {run_name}: {stage.name} resumes from its "
+               f"last checkpoint, {last}.")
+    tracker.fail(srun.run_id, message, {"data_failure": outcome.failure["reason"],
+                                        "failure_epoch": outcome.failure["epoch"]})
+    failed[stage.name] = message
+    say(message)
+    return _missing(stage, "failed (corrupt sample)", message, srun.run_id)
 
 
 def _booking_failed(tracker, stage: Stage, srun, future, exc: Exception, failed: dict, say) -> StageResult:

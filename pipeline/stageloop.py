@@ -107,6 +107,8 @@ class StageLoop:
     def close(self) -> None:
         if self.sampler is not None:
             self.sampler.stop()
+        if getattr(self, "_patches", None) is not None:  # skip mode's patched indexes
+            self._patches.cleanup()
 
     def _load_weights(self) -> None:
         from pipeline.models import init_from, load_state
@@ -196,7 +198,7 @@ class StageLoop:
     def train_epoch(self, epoch: int) -> dict | None:
         """One epoch: train, validate, step the lr schedule, report with a checkpoint."""
         from pipeline.data import train_loader
-        from pipeline.engine import NonFiniteLoss, evaluate, stall_reason, train_one_epoch
+        from pipeline.engine import DataFailure, NonFiniteLoss, evaluate, stall_reason, train_one_epoch
 
         recipe, steps, t0 = self.recipe, self.steps, time.monotonic()
         # One loader per epoch: its order depends on (seed, epoch) only, so a mid-epoch
@@ -207,7 +209,8 @@ class StageLoop:
                                 color_shift=recipe.color_shift, normalize_std=recipe.normalize_std,
                                 device=self.device, seed=recipe.seed, epoch=epoch, threads=self.data.reader_threads,
                                 shuffle_buffer=self.data.shuffle_buffer,
-                                decode=self.data.gpu_decode if self.gpu else "roi", channels_last=self.channels_last)
+                                decode=self.data.gpu_decode if self.gpu else "roi", channels_last=self.channels_last,
+                                **self._corrupt_sample_setting())
         skip = self.start_step if epoch == self.start_epoch else 0
         train_ld.skip(skip)
         try:
@@ -224,16 +227,22 @@ class StageLoop:
             # bad weights are never checkpointed; the records up to the explosion are.
             self.report({"epoch": epoch}, epoch, 0, checkpoint=False)
             return self.fail("diverged", epoch, str(exc))
+        except DataFailure as exc:
+            return self._corrupt(epoch, exc)
+        self._skipped_past(train_ld, stats)
         del train_ld  # frees the epoch's DALI pipeline before the next one is built
         lr = self.schedule.lr
-        val = evaluate(self.net, self.val_ld, self.device, precision=recipe.precision)
+        try:
+            val = evaluate(self.net, self.val_ld, self.device, precision=recipe.precision)
+        except DataFailure as exc:
+            return self._corrupt(epoch, exc)
         decision = self.schedule.step(val["top1_error"])
         resume = self.seat.resume
         metrics = {"epoch": epoch, "step": steps, "train_loss": stats.loss, "val_top1_error": val["top1_error"],
                    "val_top5_error": val["top5_error"], "val_loss": val["loss"], "val_images": val["images"],
                    "lr": lr, "images_per_sec": stats.images_per_sec, "data_wait_fraction": stats.data_wait_fraction,
                    "resumed_from_epoch": -1 if resume is None else resume["epoch"],  # the checkpoint's epoch
-                   "resumed_at_step": skip}
+                   "resumed_at_step": skip, "skipped_samples": stats.skipped_samples}
         if self.rank == 0:
             say(f"{self.tag} epoch {epoch + 1}/{self.epochs}: loss {stats.loss:.4f} val top-1 "
                 f"{val['top1_error']:.2f}% top-5 {val['top5_error']:.2f}% lr {lr:.3g} {stats.images_per_sec:.0f} "
@@ -246,6 +255,42 @@ class StageLoop:
             return self.fail("stalled", epoch, stalled)
         self.report(metrics, epoch, steps)
         return None
+
+    def _corrupt_sample_setting(self) -> dict:
+        return {"skip_corrupt": self.data.on_corrupt_sample == "skip"}
+
+    def _skipped_past(self, train_ld, stats) -> None:
+        """Skip mode, at the epoch's end (a collective: every rank has the same setting):
+        the samples any rank read past stay skipped on every rank in later epochs, when
+        other ranks read those shards; the count goes with the epoch's figures."""
+        if self.data.on_corrupt_sample != "skip":
+            return
+        import tempfile
+
+        import torch.distributed as dist
+
+        from pipeline.data import without_samples
+
+        found = [train_ld.skipped]
+        if dist.is_available() and dist.is_initialized():
+            found = [None] * dist.get_world_size()
+            dist.all_gather_object(found, train_ld.skipped)
+        culprits = list(dict.fromkeys(tuple(c) for rank in found for c in rank))
+        if not culprits:
+            return
+        if self.rank == 0:
+            say(f"{self.tag} skipped {len(culprits)} corrupt sample(s) (data.on_corrupt_sample=skip): "
+                + "; ".join(f"{key!r} in {tar}" for tar, key, _ in culprits))
+        self._patches = getattr(self, "_patches", None) or tempfile.TemporaryDirectory(prefix="vgg-skip-")
+        # each was met this epoch, so none is in the indexes this stage reads yet
+        self.info = without_samples(self.info, culprits, Path(self._patches.name))
+
+    def _corrupt(self, epoch: int, exc: Exception) -> dict:
+        """A sample no rank can read (named by the rank that met it): every rank is here at
+        once (DataFailure is raised at a collective), the epoch's figures so far go out, and
+        the stage FAILS as a training failure (not retried). Its weights are not saved."""
+        self.report({"epoch": epoch}, epoch, 0, checkpoint=False)
+        return self.fail("corrupt", epoch, f"{exc}. To train past it, set data.on_corrupt_sample=skip")
 
     def _mid_epoch_checkpoint(self, epoch: int, step: int) -> None:
         """Every `checkpoint_every_steps` steps; the epoch's end has its own, with its figures."""
