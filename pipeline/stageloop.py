@@ -22,7 +22,29 @@ from typing import Callable
 
 import torch
 
-CHECKPOINT_FILE = "state.pt"
+CHECKPOINT_FILE = "state.pt"  # what resuming needs besides the weights: optimizer, schedule, streams, position
+WEIGHTS_FILE = "weights.pt"  # the net's weights and what serving it needs: all that init_from and booking read
+_WEIGHTS_KEYS = ("model", "arch", "num_classes", "mean_rgb", "std_rgb", "classes")
+
+
+def write_checkpoint(folder: Path, state: dict) -> None:
+    """A stage checkpoint as two files, each tensor once: the weights (and what serving
+    needs) apart from the training state, so a reader that needs only the weights
+    downloads a third of a VGG checkpoint with momentum (no optimizer state)."""
+    torch.save({k: state[k] for k in _WEIGHTS_KEYS if k in state}, folder / WEIGHTS_FILE)
+    torch.save({k: v for k, v in state.items() if k not in _WEIGHTS_KEYS}, folder / CHECKPOINT_FILE)
+
+
+def read_checkpoint(folder: Path, weights_only: bool = False) -> dict:
+    """A checkpoint folder's state: both files merged (checkpoints from before the split
+    have everything in CHECKPOINT_FILE), or with `weights_only` the weights file alone."""
+    weights = folder / WEIGHTS_FILE
+    if weights_only and weights.is_file():
+        return torch.load(weights, map_location="cpu", weights_only=False)
+    state = torch.load(folder / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    if weights.is_file():
+        state |= torch.load(weights, map_location="cpu", weights_only=False)
+    return state
 
 
 def say(message: str) -> None:
@@ -334,12 +356,14 @@ class StageLoop:
         # sends it again, in case the driver died before logging it.
         reported = {k: v for k, v in metrics.items()
                     if k not in ("replay", "data_hash", "data_root", "data_name", "system")}
-        with tempfile.TemporaryDirectory() as tmp:
-            torch.save({"model": plain_names(self.net.state_dict()), "optimizer": self.optimizer.state_dict(),
-                        "schedule": self.schedule.state_dict(), "epoch": epoch, "step": step, "rng": streams,
-                        "arch": self.stage.arch, "num_classes": self.info.num_classes, "reported": reported,
-                        **self._serving_facts()}, Path(tmp) / CHECKPOINT_FILE)
-            self.seat.report(metrics, Path(tmp))
+        # The folder is the seat's once reported: Ray Train uploads it in the background and
+        # then deletes it, so the ranks train on while a checkpoint of ~1 GiB goes to storage.
+        tmp = Path(tempfile.mkdtemp(prefix="vgg-checkpoint-"))
+        write_checkpoint(tmp, {"model": plain_names(self.net.state_dict()), "optimizer": self.optimizer.state_dict(),
+                               "schedule": self.schedule.state_dict(), "epoch": epoch, "step": step, "rng": streams,
+                               "arch": self.stage.arch, "num_classes": self.info.num_classes, "reported": reported,
+                               **self._serving_facts()})
+        self.seat.report(metrics, tmp)
 
     def _serving_facts(self) -> dict:
         """What a registered model needs to classify an image on its own (pipeline/serving.py),

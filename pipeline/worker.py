@@ -16,7 +16,7 @@ from pathlib import Path
 import ray.train
 import torch
 
-from pipeline.stageloop import CHECKPOINT_FILE
+from pipeline.stageloop import CHECKPOINT_FILE, WEIGHTS_FILE, read_checkpoint  # noqa: F401 - CHECKPOINT_FILE for readers
 
 
 
@@ -97,8 +97,24 @@ def _quiet_ray_train_info() -> None:
 
 
 def _load_state(checkpoint) -> dict:
+    """Everything a resume needs (both files of the checkpoint)."""
     with checkpoint.as_directory() as d:
-        return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        return read_checkpoint(Path(d))
+
+
+def _load_weights(checkpoint) -> dict:
+    """The weights (and serving facts) alone: only the weights file is read from storage,
+    not the optimizer state beside it (for init_from and booking). Checkpoints written
+    before the split have no weights file: all of theirs is read."""
+    import io
+
+    import pyarrow.fs
+
+    fs, path = checkpoint.filesystem, f"{checkpoint.path.rstrip('/')}/{WEIGHTS_FILE}"
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return _load_state(checkpoint)
+    with fs.open_input_stream(path) as stream:
+        return torch.load(io.BytesIO(stream.read()), map_location="cpu", weights_only=False)
 
 
 def train_loop_per_worker(config: dict) -> dict | None:
@@ -120,14 +136,23 @@ def train_loop_per_worker(config: dict) -> dict | None:
                 wrap=lambda model: ray.train.torch.prepare_model(
                     model, parallel_strategy_kwargs={"gradient_as_bucket_view": True}),
                 resume=_load_state(resume) if resume is not None else None,
-                init=_load_state(config["init_checkpoint"]) if config.get("init_checkpoint") is not None else None,
+                init=_load_weights(config["init_checkpoint"]) if config.get("init_checkpoint") is not None else None,
                 node=ray.get_runtime_context().get_node_id()[:8], samples_node=ctx.get_local_rank() == 0)
     return run_stage(config, seat)
 
 
 def _report(metrics: dict, checkpoint_dir: Path | None) -> None:
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir)
-                     if checkpoint_dir is not None else None)
+    """A report, and rank 0's checkpoint folder uploaded by Ray Train in the background
+    (ASYNC: the ranks train on meanwhile; reports still reach the controller in order,
+    each once its checkpoint is in storage) and deleted once uploaded. Ray Train waits for
+    every upload before the stage's run ends."""
+    from ray.train import CheckpointUploadMode
+
+    if checkpoint_dir is None:
+        ray.train.report(metrics)
+        return
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
+                     checkpoint_upload_mode=CheckpointUploadMode.ASYNC, delete_local_checkpoint_after_upload=True)
 
 
 @dataclass(frozen=True)
@@ -181,8 +206,9 @@ def checkpoint_from_uri(uri: str):
 
 
 def load_checkpoint_model(checkpoint) -> dict:
-    """The model state dict of a stage checkpoint (for MLflow and evaluation)."""
-    return _load_state(checkpoint)
+    """The weights of a stage checkpoint and what serving needs ({"model", "arch",
+    "num_classes", "mean_rgb", ...}; for MLflow and evaluation), without its optimizer state."""
+    return _load_weights(checkpoint)
 
 
 class _Board:

@@ -5,19 +5,26 @@ the same loop under Ray Train with two ranks."""
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from services import tiny_plan
 
-from pipeline.stageloop import CHECKPOINT_FILE, Seat, StageLoop, run_stage
+from pipeline.stageloop import CHECKPOINT_FILE, WEIGHTS_FILE, Seat, StageLoop, read_checkpoint, run_stage
 from pipeline.stages import load_plan
 
 
 def _seat(reports: list, resume: dict | None = None, samples_node: bool = False) -> Seat:
     def report(metrics: dict, checkpoint_dir: Path | None) -> None:
-        state = torch.load(checkpoint_dir / CHECKPOINT_FILE, weights_only=False) if checkpoint_dir else None
+        state = None
+        if checkpoint_dir:  # the seat's to delete, as Ray Train does once it has uploaded it
+            # each tensor once: the weights apart from the training state
+            assert "model" in torch.load(checkpoint_dir / WEIGHTS_FILE, weights_only=False)
+            assert "model" not in torch.load(checkpoint_dir / CHECKPOINT_FILE, weights_only=False)
+            state = read_checkpoint(checkpoint_dir)
+            shutil.rmtree(checkpoint_dir)
         reports.append((metrics, state))
 
     return Seat(rank=0, world=1, device=torch.device("cpu"), report=report, wrap=lambda m: m, resume=resume,
