@@ -120,6 +120,7 @@ class StageLoop:
         self.start_epoch = self.start_step = 0
         self.pending_steps: list[dict] = []  # per-interval records not yet reported
         self.extra: dict = {}  # what rank 0's next report carries once: replay, dataset
+        self.history: list[dict] = []  # what every checkpointed report of this stage carried to MLflow
         self.sampler = None
         if seat.samples_node:
             from pipeline.sysmetrics import Sampler
@@ -162,8 +163,9 @@ class StageLoop:
             done = state.get("step", self.steps)
             self.start_epoch, self.start_step = ((state["epoch"], done) if done < self.steps
                                                  else (state["epoch"] + 1, 0))
-            if state.get("reported"):
-                self.extra["replay"] = state["reported"]
+            if state.get("reported"):  # all of it: a driver that died may have lost more than the last report
+                self.history = list(state.get("history") or [state["reported"]])
+                self.extra["replay"] = list(self.history)
         if self.rank == 0:
             self.extra.update(self._dataset())
             self._announce()
@@ -352,17 +354,19 @@ class StageLoop:
         if not checkpoint:
             self.seat.report(metrics, None)
             return
-        # What this report carries to MLflow goes into the checkpoint too: a resumed run
-        # sends it again, in case the driver died before logging it.
+        # What this report carries to MLflow goes into the checkpoint too, with all the stage's
+        # reports before it: a resumed run sends them again, in case the driver died before
+        # MLflow had them all (its sink drops what MLflow has: pipeline/metricsink.py).
         reported = {k: v for k, v in metrics.items()
                     if k not in ("replay", "data_hash", "data_root", "data_name", "system")}
+        self.history.append(reported)
         # The folder is the seat's once reported: Ray Train uploads it in the background and
         # then deletes it, so the ranks train on while a checkpoint of ~1 GiB goes to storage.
         tmp = Path(tempfile.mkdtemp(prefix="vgg-checkpoint-"))
         write_checkpoint(tmp, {"model": plain_names(self.net.state_dict()), "optimizer": self.optimizer.state_dict(),
                                "schedule": self.schedule.state_dict(), "epoch": epoch, "step": step, "rng": streams,
                                "arch": self.stage.arch, "num_classes": self.info.num_classes, "reported": reported,
-                               **self._serving_facts()})
+                               "history": self.history, **self._serving_facts()})
         self.seat.report(metrics, tmp)
 
     def _serving_facts(self) -> dict:
