@@ -449,7 +449,7 @@ class Loader:
         self.rebuild, self.placeholder = rebuild, placeholder
         self.info = spec.info if spec else None  # with the skipped samples' indexes once any are skipped
         self.batch_keys: list[str] = []  # evaluation: the keys of the batch last yielded
-        self.failure: CorruptSample | None = None  # training: what ended this pass early
+        self.failure: Exception | None = None  # training: what ended this pass early (a CorruptSample, mostly)
         self.skipped: list[tuple[str, str, str]] = []  # training, skip mode: (shard, key, error) read past
         self.steps, self._it, self._error = steps, None, None
         try:
@@ -502,11 +502,14 @@ class Loader:
                 return
             except RuntimeError as exc:
                 failure = self._named(exc, position)
-                if not isinstance(failure, CorruptSample) or self.placeholder is None:
+                if self.placeholder is None:
                     raise failure from exc
-            print(f"{failure}" + ("; read past it (data.on_corrupt_sample=skip)" if self.rebuild else ""),
+            # Training goes on to the next sync with placeholders whatever the failure (one the
+            # CPU probe cannot pin to a sample too, e.g. a GPU decoder's): no rank is left waiting.
+            corrupt = isinstance(failure, CorruptSample)
+            print(f"{failure}" + ("; read past it (data.on_corrupt_sample=skip)" if corrupt and self.rebuild else ""),
                   flush=True)  # on this rank, seconds after the batch failed
-            if self.rebuild is None:
+            if self.rebuild is None or not corrupt:
                 self.failure = failure
                 yield from self._placeholders(self.steps - max(position, skip))
                 return
