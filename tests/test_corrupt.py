@@ -47,7 +47,13 @@ def _rank(rank: int, port: int, configs: list[dict], out) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     for i, config in enumerate(configs):
         reports: list = []
-        seat = Seat(rank=rank, world=2, device=torch.device("cpu"), report=lambda m, c: reports.append(m),
+
+        def report(metrics: dict, checkpoint_dir) -> None:
+            reports.append(metrics)
+            if checkpoint_dir is not None:  # the seat's to delete, as Ray Train does once uploaded
+                shutil.rmtree(checkpoint_dir)
+
+        seat = Seat(rank=rank, world=2, device=torch.device("cpu"), report=report,
                     wrap=torch.nn.parallel.DistributedDataParallel)
         start = time.monotonic()
         try:
