@@ -1,4 +1,4 @@
-"""`python -m pipeline <verb>`: demo, train, evaluate, ensemble, report, bench, models.
+"""`python -m pipeline <verb>`: demo, train, evaluate, ensemble, report, bench, models, prune.
 
 Plans are validated (keys, types, the stage graph) before Ray or MLflow is
 touched: a typo in a plan costs a second, not a cluster start.
@@ -221,6 +221,29 @@ def cmd_models(a) -> int:
     return 0
 
 
+def cmd_prune(a) -> int:
+    from pipeline.prune import prune
+    from pipeline.tracking import TrackingUnreachable, tracking_uri
+
+    if bool(a.plan) == bool(a.storage):
+        raise ConfigError("prune: give the storage path, as --plan FILE (its `storage`) or --storage PATH")
+    if a.plan:
+        from pipeline.stages import load_plan
+
+        storage = load_plan(a.plan, a.overrides).storage
+    else:
+        storage = a.storage
+    uri = tracking_uri()
+    try:
+        prune(storage, a.keep_last, uri, yes=a.yes)
+    except TrackingUnreachable as exc:
+        print(f"prune: the tracking store did not answer, so nothing was removed: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    return 0
+
+
 def cmd_bench(a) -> int:
     from pipeline import bench
 
@@ -359,6 +382,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "timed sections trimmed (fewer batch sizes / scales, shorter "
                                                  "timings) to fit; the JSON is written after every section")
     bg.set_defaults(func=cmd_bench)
+
+    pr = sub.add_parser("prune", help="remove old plan runs' and attempts' checkpoints (a dry run unless --yes); "
+                                      "never a registered version's or a running plan run's")
+    pr.add_argument("--keep-last", type=int, required=True, metavar="N",
+                    help="keep every checkpoint of the N most recent plan runs (their latest attempts)")
+    pr.add_argument("--plan", help="the plan whose `storage` to prune (with --set overrides)")
+    pr.add_argument("--storage", help="the storage path (or s3://...) to prune, instead of --plan")
+    _add_set(pr)
+    pr.add_argument("--yes", action="store_true", help="delete; without it, only say what would be removed")
+    pr.set_defaults(func=cmd_prune)
 
     m = sub.add_parser("models", help="table of the model zoo: weight layers, parameters, GMACs")
     m.add_argument("configs", nargs="*", help="configs or aliases (default: all)")

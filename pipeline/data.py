@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,8 @@ from nvidia.dali import math as dmath
 from nvidia.dali import __version__ as _dali_version
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+from pipeline.engine import DataFailure
 
 DALI_VERSION = _dali_version  # for benchmark records
 READER = "Reader"
@@ -57,6 +59,9 @@ class DatasetInfo:
     label_format: str = "cls"
     label_field: str = "label"
     label_bytes: int = 0
+    # tar path -> the index to read it with instead of its own (skip mode: a corrupt
+    # sample's entry pointed at a good neighbour, see `without_samples`)
+    index_for: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def load(cls, root: str | Path) -> "DatasetInfo":
@@ -104,7 +109,8 @@ class DatasetInfo:
         if not tars:
             raise FileNotFoundError(f"{self.root / split}: no .tar shards")
         keep = [t for t in tars if _index_count(t.with_suffix(".idx")) > 0]  # all-rejected shards
-        return [str(t) for t in keep], [str(t.with_suffix(".idx")) for t in keep]
+        patched = dict(self.index_for)
+        return [str(t) for t in keep], [patched.get(str(t), str(t.with_suffix(".idx"))) for t in keep]
 
 
 def _index_count(idx: Path) -> int:
@@ -179,7 +185,7 @@ def _decode_window(jpegs, shape, window, crop: int, gpu: bool, decode: str = "ro
 
 
 def _reader(info: DatasetInfo, split: str, shard_id: int, num_shards: int, train: bool, order_seed: int,
-            shuffle_buffer: int):
+            shuffle_buffer: int, components: tuple[str, ...] | None = None):
     """Training: the tar list is permuted by `order_seed` (the same on every rank, so the
     ranks' slices still partition it) and samples pass a seeded shuffle buffer. One
     reader serves one epoch, so an epoch's order depends only on (seed, epoch) and a
@@ -188,9 +194,10 @@ def _reader(info: DatasetInfo, split: str, shard_id: int, num_shards: int, train
     if train:
         perm = np.random.default_rng(order_seed).permutation(len(paths))
         paths, index_paths = [paths[i] for i in perm], [index_paths[i] for i in perm]
+    ext = list(components or ("jpg", info.label_format))
     return fn.readers.webdataset(
-        paths=paths, index_paths=index_paths, ext=["jpg", info.label_format], missing_component_behavior="error",
-        dtypes=[types.UINT8, types.UINT8], shard_id=shard_id, num_shards=num_shards, name=READER,
+        paths=paths, index_paths=index_paths, ext=ext, missing_component_behavior="error",
+        dtypes=[types.UINT8] * len(ext), shard_id=shard_id, num_shards=num_shards, name=READER,
         random_shuffle=train, initial_fill=shuffle_buffer if train else 1,
         pad_last_batch=not train,  # eval: pad, and the iterator drops the padding
     )
@@ -306,27 +313,120 @@ def _index_keys(idx: str) -> list[str]:
         return [line.split()[3].split(".", 1)[0] for line in fh if line.strip()]
 
 
-@pipeline_def(batch_size=1, num_threads=1, device_id=None)
-def _probe_pipeline(tar: str, idx: str):
-    jpegs = fn.readers.webdataset(paths=[tar], index_paths=[idx], ext=["jpg"], missing_component_behavior="error")
-    return fn.decoders.image(jpegs, output_type=types.RGB)
+class CorruptSample(DataFailure):
+    """Samples that DALI cannot decode, named by shard and key (found in the failing
+    batches only: `_culprits`)."""
+
+    def __init__(self, what: str, culprits: list[tuple[str, str, str]]):
+        self.what, self.culprits = what, culprits
+        named = "; ".join(f"sample {key!r} in shard {tar} cannot be decoded ({reason})"
+                          for tar, key, reason in culprits)
+        super().__init__(f"DALI {what}: {named}; re-shard it or remove it from the shard")
 
 
-def find_undecodable(info: "DatasetInfo", split: str) -> tuple[str, str, str] | None:
-    """(shard, key, error) of the first sample DALI cannot decode, by decoding the
-    split's samples one at a time with DALI's own decoder; None if all decode."""
-    for tar, idx in zip(*info.shards(split)):
-        keys = _index_keys(idx)
-        pipe = _probe_pipeline(tar, idx)
-        pipe.build()
-        for key in keys:
-            try:
-                pipe.run()
-            except RuntimeError as exc:
-                lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-                reason = next((ln for ln in lines if "failure" in ln.lower()), lines[-1] if lines else "")
-                return tar, key, reason
-    return None
+@dataclass(frozen=True)
+class ReaderSpec:
+    """How a loader's reader was built (`_reader`'s arguments, batch size and the
+    pipeline's seed): enough to read the same samples in the same order again."""
+
+    info: DatasetInfo
+    split: str
+    shard_id: int
+    num_shards: int
+    train: bool
+    order_seed: int
+    shuffle_buffer: int
+    batch_size: int
+    seed: int
+
+
+# Batches to search from the first one not yet handed out when a pipeline fails: DALI
+# runs ahead by its prefetch queue (2 here) and one batch in flight.
+LOOKAHEAD = 4
+
+
+@pipeline_def
+def _labels_pipeline(spec: ReaderSpec):
+    """The same reader (its first operator, so it gets the same seed from the pipeline's
+    and shuffles alike) reading only the label member: each sample's source, in order,
+    without reading or decoding an image."""
+    out = _reader(spec.info, spec.split, spec.shard_id, spec.num_shards, spec.train, spec.order_seed,
+                  spec.shuffle_buffer, components=(spec.info.label_format,))
+    return _source(out[0] if isinstance(out, (list, tuple)) else out)
+
+
+@pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1, exec_async=False,
+              exec_pipelined=False)
+def _decode_probe():
+    jpeg = fn.external_source(name="jpeg", dtype=types.UINT8, ndim=1)
+    return fn.peek_image_shape(jpeg), fn.decoders.image(jpeg, output_type=types.RGB)
+
+
+def _member(info: DatasetInfo, tar: str, key: str, ext: str = "jpg") -> bytes:
+    """One member's bytes, found through the shard's own index (offset, size)."""
+    for line in Path(tar).with_suffix(".idx").read_text().splitlines()[1:]:
+        fields = line.split()
+        for i in range(0, len(fields) - 3, 4):
+            if fields[i] == ext and fields[i + 3].split(".", 1)[0] == key:
+                with open(tar, "rb") as fh:
+                    fh.seek(int(fields[i + 1]))
+                    return fh.read(int(fields[i + 2]))
+    raise KeyError(f"{tar}: no {key}.{ext} in its index")
+
+
+def _decode_error(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return next((ln for ln in lines if "failure" in ln.lower()), lines[-1] if lines else "")
+
+
+def _culprits(spec: ReaderSpec, first: int, count: int = LOOKAHEAD) -> list[tuple[str, str, str]]:
+    """(shard, key, error) of every sample DALI cannot decode in batches first ..
+    first + count - 1 of the reader `spec` describes: their sources from a label-only
+    reader, then each image decoded alone. Seconds, whatever the split's size (never a
+    scan of the split)."""
+    pipe = _labels_pipeline(spec, batch_size=spec.batch_size, num_threads=1, device_id=None, seed=spec.seed,
+                            prefetch_queue_depth=1)
+    pipe.build()
+    sources: dict[tuple[str, str], None] = {}
+    for batch in range(first + count):
+        (raw,) = pipe.run()
+        if batch >= first:
+            for i in range(len(raw)):
+                row = np.asarray(raw[i])
+                tar, _, member = bytes(row[row != 0]).decode().rsplit(":", 2)
+                sources[(tar, member.rsplit("/", 1)[-1].split(".", 1)[0])] = None
+    del pipe
+    probe, found = None, []
+    for tar, key in sources:
+        if probe is None:
+            probe = _decode_probe()
+            probe.build()
+        try:
+            probe.feed_input("jpeg", [np.frombuffer(_member(spec.info, tar, key), dtype=np.uint8)])
+            probe.run()
+        except RuntimeError as exc:
+            found.append((tar, key, _decode_error(exc)))
+            probe = None  # a failed pipeline is no longer valid
+    return found
+
+
+def without_samples(info: DatasetInfo, culprits: list[tuple[str, str, str]], folder: Path) -> DatasetInfo:
+    """`info` reading each culprit's shard through a copy of its index in `folder` where
+    the culprit's entry is its neighbour's: the reader's sample list keeps its length,
+    so the shuffle and every rank's slice stay as they were, and the neighbour is read
+    twice in its place (skip mode). Shards with a single sample cannot be patched."""
+    patched = dict(info.index_for)
+    for tar, key, _ in culprits:
+        source = Path(patched.get(tar, str(Path(tar).with_suffix(".idx"))))
+        head, *lines = source.read_text().splitlines()
+        at = next(i for i, ln in enumerate(lines) if any(f.split(".", 1)[0] == key for f in ln.split()[3::4]))
+        if len(lines) < 2:
+            raise ValueError(f"{tar}: its only sample {key!r} cannot be decoded; nothing to read in its place")
+        lines[at] = lines[at - 1] if at else lines[at + 1]
+        out = folder / f"{len(patched)}-{Path(tar).stem}.idx"
+        out.write_text("\n".join([head, *lines]) + "\n")
+        patched[tar] = str(out)
+    return replace(info, index_for=tuple(sorted(patched.items())))
 
 
 class Loader:
@@ -334,24 +434,47 @@ class Loader:
     epoch length. Training: every rank yields the same number of full batches
     (DDP needs it). Evaluation: each rank yields exactly its slice, no padding,
     so across ranks every image is counted once. `nhwc`: the graph emits HWC images,
-    handed over as NCHW views in channels_last memory (no copy in the training step)."""
+    handed over as NCHW views in channels_last memory (no copy in the training step).
 
-    def __init__(self, pipe, steps: int | None, device: torch.device, what: str,
-                 source: tuple["DatasetInfo", str] | None = None, nhwc: bool = False):
-        self.device, self.what, self.source, self.nhwc = device, what, source, nhwc
+    A sample DALI cannot decode is named (shard, key) from the failing batches alone
+    (`_culprits`). Evaluation raises CorruptSample. Training does not raise, since the
+    other ranks are inside a collective: with `rebuild` (skip mode) the loader reads
+    on with the sample's neighbour in its place (`without_samples`, listed in `skipped`);
+    otherwise it sets `failure` and yields `placeholder` batches (zeros) to the epoch's
+    end, which the training loop counts and stops on with every rank at its next sync."""
+
+    def __init__(self, pipe, steps: int | None, device: torch.device, what: str, spec: ReaderSpec | None = None,
+                 nhwc: bool = False, rebuild=None, placeholder: tuple[tuple[int, ...], torch.dtype] | None = None):
+        self.device, self.what, self.spec, self.nhwc = device, what, spec, nhwc
+        self.rebuild, self.placeholder = rebuild, placeholder
+        self.info = spec.info if spec else None  # with the skipped samples' indexes once any are skipped
         self.batch_keys: list[str] = []  # evaluation: the keys of the batch last yielded
-        if steps is None:  # evaluation: the reader's shard, padding dropped
-            self._it = DALIGenericIterator(pipe, ["images", "labels", "keys"], reader_name=READER,
-                                           last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
-            self.steps = len(self._it)
-        else:
-            self.steps = steps
-            # Readers never run dry; counting `size` samples per epoch is what keeps every
-            # rank at the same step count (reader_name would give uneven shard lengths).
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self._it = DALIGenericIterator(pipe, ["images", "labels"], size=steps * pipe.max_batch_size,
-                                               last_batch_policy=LastBatchPolicy.DROP, auto_reset=True)
+        self.failure: Exception | None = None  # training: what ended this pass early (a CorruptSample, mostly)
+        self.skipped: list[tuple[str, str, str]] = []  # training, skip mode: (shard, key, error) read past
+        self.steps, self._it, self._error = steps, None, None
+        try:
+            self._it = self._iterator(pipe)  # DALI runs its first batches already here
+        except RuntimeError as exc:
+            if steps is None:
+                raise self._named(exc, 0) from exc
+            self._error = exc
+
+    def _iterator(self, pipe):
+        if self.steps is None:  # evaluation: the reader's shard, padding dropped
+            it = DALIGenericIterator(pipe, ["images", "labels", "keys"], reader_name=READER,
+                                     last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
+            self.steps = len(it)
+            return it
+        # Readers never run dry; counting `size` samples per epoch is what keeps every
+        # rank at the same step count (reader_name would give uneven shard lengths).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return DALIGenericIterator(pipe, ["images", "labels"], size=self.steps * pipe.max_batch_size,
+                                       last_batch_policy=LastBatchPolicy.DROP, auto_reset=True)
+
+    def _named(self, exc: Exception, position: int) -> Exception:
+        culprits = _culprits(self.spec, position) if self.spec is not None else []
+        return CorruptSample(self.what, culprits) if culprits else RuntimeError(f"DALI {self.what}: {exc}")
 
     def __len__(self) -> int:
         return self.steps
@@ -365,25 +488,61 @@ class Loader:
 
     def __iter__(self):
         skip, self._skip = getattr(self, "_skip", 0), 0
+        position = 0  # batches this pass has taken from the pipeline, skipped ones included
+        while True:
+            try:
+                if self._error is not None:
+                    error, self._error = self._error, None
+                    raise error
+                for batch in self._it:
+                    position += 1
+                    if position <= skip:
+                        continue
+                    yield self._batch(batch[0])
+                return
+            except RuntimeError as exc:
+                failure = self._named(exc, position)
+                if self.placeholder is None:
+                    raise failure from exc
+            # Training goes on to the next sync with placeholders whatever the failure (one the
+            # CPU probe cannot pin to a sample too, e.g. a GPU decoder's): no rank is left waiting.
+            corrupt = isinstance(failure, CorruptSample)
+            print(f"{failure}" + ("; read past it (data.on_corrupt_sample=skip)" if corrupt and self.rebuild else ""),
+                  flush=True)  # on this rank, seconds after the batch failed
+            if self.rebuild is None or not corrupt:
+                self.failure = failure
+                yield from self._placeholders(self.steps - max(position, skip))
+                return
+            self._skip_past(failure)
+            skip, position = max(position, skip), 0
+
+    def _skip_past(self, failure: CorruptSample) -> None:
+        """Skip mode: a new pipeline whose indexes put a neighbour in each culprit's place."""
+        import tempfile
+
+        self._patches = getattr(self, "_patches", None) or tempfile.TemporaryDirectory(prefix="vgg-skip-")
+        self.info = without_samples(self.info, failure.culprits, Path(self._patches.name))
+        self.skipped += failure.culprits
         try:
-            for i, batch in enumerate(self._it):
-                if i < skip:
-                    continue
-                data = batch[0]
-                labels = data["labels"]
-                if self.source and self.source[0].label_format == "json":
-                    labels = _json_labels(labels, self.source[0].label_field)
-                if "keys" in data:
-                    self.batch_keys = _source_keys(data["keys"])
-                images = data["images"].permute(0, 3, 1, 2) if self.nhwc else data["images"]
-                yield _to_device(images, self.device), _to_device(labels.view(-1), self.device)
-        except RuntimeError as exc:
-            culprit = find_undecodable(*self.source) if self.source else None
-            if culprit:
-                tar, key, reason = culprit
-                raise RuntimeError(f"DALI {self.what}: sample {key!r} in shard {tar} cannot be decoded "
-                                   f"({reason}); re-shard it or remove it from the shard") from exc
-            raise RuntimeError(f"DALI {self.what}: {exc}") from exc
+            self._it = self._iterator(self.rebuild(self.info))
+        except RuntimeError as exc:  # the next corrupt sample, among the first batches
+            self._error = exc
+
+    def _placeholders(self, count: int):
+        shape, dtype = self.placeholder
+        fmt = torch.channels_last if self.nhwc else torch.contiguous_format
+        for _ in range(max(count, 0)):
+            images = torch.zeros(shape, dtype=dtype, device=self.device).contiguous(memory_format=fmt)
+            yield images, torch.zeros(shape[0], dtype=torch.int64, device=self.device)
+
+    def _batch(self, data: dict):
+        labels = data["labels"]
+        if self.spec is not None and self.spec.info.label_format == "json":
+            labels = _json_labels(labels, self.spec.info.label_field)
+        if "keys" in data:
+            self.batch_keys = _source_keys(data["keys"])
+        images = data["images"].permute(0, 3, 1, 2) if self.nhwc else data["images"]
+        return _to_device(images, self.device), _to_device(labels.view(-1), self.device)
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -420,29 +579,44 @@ def train_loader(info: DatasetInfo, split: str, *, rank: int, world_size: int, b
                  scale_range: tuple[int, int], crop: int, color_shift: float = 0.1, normalize_std: bool = False,
                  device: torch.device = torch.device("cpu"), seed: int = 0, epoch: int = 0, threads: int = 2,
                  shuffle_buffer: int = 1024, decode: str = "roi", draws: Draws | None = None,
-                 channels_last: bool = False) -> Loader:
+                 channels_last: bool = False, skip_corrupt: bool = False) -> Loader:
     """One epoch of training batches; `batch_size` is per worker. The order and the
     augmentation draws are a function of (seed, epoch, rank) only: build one loader per
     epoch. Ranks take a different slice of the tar list each epoch (DALI's own
     stick_to_shard=False rotation), so over epochs every rank sees all the data.
     `decode`: "roi" or "whole" (see the module's docstring); `draws` fixes the random
-    draws (GPU-versus-CPU checks). `channels_last`: NHWC from the graph, NCHW views out."""
+    draws (GPU-versus-CPU checks). `channels_last`: NHWC from the graph, NCHW views out.
+    `skip_corrupt`: read past a sample DALI cannot decode (see Loader) instead of
+    ending the pass on it."""
     if decode not in ("roi", "whole"):
         raise ValueError(f"decode: expected 'roi' or 'whole', got {decode!r}")
     gpu = device.type == "cuda"
     steps = train_steps(info, split, batch_size, world_size)
-    pipe = train_pipeline(info, split, (rank + epoch) % world_size, world_size, scale_range, crop, color_shift,
-                          normalize_std, gpu, seed * 100_003 + epoch, shuffle_buffer, decode, draws,
-                          info.decode_hints(split) if gpu else None, "HWC" if channels_last else "CHW",
-                          batch_size=batch_size, num_threads=threads, device_id=_device_id(device),
-                          seed=(seed * 100_003 + epoch) * 1000 + rank + 1, prefetch_queue_depth=2)
-    pipe.build()
-    return Loader(pipe, steps, device, f"train pipeline over {info.root / split}", (info, split), channels_last)
+    shard_id, order_seed = (rank + epoch) % world_size, seed * 100_003 + epoch
+    pipe_seed = (seed * 100_003 + epoch) * 1000 + rank + 1
+
+    def build(info: DatasetInfo):
+        pipe = train_pipeline(info, split, shard_id, world_size, scale_range, crop, color_shift,
+                              normalize_std, gpu, order_seed, shuffle_buffer, decode, draws,
+                              info.decode_hints(split) if gpu else None, "HWC" if channels_last else "CHW",
+                              batch_size=batch_size, num_threads=threads, device_id=_device_id(device),
+                              seed=pipe_seed, prefetch_queue_depth=2)
+        pipe.build()
+        return pipe
+
+    spec = ReaderSpec(info, split, shard_id, world_size, draws is None, order_seed, shuffle_buffer, batch_size,
+                      pipe_seed)
+    placeholder = ((batch_size, 3, crop, crop), torch.float16 if gpu else torch.float32)
+    return Loader(build(info), steps, device, f"train pipeline over {info.root / split}", spec, channels_last,
+                  rebuild=build if skip_corrupt else None, placeholder=placeholder)
 
 
-def _build_eval(pipe, info: DatasetInfo, split: str, device: torch.device, what: str, nhwc: bool = False) -> Loader:
+def _build_eval(pipe, info: DatasetInfo, split: str, rank: int, world_size: int, device: torch.device, what: str,
+                nhwc: bool = False) -> Loader:
     pipe.build()
-    return Loader(pipe, None, device, f"{what} pipeline over {info.root / split}", (info, split), nhwc)
+    # the reader as every evaluation pipeline builds it: `_reader(info, split, rank, world, False, 0, 1)`, seed 1
+    spec = ReaderSpec(info, split, rank, world_size, False, 0, 1, pipe.max_batch_size, 1)
+    return Loader(pipe, None, device, f"{what} pipeline over {info.root / split}", spec, nhwc)
 
 
 def dense_loader(info: DatasetInfo, split: str, *, rank: int, world_size: int, scale: int,
@@ -452,7 +626,7 @@ def dense_loader(info: DatasetInfo, split: str, *, rank: int, world_size: int, s
     pipe = dense_pipeline(info, split, rank, world_size, scale, normalize_std, gpu,
                           info.decode_hints(split) if gpu else None, batch_size=1,
                           num_threads=threads, device_id=_device_id(device), seed=1)
-    return _build_eval(pipe, info, split, device, "dense")
+    return _build_eval(pipe, info, split, rank, world_size, device, "dense")
 
 
 def multi_crop_loader(info: DatasetInfo, split: str, *, rank: int, world_size: int, batch_size: int, scale: int,
@@ -463,7 +637,7 @@ def multi_crop_loader(info: DatasetInfo, split: str, *, rank: int, world_size: i
     pipe = multi_crop_pipeline(info, split, rank, world_size, scale, crop, grid, normalize_std, gpu,
                                info.decode_hints(split) if gpu else None, batch_size=batch_size,
                                num_threads=threads, device_id=_device_id(device), seed=1)
-    return _build_eval(pipe, info, split, device, "multi-crop")
+    return _build_eval(pipe, info, split, rank, world_size, device, "multi-crop")
 
 
 def eval_loader(info: DatasetInfo, split: str, *, rank: int, world_size: int, batch_size: int, scale: int,
@@ -473,4 +647,4 @@ def eval_loader(info: DatasetInfo, split: str, *, rank: int, world_size: int, ba
     pipe = center_crop_pipeline(info, split, rank, world_size, scale, crop, normalize_std, gpu,
                                 info.decode_hints(split) if gpu else None, "HWC" if channels_last else "CHW",
                                 batch_size=batch_size, num_threads=threads, device_id=_device_id(device), seed=1)
-    return _build_eval(pipe, info, split, device, "eval", channels_last)
+    return _build_eval(pipe, info, split, rank, world_size, device, "eval", channels_last)

@@ -30,6 +30,26 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or inf; the stage stops and keeps its last good checkpoint."""
 
 
+class DataFailure(RuntimeError):
+    """A sample the input pipeline cannot read (pipeline/data.py names it). Raised on every
+    rank together, with every rank's message, so no rank is left waiting in a collective."""
+
+
+def _failure_of(loader) -> str:
+    """What ended this rank's loader early, or "" (a host attribute: no device sync)."""
+    failure = getattr(loader, "failure", None)
+    return str(failure) if failure is not None else ""
+
+
+def _every_rank_says(message: str) -> str:
+    """The distinct non-empty messages of all ranks, joined (a collective)."""
+    if not _distributed():
+        return message
+    said = [None] * dist.get_world_size()
+    dist.all_gather_object(said, message)
+    return "; ".join(dict.fromkeys(m for m in said if m))
+
+
 def effective_lr(optim: Optim, global_batch: int) -> float:
     """Section 3.1's lr (quoted at batch 256), scaled linearly with the global batch."""
     return optim.lr * global_batch / optim.reference_batch if optim.scale_lr else optim.lr
@@ -146,6 +166,7 @@ class EpochStats:
     data_wait_seconds: float
     steps: int
     step_log: list[dict] = field(default_factory=list)  # per-interval figures, see train_one_epoch
+    skipped_samples: int = 0  # corrupt samples read past (skip mode), all ranks
 
     @property
     def images_per_sec(self) -> float:
@@ -229,11 +250,11 @@ def train_one_epoch(
     criterion = nn.CrossEntropyLoss()
     world = dist.get_world_size() if _distributed() else 1
     dtype, set_to_none = _dtype(model), not _grads_in_buckets(model)
-    # [loss sum, images, non-finite losses] for the epoch and for the current interval,
-    # on the device: adding to them never waits for the GPU, and no step copies a value
-    # from the host (the count is made on the device: ones_like * n).
-    epoch_acc = torch.zeros(3, dtype=torch.float64, device=device)
-    interval_acc = torch.zeros(3, dtype=torch.float64, device=device)
+    # [loss sum, images, non-finite losses, steps on placeholder batches] for the epoch and
+    # for the current interval, on the device: adding to them never waits for the GPU, and
+    # no step copies a value from the host (the count is made on the device: ones_like * n).
+    epoch_acc = torch.zeros(4, dtype=torch.float64, device=device)
+    interval_acc = torch.zeros(4, dtype=torch.float64, device=device)
     images = wait = interval_wait = 0.0
     steps, synced_at, lr = start_step, start_step, None
     step_log: list[dict] = []
@@ -241,7 +262,10 @@ def train_one_epoch(
 
     def sync() -> None:
         nonlocal interval_acc, interval_wait, interval_start, synced_at
-        loss_sum, count, bad = _all_reduce_tensor(interval_acc).tolist()
+        loss_sum, count, bad, broken = _all_reduce_tensor(interval_acc).tolist()
+        if broken:  # a rank's loader hit a sample it cannot read: every rank stops here, together
+            raise DataFailure(f"{where}{_every_rank_says(_failure_of(loader))}; stopping the stage "
+                              "(the last good checkpoint is kept)")
         if bad:
             raise NonFiniteLoss(f"{where}loss became non-finite between steps {synced_at + 1} and {steps} "
                                 f"({int(bad)} of {int(count)} losses); stopping the stage "
@@ -269,18 +293,24 @@ def train_one_epoch(
                 group["lr"] = lr
         if channels_last:  # a no-op (no copy) for the channels_last batches the loaders give
             images_b = images_b.contiguous(memory_format=torch.channels_last)
+        # A placeholder batch (this rank's loader failed): the step runs, so DDP's collectives
+        # stay in step, but teaches nothing and is not counted; the next sync stops the epoch.
+        broken = bool(_failure_of(loader))
         with autocast(device, precision):
             loss = criterion(model(model_input(images_b, device, precision, dtype)), labels)
+        if broken:
+            loss = loss * 0.0
         optimizer.zero_grad(set_to_none=set_to_none)
         loss.backward()
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
-        n = labels.shape[0]
+        n = 0 if broken else labels.shape[0]
         loss = loss.detach().double()
         finite = torch.isfinite(loss)
         zero = torch.zeros_like(loss)
-        interval_acc += torch.stack([torch.where(finite, loss, zero) * n, zero.add(n), (~finite).double()])
+        interval_acc += torch.stack([torch.where(finite, loss, zero) * n, zero.add(n), (~finite).double(),
+                                     zero.add(float(broken))])
         images += n
         steps += 1
         wants_checkpoint = bool(on_checkpoint and checkpoint_every and steps % checkpoint_every == 0)
@@ -292,11 +322,11 @@ def train_one_epoch(
     if steps > synced_at:
         sync()  # the epoch's tail; every rank ran the same steps, so every rank meets here
     seconds = time.perf_counter() - start
-    loss_sum, count, _ = _all_reduce_tensor(epoch_acc).tolist()
-    wait_sum, secs = _all_reduce([wait, seconds], device)
+    loss_sum, count, _, _ = _all_reduce_tensor(epoch_acc).tolist()
+    wait_sum, secs, skipped = _all_reduce([wait, seconds, len(getattr(loader, "skipped", ()))], device)
     # images/s is global (all ranks); wait share is the mean over ranks.
     return EpochStats(loss_sum / max(count, 1), int(count), secs / world, wait_sum / world, steps - start_step,
-                      step_log)
+                      step_log, int(skipped))
 
 
 def topk_hits(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> torch.Tensor:
@@ -315,14 +345,21 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, *, precis
     dtype = _dtype(model)
     acc = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, images, loss sum
     criterion = nn.CrossEntropyLoss(reduction="sum")
-    for images_b, labels in loader:
-        with autocast(device, precision):
-            logits = model(model_input(images_b, device, precision, dtype)).float()
-        hits = topk_hits(logits, labels).double()
-        # the count is made on the device (no per-batch copy from the host)
-        acc += torch.stack([hits[0], hits[1], torch.zeros_like(hits[0]).add(labels.shape[0]),
-                            criterion(logits, labels).double()])
-    correct1, correct5, count, loss_sum = _all_reduce_tensor(acc).tolist()
+    failure = ""
+    try:
+        for images_b, labels in loader:
+            with autocast(device, precision):
+                logits = model(model_input(images_b, device, precision, dtype)).float()
+            hits = topk_hits(logits, labels).double()
+            # the count is made on the device (no per-batch copy from the host)
+            acc += torch.stack([hits[0], hits[1], torch.zeros_like(hits[0]).add(labels.shape[0]),
+                                criterion(logits, labels).double()])
+    except DataFailure as exc:  # to the collective below, where every rank learns of it
+        failure = str(exc)
+    correct1, correct5, count, loss_sum, broken = _all_reduce_tensor(
+        torch.cat([acc, torch.tensor([float(bool(failure))], dtype=torch.float64, device=device)])).tolist()
+    if broken:
+        raise DataFailure(_every_rank_says(failure))
     if count == 0:
         raise ValueError("evaluate: the loader yielded no images")
     return {

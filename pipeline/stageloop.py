@@ -22,7 +22,29 @@ from typing import Callable
 
 import torch
 
-CHECKPOINT_FILE = "state.pt"
+CHECKPOINT_FILE = "state.pt"  # what resuming needs besides the weights: optimizer, schedule, streams, position
+WEIGHTS_FILE = "weights.pt"  # the net's weights and what serving it needs: all that init_from and booking read
+_WEIGHTS_KEYS = ("model", "arch", "num_classes", "mean_rgb", "std_rgb", "classes")
+
+
+def write_checkpoint(folder: Path, state: dict) -> None:
+    """A stage checkpoint as two files, each tensor once: the weights (and what serving
+    needs) apart from the training state, so a reader that needs only the weights
+    downloads a third of a VGG checkpoint with momentum (no optimizer state)."""
+    torch.save({k: state[k] for k in _WEIGHTS_KEYS if k in state}, folder / WEIGHTS_FILE)
+    torch.save({k: v for k, v in state.items() if k not in _WEIGHTS_KEYS}, folder / CHECKPOINT_FILE)
+
+
+def read_checkpoint(folder: Path, weights_only: bool = False) -> dict:
+    """A checkpoint folder's state: both files merged (checkpoints from before the split
+    have everything in CHECKPOINT_FILE), or with `weights_only` the weights file alone."""
+    weights = folder / WEIGHTS_FILE
+    if weights_only and weights.is_file():
+        return torch.load(weights, map_location="cpu", weights_only=False)
+    state = torch.load(folder / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    if weights.is_file():
+        state |= torch.load(weights, map_location="cpu", weights_only=False)
+    return state
 
 
 def say(message: str) -> None:
@@ -98,6 +120,7 @@ class StageLoop:
         self.start_epoch = self.start_step = 0
         self.pending_steps: list[dict] = []  # per-interval records not yet reported
         self.extra: dict = {}  # what rank 0's next report carries once: replay, dataset
+        self.history: list[dict] = []  # what every checkpointed report of this stage carried to MLflow
         self.sampler = None
         if seat.samples_node:
             from pipeline.sysmetrics import Sampler
@@ -107,6 +130,8 @@ class StageLoop:
     def close(self) -> None:
         if self.sampler is not None:
             self.sampler.stop()
+        if getattr(self, "_patches", None) is not None:  # skip mode's patched indexes
+            self._patches.cleanup()
 
     def _load_weights(self) -> None:
         from pipeline.models import init_from, load_state
@@ -138,8 +163,9 @@ class StageLoop:
             done = state.get("step", self.steps)
             self.start_epoch, self.start_step = ((state["epoch"], done) if done < self.steps
                                                  else (state["epoch"] + 1, 0))
-            if state.get("reported"):
-                self.extra["replay"] = state["reported"]
+            if state.get("reported"):  # all of it: a driver that died may have lost more than the last report
+                self.history = list(state.get("history") or [state["reported"]])
+                self.extra["replay"] = list(self.history)
         if self.rank == 0:
             self.extra.update(self._dataset())
             self._announce()
@@ -196,7 +222,7 @@ class StageLoop:
     def train_epoch(self, epoch: int) -> dict | None:
         """One epoch: train, validate, step the lr schedule, report with a checkpoint."""
         from pipeline.data import train_loader
-        from pipeline.engine import NonFiniteLoss, evaluate, stall_reason, train_one_epoch
+        from pipeline.engine import DataFailure, NonFiniteLoss, evaluate, stall_reason, train_one_epoch
 
         recipe, steps, t0 = self.recipe, self.steps, time.monotonic()
         # One loader per epoch: its order depends on (seed, epoch) only, so a mid-epoch
@@ -207,7 +233,8 @@ class StageLoop:
                                 color_shift=recipe.color_shift, normalize_std=recipe.normalize_std,
                                 device=self.device, seed=recipe.seed, epoch=epoch, threads=self.data.reader_threads,
                                 shuffle_buffer=self.data.shuffle_buffer,
-                                decode=self.data.gpu_decode if self.gpu else "roi", channels_last=self.channels_last)
+                                decode=self.data.gpu_decode if self.gpu else "roi", channels_last=self.channels_last,
+                                **self._corrupt_sample_setting())
         skip = self.start_step if epoch == self.start_epoch else 0
         train_ld.skip(skip)
         try:
@@ -224,16 +251,22 @@ class StageLoop:
             # bad weights are never checkpointed; the records up to the explosion are.
             self.report({"epoch": epoch}, epoch, 0, checkpoint=False)
             return self.fail("diverged", epoch, str(exc))
+        except DataFailure as exc:
+            return self._corrupt(epoch, exc)
+        self._skipped_past(train_ld, stats)
         del train_ld  # frees the epoch's DALI pipeline before the next one is built
         lr = self.schedule.lr
-        val = evaluate(self.net, self.val_ld, self.device, precision=recipe.precision)
+        try:
+            val = evaluate(self.net, self.val_ld, self.device, precision=recipe.precision)
+        except DataFailure as exc:
+            return self._corrupt(epoch, exc)
         decision = self.schedule.step(val["top1_error"])
         resume = self.seat.resume
         metrics = {"epoch": epoch, "step": steps, "train_loss": stats.loss, "val_top1_error": val["top1_error"],
                    "val_top5_error": val["top5_error"], "val_loss": val["loss"], "val_images": val["images"],
                    "lr": lr, "images_per_sec": stats.images_per_sec, "data_wait_fraction": stats.data_wait_fraction,
                    "resumed_from_epoch": -1 if resume is None else resume["epoch"],  # the checkpoint's epoch
-                   "resumed_at_step": skip}
+                   "resumed_at_step": skip, "skipped_samples": stats.skipped_samples}
         if self.rank == 0:
             say(f"{self.tag} epoch {epoch + 1}/{self.epochs}: loss {stats.loss:.4f} val top-1 "
                 f"{val['top1_error']:.2f}% top-5 {val['top5_error']:.2f}% lr {lr:.3g} {stats.images_per_sec:.0f} "
@@ -246,6 +279,42 @@ class StageLoop:
             return self.fail("stalled", epoch, stalled)
         self.report(metrics, epoch, steps)
         return None
+
+    def _corrupt_sample_setting(self) -> dict:
+        return {"skip_corrupt": self.data.on_corrupt_sample == "skip"}
+
+    def _skipped_past(self, train_ld, stats) -> None:
+        """Skip mode, at the epoch's end (a collective: every rank has the same setting):
+        the samples any rank read past stay skipped on every rank in later epochs, when
+        other ranks read those shards; the count goes with the epoch's figures."""
+        if self.data.on_corrupt_sample != "skip":
+            return
+        import tempfile
+
+        import torch.distributed as dist
+
+        from pipeline.data import without_samples
+
+        found = [train_ld.skipped]
+        if dist.is_available() and dist.is_initialized():
+            found = [None] * dist.get_world_size()
+            dist.all_gather_object(found, train_ld.skipped)
+        culprits = list(dict.fromkeys(tuple(c) for rank in found for c in rank))
+        if not culprits:
+            return
+        if self.rank == 0:
+            say(f"{self.tag} skipped {len(culprits)} corrupt sample(s) (data.on_corrupt_sample=skip): "
+                + "; ".join(f"{key!r} in {tar}" for tar, key, _ in culprits))
+        self._patches = getattr(self, "_patches", None) or tempfile.TemporaryDirectory(prefix="vgg-skip-")
+        # each was met this epoch, so none is in the indexes this stage reads yet
+        self.info = without_samples(self.info, culprits, Path(self._patches.name))
+
+    def _corrupt(self, epoch: int, exc: Exception) -> dict:
+        """A sample no rank can read (named by the rank that met it): every rank is here at
+        once (DataFailure is raised at a collective), the epoch's figures so far go out, and
+        the stage FAILS as a training failure (not retried). Its weights are not saved."""
+        self.report({"epoch": epoch}, epoch, 0, checkpoint=False)
+        return self.fail("corrupt", epoch, f"{exc}. To train past it, set data.on_corrupt_sample=skip")
 
     def _mid_epoch_checkpoint(self, epoch: int, step: int) -> None:
         """Every `checkpoint_every_steps` steps; the epoch's end has its own, with its figures."""
@@ -285,16 +354,20 @@ class StageLoop:
         if not checkpoint:
             self.seat.report(metrics, None)
             return
-        # What this report carries to MLflow goes into the checkpoint too: a resumed run
-        # sends it again, in case the driver died before logging it.
+        # What this report carries to MLflow goes into the checkpoint too, with all the stage's
+        # reports before it: a resumed run sends them again, in case the driver died before
+        # MLflow had them all (its sink drops what MLflow has: pipeline/metricsink.py).
         reported = {k: v for k, v in metrics.items()
                     if k not in ("replay", "data_hash", "data_root", "data_name", "system")}
-        with tempfile.TemporaryDirectory() as tmp:
-            torch.save({"model": plain_names(self.net.state_dict()), "optimizer": self.optimizer.state_dict(),
-                        "schedule": self.schedule.state_dict(), "epoch": epoch, "step": step, "rng": streams,
-                        "arch": self.stage.arch, "num_classes": self.info.num_classes, "reported": reported,
-                        **self._serving_facts()}, Path(tmp) / CHECKPOINT_FILE)
-            self.seat.report(metrics, Path(tmp))
+        self.history.append(reported)
+        # The folder is the seat's once reported: Ray Train uploads it in the background and
+        # then deletes it, so the ranks train on while a checkpoint of ~1 GiB goes to storage.
+        tmp = Path(tempfile.mkdtemp(prefix="vgg-checkpoint-"))
+        write_checkpoint(tmp, {"model": plain_names(self.net.state_dict()), "optimizer": self.optimizer.state_dict(),
+                               "schedule": self.schedule.state_dict(), "epoch": epoch, "step": step, "rng": streams,
+                               "arch": self.stage.arch, "num_classes": self.info.num_classes, "reported": reported,
+                               "history": self.history, **self._serving_facts()})
+        self.seat.report(metrics, tmp)
 
     def _serving_facts(self) -> dict:
         """What a registered model needs to classify an image on its own (pipeline/serving.py),

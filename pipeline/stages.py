@@ -123,6 +123,9 @@ class Data:
     # image (the hardware JPEG decoder can) and resizes the window on the GPU. Same
     # geometry; `python -m pipeline bench gpu` says which is faster on a machine.
     gpu_decode: Literal["roi", "whole"] = "roi"
+    # A training sample DALI cannot decode: "fail" stops the stage on every rank, naming
+    # shard and key; "skip" reads a neighbour in its place and counts it (skipped_samples).
+    on_corrupt_sample: Literal["fail", "skip"] = "fail"
 
 
 @dataclass(frozen=True)

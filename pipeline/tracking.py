@@ -384,20 +384,12 @@ class MetricsLogger:
         return max((m.step for m in history), default=None)
 
     def log_dataset(self, name: str, digest: str, source: str) -> None:
-        """The shard set as the run's training dataset input (once per digest; MLflow keeps
-        at most 36 characters of a digest: the data hash's first 32 hex digits)."""
+        """The shard set as the run's training dataset input (`log_dataset_input`); a
+        failure is a warning."""
         if not self.enabled:
             return
-        from mlflow.entities import Dataset, DatasetInput, InputTag
-
         try:
-            run = self._client.get_run(self.run_id)
-            if any(d.dataset.digest == digest[:32] for d in run.inputs.dataset_inputs):
-                return
-            dataset = Dataset(name=name, digest=digest[:32], source_type="local" if "://" not in source else "s3",
-                              source=json.dumps({"uri": source, "data_hash": digest}))
-            self._client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context",
-                                                                                          "training")])])
+            log_dataset_input(self._client, self.run_id, name, digest, source)
         except Exception as exc:  # noqa: BLE001 - a tracking failure must not stop training
             print(f"warning: could not log the dataset input ({type(exc).__name__}: {str(exc)[:200]})",
                   file=sys.stderr)
@@ -424,3 +416,73 @@ class MetricsLogger:
                   f"{len(self.pending)} metric values buffered, will retry", file=sys.stderr)
             return False
         return True
+
+
+def log_dataset_input(client, run_id: str, name: str, digest: str, source: str) -> None:
+    """The shard set as the run's training dataset input, once per digest (MLflow keeps at
+    most 36 characters of a digest: the data hash's first 32 hex digits). Raises on failure."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    run = client.get_run(run_id)
+    if any(d.dataset.digest == digest[:32] for d in run.inputs.dataset_inputs):
+        return
+    dataset = Dataset(name=name, digest=digest[:32], source_type="local" if "://" not in source else "s3",
+                      source=json.dumps({"uri": source, "data_hash": digest}))
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
+
+
+def last_logged_step(client, run_id: str, metric: str) -> int | None:
+    """The highest step of `metric` in the run, None when it has none. Raises when the
+    store does not answer (which is not the same as "none")."""
+    return max((m.step for m in client.get_metric_history(run_id, metric)), default=None)
+
+
+def send_metrics(client, run_id: str, values: list[tuple[str, float, int, int]]) -> None:
+    """(key, value, timestamp ms, step) values in one call (at most 1000). Raises on failure."""
+    from mlflow.entities import Metric
+
+    client.log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v, ts, step in values])
+
+
+CHECKPOINT_TAGS = ("checkpoint", "last_good_checkpoint", "init_checkpoint")  # a stage run's checkpoint URIs
+
+
+def checkpoint_references(uri: str) -> dict:
+    """What the store knows about checkpoints, for `python -m pipeline prune`: every plan
+    run (`plans`: name -> start time, status), every stage run (`stages`: plan run, stage,
+    attempt, Ray Train run name, status, the checkpoints its tags name) and each checkpoint
+    a registered model version was made from (`registered`: checkpoint -> ["name vN"]).
+    Raises TrackingUnreachable: without these facts nothing may be deleted."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client = _client(uri)
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        runs, token = [], None
+        while experiments:
+            page = client.search_runs(experiments, max_results=1000, page_token=token)
+            runs += page
+            token = page.token
+            if not token:
+                break
+        plans, stages, by_id = {}, [], {}
+        for r in runs:
+            tags = r.data.tags
+            by_id[r.info.run_id] = tags
+            if tags.get("kind") == "plan" and "plan_run" in tags:
+                plans[tags["plan_run"]] = {"start": r.info.start_time or 0, "status": r.info.status}
+            elif tags.get("kind") == "stage" and "plan_run" in tags:
+                stages.append({"plan_run": tags["plan_run"], "stage": tags.get("stage", "?"),
+                               "attempt": int(tags.get("attempt", "1")),
+                               "trial": tags.get("trial") or f"{tags['plan_run']}-{tags.get('stage', '?')}",
+                               "status": r.info.status, "start": r.info.start_time or 0,
+                               "checkpoints": [tags[k] for k in CHECKPOINT_TAGS if tags.get(k) not in (None, "none")]})
+        registered: dict[str, list[str]] = {}
+        for model in client.search_registered_models():
+            for version in client.search_model_versions(f"name = '{model.name}'"):
+                checkpoint = by_id.get(version.run_id, {}).get("checkpoint")
+                if checkpoint:
+                    registered.setdefault(checkpoint, []).append(f"{version.name} v{version.version}")
+    except (MlflowException, OSError) as exc:
+        raise TrackingUnreachable(f"{uri}: {str(exc)[:300]}") from exc
+    return {"plans": plans, "stages": stages, "registered": registered}

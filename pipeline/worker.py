@@ -16,76 +16,45 @@ from pathlib import Path
 import ray.train
 import torch
 
-from pipeline.stageloop import CHECKPOINT_FILE
+from pipeline.stageloop import CHECKPOINT_FILE, WEIGHTS_FILE, read_checkpoint  # noqa: F401 - CHECKPOINT_FILE: readers
 
 
 
 class MlflowEpochMetrics(ray.train.UserCallback):
-    """Logs rank 0's reports to the stage's MLflow run: per-epoch metrics with the epoch
-    as step, and the per-interval records each report carries (`step/train_loss`,
-    `step/lr`, `step/images_per_sec`, `step/data_wait_fraction`) with the global step as
-    step, so the UI's charts show the curve inside epochs and across a resumed stage.
+    """Hands rank 0's reports to the stage's MLflow sink (pipeline/metricsink.py): per-epoch
+    figures with the epoch as step, the per-interval records each report carries
+    (`step/train_loss`, `step/lr`, `step/images_per_sec`, `step/data_wait_fraction`) with
+    the global step as step, each node's system figures, and the shard set as the run's
+    dataset input. The callback never waits for MLflow: the sink is a Ray actor on this
+    node (or, in a test, a plain MetricsSink) whose own thread sends and retries.
 
-    Runs in the Ray Train controller, which Ray pins to the driver's node: on a
-    cluster that is the head, where MLflow listens on 127.0.0.1, so workers never
-    need a route to the tracking server. Sends that fail are buffered and retried.
-    A record is only reported with the checkpoint after it, so a resumed worker
-    redoes exactly the records that were lost with it; records at or below the last
-    step already in the run are dropped, so a resumed driver adds no duplicates."""
+    Runs in the Ray Train controller, which Ray pins to the driver's node: on a cluster
+    that is the head, where MLflow listens on 127.0.0.1, so workers never need a route to
+    the tracking server. What a resumed run's checkpoint carried (`replay`: every report's
+    figures since the stage began) goes first; the sink drops what MLflow already has."""
 
-    def __init__(self, tracking_uri: str | None, run_id: str | None):
-        self.tracking_uri, self.run_id = tracking_uri, run_id
-        self._logger = None
-        self._last_step = self._last_epoch = None
+    def __init__(self, sink):
+        self.sink = sink
 
     def after_report(self, run_context, metrics, checkpoint):
-        from pipeline.tracking import MetricsLogger
+        from pipeline.metricsink import report_items, system_items
 
-        if self._logger is None:
-            self._logger = MetricsLogger(self.tracking_uri, self.run_id, enabled=True)
-            self._last_step = self._logger.last_step(STEP_METRIC)
-            self._last_epoch = self._logger.last_step(EPOCH_METRIC)
+        items = []
         for rank in metrics:  # each node's system figures, from the worker that samples it
             if rank.get("system"):
-                self._log_system(rank["system"])
+                items += system_items(rank["system"])
         rank0 = dict(metrics[0])
         rank0.pop("system", None)
         replay = rank0.pop("replay", None)
-        if replay:  # what came with the checkpoint this run resumed from: a driver killed
-            self._log(dict(replay))  # right after it was written may never have logged it
+        # a driver killed before these reached MLflow may never have logged them (a checkpoint
+        # from before the history was kept carries its last report alone)
+        for reported in ([replay] if isinstance(replay, dict) else replay or []):
+            items += report_items(reported)
         if "data_hash" in rank0:  # the shard set, as the run's MLflow dataset input
-            self._logger.log_dataset(rank0.pop("data_name"), rank0.pop("data_hash"), rank0.pop("data_root"))
-        self._log(rank0)
-
-    def _log_system(self, system: dict) -> None:
-        """A node's samples as `system/<node>/<figure>` (pipeline/sysmetrics.py), each at
-        the second it was taken (the step) and with its own timestamp."""
-        for taken_ms, figures in system["samples"]:
-            self._logger.log({f"system/{system['node']}/{k}": v for k, v in figures.items()},
-                             step=taken_ms // 1000, timestamp_ms=taken_ms, flush=False)
-        self._logger.flush()
-
-    def _log(self, rank0: dict) -> None:
-        """A report's step records and epoch figures, each once (steps and epochs already
-        in the run are skipped)."""
-        for record in rank0.pop("step_log", None) or []:
-            record = dict(record)
-            step = int(record.pop("step"))
-            if self._last_step is not None and step <= self._last_step:
-                continue
-            self._logger.log({f"step/{k}": v for k, v in record.items()}, step=step)
-            self._last_step = step
-        if EPOCH_METRIC not in rank0:
-            return  # a mid-epoch checkpoint or a failure inside an epoch: no epoch figures
-        epoch = int(rank0.pop("epoch"))
-        rank0.pop("step", None)
-        if self._last_epoch is not None and epoch <= self._last_epoch:
-            return
-        self._logger.log({k: v for k, v in rank0.items() if isinstance(v, (int, float))}, step=epoch)
-        self._last_epoch = epoch
-
-
-STEP_METRIC, EPOCH_METRIC = "step/train_loss", "val_top1_error"
+            items.append(("dataset", None, (rank0.pop("data_name"), rank0.pop("data_hash"), rank0.pop("data_root")), 0))
+        items += report_items(rank0)
+        put = getattr(self.sink.put, "remote", self.sink.put)  # an actor's call returns at once
+        put(items)
 
 
 def _quiet_ray_train_info() -> None:
@@ -97,8 +66,24 @@ def _quiet_ray_train_info() -> None:
 
 
 def _load_state(checkpoint) -> dict:
+    """Everything a resume needs (both files of the checkpoint)."""
     with checkpoint.as_directory() as d:
-        return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        return read_checkpoint(Path(d))
+
+
+def _load_weights(checkpoint) -> dict:
+    """The weights (and serving facts) alone: only the weights file is read from storage,
+    not the optimizer state beside it (for init_from and booking). Checkpoints written
+    before the split have no weights file: all of theirs is read."""
+    import io
+
+    import pyarrow.fs
+
+    fs, path = checkpoint.filesystem, f"{checkpoint.path.rstrip('/')}/{WEIGHTS_FILE}"
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return _load_state(checkpoint)
+    with fs.open_input_stream(path) as stream:
+        return torch.load(io.BytesIO(stream.read()), map_location="cpu", weights_only=False)
 
 
 def train_loop_per_worker(config: dict) -> dict | None:
@@ -120,14 +105,23 @@ def train_loop_per_worker(config: dict) -> dict | None:
                 wrap=lambda model: ray.train.torch.prepare_model(
                     model, parallel_strategy_kwargs={"gradient_as_bucket_view": True}),
                 resume=_load_state(resume) if resume is not None else None,
-                init=_load_state(config["init_checkpoint"]) if config.get("init_checkpoint") is not None else None,
+                init=_load_weights(config["init_checkpoint"]) if config.get("init_checkpoint") is not None else None,
                 node=ray.get_runtime_context().get_node_id()[:8], samples_node=ctx.get_local_rank() == 0)
     return run_stage(config, seat)
 
 
 def _report(metrics: dict, checkpoint_dir: Path | None) -> None:
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir)
-                     if checkpoint_dir is not None else None)
+    """A report, and rank 0's checkpoint folder uploaded by Ray Train in the background
+    (ASYNC: the ranks train on meanwhile; reports still reach the controller in order,
+    each once its checkpoint is in storage) and deleted once uploaded. Ray Train waits for
+    every upload before the stage's run ends."""
+    from ray.train import CheckpointUploadMode
+
+    if checkpoint_dir is None:
+        ray.train.report(metrics)
+        return
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
+                     checkpoint_upload_mode=CheckpointUploadMode.ASYNC, delete_local_checkpoint_after_upload=True)
 
 
 @dataclass(frozen=True)
@@ -135,6 +129,7 @@ class StageOutcome:
     checkpoint: object  # ray.train.Checkpoint of the last epoch (after a failure: the last good one, or None)
     metrics: dict  # those reported with that checkpoint
     failure: dict | None = None  # {"kind", "epoch", "reason"} when training failed (stalled, diverged)
+    tracking: "TrackingSink | None" = None  # the stage's figures on their way to MLflow: flush before booking
 
 
 def fit_stage(stage, data, *, trial_name: str, storage: str, tracking_uri: str | None, mlflow_run_id: str | None,
@@ -149,6 +144,9 @@ def fit_stage(stage, data, *, trial_name: str, storage: str, tracking_uri: str |
 
     res = stage.resources
     per_worker = {"CPU": res.cpus_per_worker} | ({"GPU": 1} if res.use_gpu else {})
+    sink = TrackingSink(tracking_uri, mlflow_run_id) if tracking_uri and mlflow_run_id else None
+    if controls is not None and sink is not None:
+        controls.sinks[stage.name] = sink
     trainer = _stage_trainer()(
         train_loop_per_worker,
         train_loop_config=dict(stage=stage, data=data, init_checkpoint=init_checkpoint, init_layers=init_layers,
@@ -158,14 +156,44 @@ def fit_stage(stage, data, *, trial_name: str, storage: str, tracking_uri: str |
         run_config=RunConfig(name=trial_name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=res.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             callbacks=[MlflowEpochMetrics(tracking_uri, mlflow_run_id)]
+                             callbacks=([MlflowEpochMetrics(sink.actor)] if sink else [])
                              + ([controls.callback(stage.name)] if controls else [])),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException as exc:
+        exc.tracking = sink  # the driver still flushes what the stage logged before it crashed
+        raise
     failure = result.return_value if isinstance(result.return_value, dict) else None
     if failure is None and result.checkpoint is None:
         raise RuntimeError(f"stage {stage.name}: Ray Train finished without a checkpoint")
-    return StageOutcome(result.checkpoint, dict(result.metrics or {}), failure)
+    return StageOutcome(result.checkpoint, dict(result.metrics or {}), failure, sink)
+
+
+class TrackingSink:
+    """A stage's MetricsSink as a Ray actor in the driver's job, on the driver's node (the
+    controller's node, where MLflow listens): it outlives the Ray Train run, so the driver
+    flushes it after fit() returns, and it ends with the driver."""
+
+    def __init__(self, uri: str, run_id: str):
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from pipeline.metricsink import MetricsSink
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        # One call at a time: the controller's items are taken in the order it sent them.
+        self.actor = ray.remote(num_cpus=0, scheduling_strategy=here)(MetricsSink).remote(
+            uri, run_id)
+
+    def flush(self, timeout: float) -> dict:
+        """As MetricsSink.flush; an actor that does not answer counts as nothing sent."""
+        try:
+            return ray.get(self.actor.flush.remote(timeout), timeout=timeout + 30)
+        except Exception as exc:  # noqa: BLE001 - the driver says so and goes on
+            return {"ok": False, "pending": -1, "error": f"{type(exc).__name__}: {exc}", "dropped": 0, "sent": 0}
+
+    def close(self) -> None:
+        ray.kill(self.actor)
 
 
 def _stage_trainer():
@@ -197,8 +225,9 @@ def checkpoint_from_uri(uri: str):
 
 
 def load_checkpoint_model(checkpoint) -> dict:
-    """The model state dict of a stage checkpoint (for MLflow and evaluation)."""
-    return _load_state(checkpoint)
+    """The weights of a stage checkpoint and what serving needs ({"model", "arch",
+    "num_classes", "mean_rgb", ...}; for MLflow and evaluation), without its optimizer state."""
+    return _load_weights(checkpoint)
 
 
 class _Board:
@@ -226,6 +255,7 @@ class StageControls:
 
     def __init__(self):
         self._board = ray.remote(num_cpus=0)(_Board).remote()
+        self.sinks: dict[str, TrackingSink] = {}  # each stage's figures on their way to MLflow (flushed at exit)
 
     def callback(self, stage: str):
         from ray.train.v2._internal.execution.callback import ControllerCallback

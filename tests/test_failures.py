@@ -87,3 +87,12 @@ def test_stalled_and_diverged_stages_fail_and_a_fixed_recipe_fine_tunes_from_the
     assert runs["B"][0].info.status == "FINISHED" and runs["X"][-1].info.status == "FINISHED"
     assert "init_checkpoint" not in runs["X"][-1].data.tags
     assert {m.name for m in client.search_registered_models()} == {"fail-test-A", "fail-test-B"}
+
+    # prune on this real Ray Train storage: one plan run, so its latest attempts stay; A's failed
+    # first attempt was replaced, but its last good checkpoint is where the second one started
+    from pipeline.prune import prune
+
+    said: list[str] = []
+    verdicts = prune(str(tmp_path / "runs"), 1, mlflow_uri, say=said.append)
+    assert verdicts and not any(v.remove for v in verdicts), said
+    assert {v.path: v.why for v in verdicts}[last_good] == "named by stage run fail-1/A (attempt 2)", said

@@ -84,6 +84,7 @@ def test_a_resumed_run_logs_what_its_checkpoint_carried_once(tmp_path, mlflow_ur
     the resumed run's first report replays them; nothing already logged is logged twice."""
     from mlflow.tracking import MlflowClient
 
+    from pipeline.metricsink import MetricsSink
     from pipeline.worker import MlflowEpochMetrics
 
     uri = mlflow_uri
@@ -94,12 +95,18 @@ def test_a_resumed_run_logs_what_its_checkpoint_carried_once(tmp_path, mlflow_ur
         return {"epoch": e, "step": 9, "train_loss": 1.0 / (e + 1), "val_top1_error": 50.0 - e,
                 "step_log": [{"step": s, "train_loss": 1.0, "lr": 0.1} for s in steps]}
 
-    first = MlflowEpochMetrics(uri, run_id)
-    first.after_report(None, [epoch(0, [4, 9])], None)  # logged; then the driver dies after epoch 1's checkpoint
-    resumed = MlflowEpochMetrics(uri, run_id)  # a new controller
-    resumed.after_report(None, [dict(epoch(2, [22, 27]), replay=epoch(1, [13, 18]))], None)
-    again = MlflowEpochMetrics(uri, run_id)  # resumed once more from the same checkpoint
-    again.after_report(None, [dict(epoch(2, [22, 27]), replay=epoch(1, [13, 18]))], None)
+    def controller(*reports) -> None:  # a driver's sink and controller, ended once MLflow has it all
+        sink = MetricsSink(uri, run_id)
+        for report in reports:
+            MlflowEpochMetrics(sink).after_report(None, [report], None)
+        assert sink.flush(60)["ok"]
+        sink.close()
+
+    controller(epoch(0, [4, 9]))  # logged; then the driver dies after epoch 1's checkpoint
+    # a new driver: the checkpoint's replay is every report so far (epoch 0's is in MLflow already)
+    controller(dict(epoch(2, [22, 27]), replay=[epoch(0, [4, 9]), epoch(1, [13, 18])]))
+    controller(dict(epoch(2, [22, 27]), replay=[epoch(0, [4, 9]), epoch(1, [13, 18])]))  # once more
+    controller(dict(epoch(2, [22, 27]), replay=epoch(1, [13, 18])))  # a checkpoint from before the history
     assert [m.step for m in client.get_metric_history(run_id, "val_top1_error")] == [0, 1, 2]
     assert sorted(m.step for m in client.get_metric_history(run_id, "step/train_loss")) == [4, 9, 13, 18, 22, 27]
 
@@ -169,6 +176,7 @@ def test_each_nodes_system_figures_are_logged_under_its_label_at_the_time_taken(
 
     from mlflow.tracking import MlflowClient
 
+    from pipeline.metricsink import MetricsSink
     from pipeline.sysmetrics import Sampler
     from pipeline.worker import MlflowEpochMetrics
 
@@ -183,10 +191,12 @@ def test_each_nodes_system_figures_are_logged_under_its_label_at_the_time_taken(
             "network_receive_megabytes"} <= set(samples[0][1])
     client = MlflowClient(mlflow_uri)
     run_id = client.create_run(client.create_experiment("system")).info.run_id
-    callback = MlflowEpochMetrics(mlflow_uri, run_id)
+    sink = MetricsSink(mlflow_uri, run_id)
+    callback = MlflowEpochMetrics(sink)
     callback.after_report(None, [{"epoch": 0, "step": 3, "system": {"node": "aaaa1111", "samples": samples}},
                                  {"epoch": 0, "step": 3, "system": {"node": "bbbb2222", "samples": samples[:1]}}],
                           None)
+    assert sink.flush(60)["ok"]
     mine = client.get_metric_history(run_id, "system/aaaa1111/cpu_utilization_percentage")
     assert [(m.timestamp, m.step) for m in mine] == [(ts, ts // 1000) for ts, _ in samples]
     assert len(client.get_metric_history(run_id, "system/bbbb2222/system_memory_usage_percentage")) == 1

@@ -2,7 +2,9 @@
 (`--detach LOG --pid-file FILE`): the command returns only once the server answers, or
 fails with the log's tail; running it again replaces the running server (no pkill); and
 SIGTERM ends the whole process tree (`mlflow server`, uvicorn, the job runner and its
-huey consumers), so the port is free again. Real MLflow servers on a free loopback port."""
+huey consumers), so the port is free again. And a stage's figures reach a server that
+stops answering mid-stage and at the stage's end exactly once. Real MLflow servers on a
+free loopback port."""
 
 from __future__ import annotations
 
@@ -86,3 +88,89 @@ def test_detached_start_restart_by_pid_file_and_sigterm_free_the_port(tmp_path):
     finally:
         if pid_file.exists():
             stop_group(_ids(pid_file)[1])
+
+
+def test_a_stages_figures_reach_mlflow_exactly_once_across_outages_mid_stage_and_at_its_end(
+        tmp_path, shards, ray_cluster):
+    """A real stage on Ray Train logging to a real `mlflow server` that stops answering
+    (its processes paused: requests hang, as with a stuck server) once mid-stage and once
+    across the stage's end. Training never waits for it, the driver waits for MLflow
+    before booking and says so, and the run's step curve has no gap and no duplicate."""
+    import threading
+
+    import torch
+    from mlflow.tracking import MlflowClient
+    from services import step_records, tiny_plan, wait_for
+
+    from cluster.tracking_server import start, stop
+    from pipeline.runner import run_plan
+    from pipeline.stages import load_plan
+
+    proc, uri = start(f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "art"), free_port(),
+                      log=tmp_path / "server.log")
+    paused = []
+
+    def pause(on: bool) -> None:
+        os.killpg(proc.pid, signal.SIGSTOP if on else signal.SIGCONT)
+        paused[:] = [True] if on else []
+
+    lines: list[str] = []
+
+    class Out:  # the driver's console
+        def write(self, text: str) -> None:
+            lines.extend(text.splitlines())
+
+        def flush(self) -> None:
+            pass
+
+    plan = load_plan(tiny_plan(tmp_path, shards, name="outage", experiment="outage", epochs=3, log_every_steps=2,
+                               optim={"lr": 0.05, "patience": 50}, stages={"A": {"arch": "A", "scale": 36}}))
+    outcome = {}
+
+    def drive():
+        try:
+            outcome["results"] = run_plan(plan, run_name="outage-1", tracking_uri=uri, out=Out())
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            outcome["error"] = exc
+
+    client = MlflowClient(uri)
+
+    def history(metric: str) -> list:
+        exp = client.get_experiment_by_name("outage")
+        runs = exp and client.search_runs([exp.experiment_id], "tags.kind = 'stage'")
+        return client.get_metric_history(runs[0].info.run_id, metric) if runs else []
+
+    def checkpointed_epochs() -> set[int]:
+        seen = set()
+        for state in (tmp_path / "runs" / "outage-1-A").glob("checkpoint_*/state.pt"):
+            try:
+                seen.add(torch.load(state, weights_only=False)["epoch"])
+            except Exception:  # noqa: BLE001 - being written or rotated away
+                pass
+        return seen
+
+    driver = threading.Thread(target=drive)
+    try:
+        driver.start()
+        wait_for(lambda: history("step/train_loss"), 600, "the first step records in MLflow")
+        pause(True)  # mid-stage: epochs 1 and 2 end while MLflow does not answer
+        wait_for(lambda: 1 in checkpointed_epochs(), 600, "epoch 2's checkpoint")
+        pause(False)
+        wait_for(lambda: len(history("val_top1_error")) >= 2, 600, "epochs 1 and 2 in MLflow once it answers")
+        pause(True)  # again, across the stage's end: its last figures wait in the sink
+        wait_for(lambda: any("MLflow has not taken" in line for line in lines), 600, "the driver's wait")
+        pause(False)
+        driver.join(timeout=600)
+        assert not driver.is_alive() and "error" not in outcome, outcome.get("error") or lines
+    finally:
+        if paused:
+            pause(False)
+        driver.join(timeout=600)
+        try:
+            steps = [m.step for m in history("step/train_loss")]
+            epochs = sorted(m.step for m in history("val_top1_error"))
+        finally:
+            stop(proc)
+    assert any("MLflow took them" in line for line in lines), lines
+    assert sorted(steps) == step_records(3, 9, 2)  # no gap, no duplicate
+    assert epochs == [0, 1, 2]

@@ -1,0 +1,141 @@
+"""`python -m pipeline prune --keep-last N`: the retention rule for checkpoints.
+
+Every stage attempt leaves a Ray Train run under the plan's storage path (`<storage>/
+<trial>/checkpoint_*`), about 26 GB for a run of paper.yaml, and nothing else removes
+them. This removes the checkpoints of plan runs older than the last N (by their MLflow
+start time) and of superseded attempts (a failed attempt followed by a later one),
+never one that something still needs:
+
+- a registered model version's checkpoint (its run's `checkpoint` tag);
+- anything of a plan run with a RUNNING MLflow run (a running stage, or a driver that
+  may come back and resume it);
+- any checkpoint a kept stage run names (`checkpoint`, `last_good_checkpoint`,
+  `init_checkpoint`: a retry fine-tunes from its failed attempt's last good weights);
+- Ray Train runs that no MLflow stage run names (not this pipeline's to judge).
+
+A dry run by default: it prints what it would remove and the bytes; `--yes` deletes.
+Storage is a local path or a URI pyarrow opens (s3://...). The facts come from the
+tracking store (pipeline/tracking.py); when it does not answer, nothing is deleted.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Verdict:
+    path: str  # a checkpoint folder, or a whole Ray Train run once none of its checkpoints is kept
+    bytes: int
+    remove: bool
+    why: str
+
+
+def _bare(uri: str) -> str:
+    """A path or URI as pyarrow names it inside its filesystem: no scheme, no trailing slash."""
+    path = uri.split("://", 1)[1] if "://" in uri else os.path.realpath(uri)
+    return os.path.normpath(path).rstrip("/")
+
+
+def _filesystem(storage: str):
+    import pyarrow.fs
+
+    if "://" in storage:
+        return pyarrow.fs.FileSystem.from_uri(storage)
+    return pyarrow.fs.LocalFileSystem(), _bare(storage)
+
+
+def _listing(fs, base: str) -> dict[str, dict[str, int]]:
+    """Ray Train run folder -> {checkpoint folder: bytes} under `base`, and each run
+    folder's own total as the entry "" ."""
+    import pyarrow.fs
+
+    runs: dict[str, dict[str, int]] = {}
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True, recursive=True)):
+        if info.type != pyarrow.fs.FileType.File:
+            continue
+        parts = os.path.relpath(info.path, base).split(os.sep)
+        if len(parts) < 2:
+            continue
+        trial = runs.setdefault(f"{base}/{parts[0]}", {"": 0})
+        trial[""] += info.size
+        if len(parts) >= 3 and parts[1].startswith("checkpoint_"):
+            key = f"{base}/{parts[0]}/{parts[1]}"
+            trial[key] = trial.get(key, 0) + info.size
+    return {t: c for t, c in runs.items() if len(c) > 1}  # only folders holding checkpoints
+
+
+def judge(storage: str, keep_last: int, facts: dict, listing: dict[str, dict[str, int]]) -> list[Verdict]:
+    """What to remove and what to keep, and why, for every checkpoint under `storage`."""
+    if keep_last < 1:
+        raise ValueError(f"--keep-last must be at least 1, got {keep_last}")
+    plans, stages = dict(facts["plans"]), facts["stages"]
+    for s in stages:  # a plan run whose parent run is gone: as recent as its latest stage run
+        plans.setdefault(s["plan_run"], {"start": s["start"], "status": "UNKNOWN"})
+    newest = sorted(plans, key=lambda p: -plans[p]["start"])[:keep_last]
+    busy = {p for p, f in plans.items() if f["status"] == "RUNNING"} | {s["plan_run"] for s in stages
+                                                                         if s["status"] == "RUNNING"}
+    latest = {}
+    for s in stages:
+        key = (s["plan_run"], s["stage"])
+        latest[key] = max(latest.get(key, 0), s["attempt"])
+    owner = {f"{_bare(storage)}/{s['trial']}": s for s in stages}
+    # the stage runs that stay: their checkpoints, and those their tags name, are needed
+    kept_runs = [s for s in stages if s["plan_run"] in busy
+                 or (s["plan_run"] in newest and s["attempt"] == latest[(s["plan_run"], s["stage"])])]
+    needed = {_bare(c): f"named by stage run {s['plan_run']}/{s['stage']} (attempt {s['attempt']})"
+              for s in kept_runs for c in s["checkpoints"]}
+    registered = {_bare(c): ", ".join(v) for c, v in facts["registered"].items()}
+    verdicts = []
+    for trial, checkpoints in sorted(listing.items()):
+        s = owner.get(trial)
+        if s is None:
+            verdicts += [Verdict(c, n, False, "no MLflow stage run names this Ray Train run")
+                         for c, n in sorted(checkpoints.items()) if c]
+            continue
+        where = f"plan run {s['plan_run']}, stage {s['stage']} attempt {s['attempt']}"
+        if s["plan_run"] in busy:
+            why = f"{where}: the plan run is RUNNING"
+        elif s["plan_run"] in newest and s["attempt"] == latest[(s["plan_run"], s["stage"])]:
+            why = f"{where}: one of the last {keep_last} plan run(s)"
+        else:
+            why = ""
+        old = (f"{where}: a later attempt exists" if s["plan_run"] in newest
+               else f"{where}: older than the last {keep_last} plan run(s)")
+        mine = [Verdict(c, n, False, why) if why else
+                Verdict(c, n, False, f"registered as {registered[c]}") if c in registered else
+                Verdict(c, n, False, needed[c]) if c in needed else
+                Verdict(c, n, True, old) for c, n in sorted(checkpoints.items()) if c]
+        if all(v.remove for v in mine):  # nothing of it kept: the whole run folder goes
+            mine = [Verdict(trial, checkpoints[""], True, f"{old} (the whole Ray Train run)")]
+        verdicts += mine
+    return verdicts
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def prune(storage: str, keep_last: int, tracking_uri: str, yes: bool = False, say=print) -> list[Verdict]:
+    """Judge every checkpoint under `storage`, say each verdict, and with `yes` delete."""
+    from pipeline.tracking import checkpoint_references
+
+    facts = checkpoint_references(tracking_uri)  # first: no facts, no deletion
+    fs, base = _filesystem(storage)
+    verdicts = judge(storage, keep_last, facts, _listing(fs, base))
+    for v in verdicts:
+        say(f"{'remove' if yes else 'would remove'} {v.path} ({_size(v.bytes)}): {v.why}" if v.remove
+            else f"keep {v.path}: {v.why}")
+    gone = [v for v in verdicts if v.remove]
+    for v in gone if yes else []:
+        fs.delete_dir(v.path)
+    total = _size(sum(v.bytes for v in gone))
+    say(f"prune: {len(gone)} folder(s), {total} {'freed' if yes else 'would be freed'} under {storage}; "
+        f"{sum(not v.remove for v in verdicts)} checkpoint(s) kept"
+        + ("" if yes else " (a dry run: add --yes to delete)"))
+    return verdicts
