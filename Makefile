@@ -13,11 +13,14 @@ IMAGE ?= ghcr.io/your-org/vgg-pipeline:0.1.0
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Everything but torch at the versions every cluster node and the image install
+# (cluster/constraints.txt), so the suite tests what the nodes run; torch is the CPU build above.
+$(STAMP): pyproject.toml cluster/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test]"
+	grep -v '^torch==' cluster/constraints.txt > $(VENV)/constraints.txt
+	$(PY) -m pip install --quiet -c $(VENV)/constraints.txt -e ".[test]"
 	touch $(STAMP)
 
 demo: $(STAMP)
