@@ -124,6 +124,8 @@ def check_staged(root: str | Path, expect_hash: str | None = None) -> str | None
 
     root = Path(root)
     again = f"python data_prep/shard.py --stage-in SRC --to {root} on this node (or replace the node)"
+    if not root.is_dir():
+        return f"no shard set at {root} on this node; {again}"
     if (root / STATE).is_file() and not (root / "files.json").is_file():
         why = (root / FAILED).read_text().strip() if (root / FAILED).is_file() else "it was stopped before the end"
         return f"the shard set at {root} is incomplete: its stage-in did not finish ({why}); {again}"

@@ -52,6 +52,8 @@ def test_a_failed_gpu_stage_in_leaves_the_node_up_and_says_why(tmp_path):
 
 def test_training_on_a_node_refuses_an_unfinished_stage_in_with_its_reason(tmp_path, shards):
     dest = tmp_path / "local"
+    assert check_staged(dest) == (f"no shard set at {dest} on this node; python data_prep/shard.py --stage-in SRC "
+                                  f"--to {dest} on this node (or replace the node)")
     stage_in(str(shards), dest, workers=1, log=lambda m: None)
     assert check_staged(dest, data_hash(shards)) is None and not (dest / FAILED).exists()
     (dest / "files.json").unlink()  # as a stage-in stopped part-way leaves it
