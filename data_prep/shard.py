@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"shard.py: error: {exc}", file=sys.stderr)
             return 1
         print(f"staged {a.stage_in} into {a.to}: {r['copied']} files copied and verified "
-              f"({r['bytes'] / 1e9:.2f} GB), {r['skipped']} already verified")
+              f"({r['bytes'] / 1e9:.2f} GB), {r['skipped']} already verified, {r['removed']} stale removed")
         return 0
     if a.index:
         from data_prep.foreign import index

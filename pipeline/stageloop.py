@@ -97,6 +97,13 @@ class StageLoop:
         torch.manual_seed(recipe.seed)  # same init on every rank (DDP also broadcasts rank 0's)
         if self.gpu:
             torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest conv algorithms once
+        from data_prep.stagein import check_staged
+
+        # This node's own copy of the shards: complete, and the set the driver sees (a
+        # live node keeps what it staged in at launch, whatever the bucket has since).
+        problem = check_staged(self.data.root, config.get("data_hash"))
+        if problem:
+            raise RuntimeError(f"{seat.node}: {problem}")
         self.info = DatasetInfo.load(self.data.root)
         self.model = build_model(self.stage.arch, num_classes=self.info.num_classes, width_mult=recipe.width_mult,
                                  batch_norm=recipe.batch_norm, input_size=recipe.crop, dropout=recipe.dropout,

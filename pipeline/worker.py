@@ -142,6 +142,12 @@ def fit_stage(stage, data, *, trial_name: str, storage: str, tracking_uri: str |
     side); the step figures still go to MLflow."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
+    from data_prep.store import data_hash
+
+    try:  # the set every worker must have: the driver's (on a cluster, the head's stage-in)
+        expected = data_hash(data.root)
+    except (FileNotFoundError, OSError):  # the driver does not see the shards: nothing to hold them to
+        expected = None
     res = stage.resources
     per_worker = {"CPU": res.cpus_per_worker} | ({"GPU": 1} if res.use_gpu else {})
     sink = TrackingSink(tracking_uri, mlflow_run_id) if tracking_uri and mlflow_run_id else None
@@ -150,7 +156,7 @@ def fit_stage(stage, data, *, trial_name: str, storage: str, tracking_uri: str |
     trainer = _stage_trainer()(
         train_loop_per_worker,
         train_loop_config=dict(stage=stage, data=data, init_checkpoint=init_checkpoint, init_layers=init_layers,
-                               init_from_label=init_from_label, step_lines=step_lines),
+                               init_from_label=init_from_label, step_lines=step_lines, data_hash=expected),
         scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                      resources_per_worker=per_worker),
         run_config=RunConfig(name=trial_name, storage_path=storage,

@@ -144,15 +144,16 @@ def step_records(epochs: int, steps: int, every: int, checkpoint_every: int = 0)
 
 
 @contextlib.contextmanager
-def s3_server(bucket: str = "vgg-test"):
-    """moto's standalone S3 server on a free loopback port, with one bucket; the AWS
-    environment (endpoint, dummy keys) for this process and its children."""
+def s3_server(bucket: str = "vgg-test", host: str = "127.0.0.1"):
+    """moto's standalone S3 server on a free port of `host` (loopback unless other
+    machines must reach it), with one bucket; the AWS environment (endpoint, dummy keys)
+    for this process and its children."""
     import urllib.request
 
     port = free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", host, "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
+    endpoint = f"http://{host}:{port}"
     env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
            "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
     saved = {k: os.environ.get(k) for k in env}
