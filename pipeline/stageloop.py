@@ -54,6 +54,9 @@ class Seat:
     init: dict | None = None  # the state of the checkpoint the stage starts from (init_from)
     node: str = "node"  # this worker's node, as its system figures are labelled
     samples_node: bool = False  # this worker samples its node's system figures (one worker per node)
+    # A node-drain notice for this worker group: {"deadline_ms", "nodes"} or None; the same
+    # answer on every rank (Ray Train broadcasts rank 0's), so all agree on the step.
+    preemption: Callable[[], dict | None] | None = None
 
 
 class StageLoop:
@@ -61,7 +64,7 @@ class StageLoop:
         """Set up: the data set, the net, the optimizer and the lr schedule for this
         stage's recipe at this world size; nothing from a checkpoint yet."""
         from pipeline import rng
-        from pipeline.data import DatasetInfo, train_steps
+        from pipeline.data import DatasetInfo
         from pipeline.engine import LrSchedule, effective_lr, make_optimizer
         from pipeline.models import build_model
 
@@ -89,13 +92,14 @@ class StageLoop:
         if recipe.compile:
             self.net = torch.compile(self.net, backend="inductor" if recipe.compile is True else recipe.compile)
         rng.seed_rank_streams(recipe.seed, self.rank)  # same init above; from here each rank its own masks
-        self.per_worker = max(1, recipe.batch_size // self.world)
-        self.optimizer = make_optimizer(self.net, recipe.optim, self.per_worker * self.world)
-        self.steps = train_steps(self.info, self.data.train_split, self.per_worker, self.world)
+        self._set_position_units()
+        self.optimizer = make_optimizer(self.net, recipe.optim, recipe.batch_size)
         self.schedule = LrSchedule(self.optimizer, recipe.optim, self.steps,
-                                   effective_lr(recipe.optim, self.per_worker * self.world))
+                                   effective_lr(recipe.optim, recipe.batch_size))
         self.epochs = recipe.epochs_for(self.info.counts[self.data.train_split])
         self.start_epoch = self.start_step = 0
+        self.refused: str | None = None  # why the checkpoint cannot be resumed exactly
+        self.preempted: dict | None = None  # the preemption notice this group saw, once checkpointed
         self.pending_steps: list[dict] = []  # per-interval records not yet reported
         self.extra: dict = {}  # what rank 0's next report carries once: replay, dataset
         self.sampler = None
@@ -103,6 +107,19 @@ class StageLoop:
             from pipeline.sysmetrics import Sampler
 
             self.sampler = Sampler(gpus=self.gpu)
+
+    def _set_position_units(self) -> None:
+        """The recipe's global batch on this world size (micro-batch x accumulation,
+        pipeline/order.py), steps per epoch (the same at any size) and the fingerprint a
+        checkpoint's position is measured in (pipeline/position.py)."""
+        from pipeline.order import sample_table, split_batch, steps_per_epoch
+        from pipeline.position import fingerprint
+
+        self.split = split_batch(self.recipe.batch_size, self.world, self.stage.resources.max_worker_batch)
+        self.per_worker = self.split.micro
+        table = sample_table(*(tuple(p) for p in self.info.shards(self.data.train_split)), self.info.label_format)
+        self.steps = steps_per_epoch(len(table), self.recipe.batch_size, self.data.train_split)
+        self.fingerprint = fingerprint(self.recipe, table)
 
     def close(self) -> None:
         if self.sampler is not None:
@@ -134,15 +151,26 @@ class StageLoop:
                               epoch=state["epoch"], step=state.get("step", self.steps), device=self.device)
             if self.rank == 0 and how != "restored":
                 say(f"{self.tag} random streams: {how}")
-            # Checkpoints before mid-epoch ones existed carry no step: they are epoch ends.
-            done = state.get("step", self.steps)
-            self.start_epoch, self.start_step = ((state["epoch"], done) if done < self.steps
-                                                 else (state["epoch"] + 1, 0))
+            self._resume_position(state)
             if state.get("reported"):
                 self.extra["replay"] = state["reported"]
         if self.rank == 0:
             self.extra.update(self._dataset())
             self._announce()
+
+    def _resume_position(self, state: dict) -> None:
+        """Where to start (pipeline/position.py): the checkpoint's images-seen position in
+        this run's units, the events its resume means (a resize, a recipe change at an
+        epoch's end) for the stage's MLflow run, or the reason it cannot be honoured."""
+        from pipeline.position import resume_at
+
+        at = resume_at(state, split=self.split, steps_per_epoch=self.steps, fp=self.fingerprint)
+        self.start_epoch, self.start_step, self.refused = at.epoch, at.step, at.refused
+        if at.events and self.rank == 0:
+            step = at.epoch * self.steps + at.step
+            self.extra["events"] = [dict(e, step=step) for e in at.events]
+            for event in at.events:
+                say(f"{self.tag} {event['kind']}: {event['text']}")
 
     def _dataset(self) -> dict:
         """The shard set's content hash (the retrain gate's), for the driver side to log as
@@ -157,19 +185,27 @@ class StageLoop:
 
     def _announce(self) -> None:
         stage, recipe, config = self.stage, self.recipe, self.config
-        how = (f"resumed at epoch {self.start_epoch + 1} step {self.start_step}" if self.seat.resume is not None else
+        how = (f"resumed at epoch {self.start_epoch + 1} step {self.start_step} (image {self.start_step * self.recipe.batch_size})"
+               if self.seat.resume is not None else
                f"initialised from {config['init_from_label']}" if config.get("init_from_label") else
                f"initialised from {stage.init_from.stage}" if stage.init_from else f"{recipe.init} init")
         warm = f", {recipe.optim.warmup_epochs:g} warmup epochs" if recipe.optim.warmup_epochs else ""
         say(f"{self.tag} {stage.arch} S={stage.scale_label} on {self.world} worker(s), {self.device}; {how}; "
-            f"{self.epochs} epochs x {self.steps} steps of {self.per_worker * self.world}, "
+            f"{self.epochs} epochs x {self.steps} steps of {self.recipe.batch_size} ({self._batch_label()}), "
             f"lr {self.schedule.base_lr:.3g}{warm}")
+
+    def _batch_label(self) -> str:
+        sp = self.split
+        return f"{sp.world} x {sp.micro}" + (f" x {sp.accumulate} accumulated" if sp.accumulate > 1 else "")
 
     def run(self) -> dict | None:
         """Train from the restored position to the last epoch (or the plateau's end).
         None when the stage finished; {"kind", "epoch", "reason"} when it must FAIL."""
         from pipeline.data import eval_loader
 
+        if self.refused:
+            self.seat.report({}, None)  # every rank reports once, as Ray Train expects
+            return self.fail("refused", self.seat.resume["epoch"], self.refused)
         if self.seat.resume is not None and self.start_step == 0 and (
                 self.start_epoch >= self.epochs or self.schedule.finished):
             # The checkpoint is the stage's last epoch (the driver died before booking it): book
@@ -202,14 +238,13 @@ class StageLoop:
         # One loader per epoch: its order depends on (seed, epoch) only, so a mid-epoch
         # checkpoint's loader position is the step count, replayed by fast-forwarding.
         lo, hi = self.stage.scale_range
+        skip = self.start_step if epoch == self.start_epoch else 0
         train_ld = train_loader(self.info, self.data.train_split, rank=self.rank, world_size=self.world,
                                 batch_size=self.per_worker, scale_range=(lo, hi), crop=recipe.crop,
                                 color_shift=recipe.color_shift, normalize_std=recipe.normalize_std,
                                 device=self.device, seed=recipe.seed, epoch=epoch, threads=self.data.reader_threads,
-                                shuffle_buffer=self.data.shuffle_buffer,
-                                decode=self.data.gpu_decode if self.gpu else "roi", channels_last=self.channels_last)
-        skip = self.start_step if epoch == self.start_epoch else 0
-        train_ld.skip(skip)
+                                decode=self.data.gpu_decode if self.gpu else "roi", channels_last=self.channels_last,
+                                global_batch=recipe.batch_size, start_step=skip * self.split.accumulate)
         try:
             stats = train_one_epoch(
                 self.net, train_ld, self.optimizer, self.device, precision=recipe.precision,
@@ -218,7 +253,8 @@ class StageLoop:
                 checkpoint_every=recipe.checkpoint_every_steps,
                 on_checkpoint=lambda step: self._mid_epoch_checkpoint(epoch, step),
                 lr_at=lambda s: self.schedule.lr_at(epoch * steps + s), start_step=skip,
-                where=f"{self.tag} epoch {epoch + 1}: ")
+                where=f"{self.tag} epoch {epoch + 1}: ", accumulate=self.split.accumulate,
+                poll=self._preemption_poll(epoch))
         except NonFiniteLoss as exc:
             # Every rank raises at the same sync point (the check is a collective). The
             # bad weights are never checkpointed; the records up to the explosion are.
@@ -233,7 +269,7 @@ class StageLoop:
                    "val_top5_error": val["top5_error"], "val_loss": val["loss"], "val_images": val["images"],
                    "lr": lr, "images_per_sec": stats.images_per_sec, "data_wait_fraction": stats.data_wait_fraction,
                    "resumed_from_epoch": -1 if resume is None else resume["epoch"],  # the checkpoint's epoch
-                   "resumed_at_step": skip}
+                   "resumed_at_step": skip, "world_size": self.world}
         if self.rank == 0:
             say(f"{self.tag} epoch {epoch + 1}/{self.epochs}: loss {stats.loss:.4f} val top-1 "
                 f"{val['top1_error']:.2f}% top-5 {val['top5_error']:.2f}% lr {lr:.3g} {stats.images_per_sec:.0f} "
@@ -252,26 +288,53 @@ class StageLoop:
         if step < self.steps:
             self.report({"epoch": epoch, "step": step}, epoch, step)
 
+    def _preemption_poll(self, epoch: int):
+        """At each sync, ask whether a node of this group is being drained; on the first
+        notice, checkpoint at once (inside the notice window) and go on training: when the
+        node goes, Ray Train restarts the group from that checkpoint, at another size."""
+        if self.seat.preemption is None:
+            return None
+
+        def poll(step: int) -> bool:
+            if self.preempted is not None:
+                return False  # one checkpoint per notice
+            notice = self.seat.preemption()
+            if notice is None:
+                return False
+            self.preempted = notice
+            if self.rank == 0:
+                left = (notice["deadline_ms"] / 1000 - time.time()) if notice.get("deadline_ms") else None
+                text = (f"drain notice for node(s) {', '.join(notice.get('nodes', [])) or '?'} at epoch {epoch + 1} "
+                        f"step {step}" + (f", {left:.0f} s before the deadline" if left is not None else "")
+                        + "; checkpointing now")
+                say(f"{self.tag} preemption: {text}")
+                self.extra.setdefault("events", []).append(
+                    {"kind": "preemption", "cause": "drain notice", "text": text, "step": epoch * self.steps + step})
+            return step < self.steps  # at the epoch's end, its own checkpoint follows
+
+        return poll
+
     def _progress(self, epoch: int, record: dict) -> None:
         """A per-interval record: kept for the next report (rank 0) and, unless stages run
         side by side, printed with an ETA."""
         if self.rank != 0:
             return
         steps, epochs = self.steps, self.epochs
-        self.pending_steps.append(dict(record, step=epoch * steps + record["step"]))
+        self.pending_steps.append(dict(record, step=epoch * steps + record["step"], world_size=self.world))
         if not self.config.get("step_lines", True):
             return
         rate = record["images_per_sec"]
         steps_left = steps - record["step"] + (epochs - epoch - 1) * steps
-        eta = steps_left * self.per_worker * self.world / max(rate, 1e-9)
+        eta = steps_left * self.recipe.batch_size / max(rate, 1e-9)
         say(f"{self.tag} epoch {epoch + 1}/{epochs} step {record['step']}/{steps} loss {record['train_loss']:.4f} "
-            f"lr {record.get('lr', self.schedule.lr):.3g} {rate:.0f} img/s ETA {eta / 60:.1f} min")
+            f"lr {record.get('lr', self.schedule.lr):.3g} {rate:.0f} img/s on {self.world} worker(s) ETA {eta / 60:.1f} min")
 
     def report(self, metrics: dict, epoch: int, step: int, checkpoint: bool = True) -> None:
         """Every rank reports (Ray Train needs it); rank 0 attaches the checkpoint and the
         step records since its last report."""
         from pipeline import rng
         from pipeline.models import plain_names
+        from pipeline.position import record
 
         streams = rng.gather_states(self.device) if checkpoint else None  # a collective: before rank 0 goes alone
         if self.sampler is not None:  # this node's figures since the last report, from any rank
@@ -293,6 +356,7 @@ class StageLoop:
             torch.save({"model": plain_names(self.net.state_dict()), "optimizer": self.optimizer.state_dict(),
                         "schedule": self.schedule.state_dict(), "epoch": epoch, "step": step, "rng": streams,
                         "arch": self.stage.arch, "num_classes": self.info.num_classes, "reported": reported,
+                        "position": record(self.split, self.steps, step, self.fingerprint, self.preempted),
                         **self._serving_facts()}, Path(tmp) / CHECKPOINT_FILE)
             self.seat.report(metrics, Path(tmp))
 

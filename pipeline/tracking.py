@@ -402,6 +402,18 @@ class MetricsLogger:
             print(f"warning: could not log the dataset input ({type(exc).__name__}: {str(exc)[:200]})",
                   file=sys.stderr)
 
+    def log_event(self, kind: str, text: str, step: int) -> None:
+        """An event of the stage (a resize, a preemption, a recipe change at an epoch's end)
+        as the run's tag `event.<global step, 9 digits>.<kind>` = what happened and why: the
+        UI lists them in step order, and a replayed event sets the same tag again."""
+        if not self.enabled:
+            return
+        try:
+            self._client.set_tag(self.run_id, f"event.{int(step):09d}.{kind}", text[:5000])
+        except Exception as exc:  # noqa: BLE001 - a tracking failure must not stop training
+            print(f"warning: could not record the {kind} event ({type(exc).__name__}: {str(exc)[:200]})",
+                  file=sys.stderr)
+
     def log(self, metrics: dict, step: int, timestamp_ms: int | None = None, flush: bool = True) -> None:
         if not self.enabled:
             return

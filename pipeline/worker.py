@@ -53,9 +53,17 @@ class MlflowEpochMetrics(ray.train.UserCallback):
         replay = rank0.pop("replay", None)
         if replay:  # what came with the checkpoint this run resumed from: a driver killed
             self._log(dict(replay))  # right after it was written may never have logged it
+            self._log_events(dict(replay).pop("events", None))
+        self._log_events(rank0.pop("events", None))
         if "data_hash" in rank0:  # the shard set, as the run's MLflow dataset input
             self._logger.log_dataset(rank0.pop("data_name"), rank0.pop("data_hash"), rank0.pop("data_root"))
         self._log(rank0)
+
+    def _log_events(self, events: list | None) -> None:
+        """Resizes, preemptions and recipe changes, each as a tag of the run (idempotent)."""
+        for event in events or []:
+            text = event["text"] + (f" [cause: {event['cause']}]" if event.get("cause") else "")
+            self._logger.log_event(event["kind"], text, event["step"])
 
     def _log_system(self, system: dict) -> None:
         """A node's samples as `system/<node>/<figure>` (pipeline/sysmetrics.py), each at
@@ -121,8 +129,19 @@ def train_loop_per_worker(config: dict) -> dict | None:
                     model, parallel_strategy_kwargs={"gradient_as_bucket_view": True}),
                 resume=_load_state(resume) if resume is not None else None,
                 init=_load_state(config["init_checkpoint"]) if config.get("init_checkpoint") is not None else None,
-                node=ray.get_runtime_context().get_node_id()[:8], samples_node=ctx.get_local_rank() == 0)
+                node=ray.get_runtime_context().get_node_id()[:8], samples_node=ctx.get_local_rank() == 0,
+                preemption=_preemption_notice)
     return run_stage(config, seat)
+
+
+def _preemption_notice() -> dict | None:
+    """Ray Train's preemption info (a drained node of this group), the same on every rank:
+    the call is a collective (rank 0's answer broadcast), so every rank must make it."""
+    info = ray.train.get_preemption_info()
+    if info is None:
+        return None
+    return {"deadline_ms": info.deadline_ms, "nodes": [n[:8] for n in info.preempted_node_ids],
+            "ranks": info.preempted_ranks}
 
 
 def _report(metrics: dict, checkpoint_dir: Path | None) -> None:
@@ -154,10 +173,13 @@ def fit_stage(stage, data, *, trial_name: str, storage: str, tracking_uri: str |
         train_loop_per_worker,
         train_loop_config=dict(stage=stage, data=data, init_checkpoint=init_checkpoint, init_layers=init_layers,
                                init_from_label=init_from_label, step_lines=step_lines),
-        scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
-                                     resources_per_worker=per_worker),
+        # [min, max] is elastic: Ray Train restarts the group at a new size from the latest
+        # checkpoint when capacity changes; the loop reads the new size (pipeline/order.py).
+        scaling_config=ScalingConfig(num_workers=res.worker_range if res.elastic else res.num_workers,
+                                     use_gpu=res.use_gpu, resources_per_worker=per_worker),
         run_config=RunConfig(name=trial_name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=res.max_failures),
+                             failure_config=FailureConfig(max_failures=res.max_failures,
+                                                          max_preemption_failures=res.max_preemption_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              callbacks=[MlflowEpochMetrics(tracking_uri, mlflow_run_id)]
                              + ([controls.callback(stage.name)] if controls else [])),

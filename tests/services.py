@@ -127,7 +127,7 @@ def tiny_plan(tmp_path: Path, shards: Path, *, name: str, experiment: str, stage
     base = dict(epochs=2, max_iterations=None, batch_size=16, crop=32, width_mult=0.125, init="kaiming",
                 normalize_std=True, optim={"lr": 0.1, **(optim or {})})
     plan = dict(name=name, experiment=experiment, storage=str(tmp_path / "runs"),
-                data=dict(root=str(shards), reader_threads=1, shuffle_buffer=64), recipe=dict(base, **recipe),
+                data=dict(root=str(shards), reader_threads=1), recipe=dict(base, **recipe),
                 resources=dict(num_workers=2, cpus_per_worker=1, max_failures=max_failures), stages=stages)
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(plan, sort_keys=False))
