@@ -394,26 +394,25 @@ def train_loader(info: DatasetInfo, split: str, *, rank: int, world_size: int, b
                  scale_range: tuple[int, int], crop: int, color_shift: float = 0.1, normalize_std: bool = False,
                  device: torch.device = torch.device("cpu"), seed: int = 0, epoch: int = 0, threads: int = 2,
                  decode: str = "roi", draws: Draws | None = None, channels_last: bool = False,
-                 global_batch: int | None = None, start_step: int = 0) -> Loader:
-    """One rank's micro-batches of one epoch in the global order (pipeline/order.py):
-    `batch_size` images each (per worker), `global_batch` (default: batch_size x
-    world_size) images an optimizer step over all ranks. The order and the augmentation
+                 layout=None, start_step: int = 0) -> Loader:
+    """One rank's micro-batches of one epoch in the global order (pipeline/order.py).
+    `layout`: how a step's global batch lies on the ranks (an `order.Split`); by default
+    `batch_size` images per worker, one micro-batch a step. The order and the augmentation
     draws are a function of (seed, epoch) only, never of the rank or the world size:
     build one loader per epoch. `start_step`: the first micro-step to read (a resume; the
     ones before are not read at all). `decode`: "roi" or "whole" (see the module's
     docstring); `draws` fixes the draws and keeps shard order (GPU-versus-CPU checks).
     `channels_last`: NHWC from the graph, NCHW views out."""
-    from pipeline.order import EpochSource, epoch_draws, epoch_order, sample_table, steps_per_epoch
+    from pipeline.order import EpochSource, epoch_draws, epoch_order, sample_table, split_batch, steps_per_epoch
 
     if decode not in ("roi", "whole"):
         raise ValueError(f"decode: expected 'roi' or 'whole', got {decode!r}")
     gpu = device.type == "cuda"
-    global_batch = global_batch or batch_size * world_size
-    if global_batch % (batch_size * world_size):
-        raise ValueError(f"global batch {global_batch} is not a whole number of micro-batches of "
-                         f"{batch_size} x {world_size} workers")
+    layout = layout or split_batch(batch_size * world_size, world_size)
+    if layout.world != world_size:
+        raise ValueError(f"layout is for {layout.world} workers, the loader for {world_size}")
     table = sample_table(*(tuple(p) for p in info.shards(split)), info.label_format)
-    micro_steps = steps_per_epoch(len(table), global_batch, split) * (global_batch // (batch_size * world_size))
+    micro_steps = steps_per_epoch(len(table), layout.global_batch, split) * layout.accumulate
     if not 0 <= start_step <= micro_steps:
         raise ValueError(f"cannot start at micro-step {start_step} of {micro_steps}")
     n = len(table)
@@ -424,11 +423,10 @@ def train_loader(info: DatasetInfo, split: str, *, rank: int, world_size: int, b
         drawn = {"scale": np.full(n, draws.scale, np.float32), "pos_x": np.full(n, draws.pos_x, np.float32),
                  "pos_y": np.full(n, draws.pos_y, np.float32), "mirror": np.full(n, draws.mirror, np.int32),
                  "alpha": np.zeros((n, 3), np.float32)}
-    source = EpochSource(table, order, drawn, rank=rank, world=world_size, micro=batch_size, start=start_step,
-                         stop=micro_steps)
+    source = EpochSource(table, order, drawn, split=layout, rank=rank, start=start_step, stop=micro_steps)
     pipe = train_pipeline(info, source, crop, color_shift, normalize_std, gpu, decode,
                           info.decode_hints(split) if gpu else None, "HWC" if channels_last else "CHW",
-                          batch_size=batch_size, num_threads=threads, device_id=_device_id(device),
+                          batch_size=layout.micro, num_threads=threads, device_id=_device_id(device),
                           seed=(seed * 100_003 + epoch) * 1000 + rank + 1, prefetch_queue_depth=2)
     pipe.build()
     return Loader(pipe, len(source), device, f"train pipeline over {info.root / split}", (info, split),

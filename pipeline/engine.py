@@ -217,6 +217,7 @@ def train_one_epoch(
     start_step: int = 0,
     where: str = "",
     accumulate: int = 1,
+    global_batch: int | None = None,
     poll: Callable[[int], bool] | None = None,
 ) -> EpochStats:
     """One pass over `loader`. Steps are numbered from `start_step` (a loader fast-forwarded
@@ -230,7 +231,10 @@ def train_one_epoch(
 
     `accumulate`: the loader yields micro-batches, `accumulate` of them per optimizer
     step (gradients summed, each micro-batch's loss divided by `accumulate`, so a step
-    is the mean over the worker's share; DDP averages the shares). Under DDP only the
+    is the mean over the worker's share; DDP averages the shares). Shares of unequal
+    size (a global batch that does not divide over the ranks, pipeline/order.py) give
+    `global_batch`: each micro-batch of n images is then weighted by world x n /
+    global_batch, so the step is still the mean over all its images. Under DDP only the
     step's last micro-batch all-reduces (`no_sync` before it). Steps count optimizer
     steps; images count every image.
 
@@ -289,8 +293,9 @@ def train_one_epoch(
         with no_sync() if no_sync is not None and micro < accumulate else contextlib.nullcontext():
             with autocast(device, precision):
                 loss = criterion(model(model_input(images_b, device, precision, dtype)), labels)
-            (loss / accumulate if accumulate > 1 else loss).backward()
-        n = labels.shape[0]
+            n = labels.shape[0]
+            weight = world * n / global_batch if global_batch else 1.0 / accumulate
+            (loss * weight if weight != 1.0 else loss).backward()
         loss = loss.detach().double()
         finite = torch.isfinite(loss)
         zero = torch.zeros_like(loss)

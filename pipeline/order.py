@@ -1,26 +1,32 @@
 """The training data order as a property of (seed, epoch) over the whole split, the same at
-any world size, and what a position in it means.
+any world size, and how a worker group of any size reads it.
 
 An epoch is one permutation of the split's samples (`epoch_order`). Global step g holds
-the positions [g*B, (g+1)*B) of it (B the recipe's global batch). A worker group of W
-ranks, each taking micro-batches of m images and accumulating a of them per step
-(B = W*m*a), reads it as micro-steps: micro-step t covers positions [t*W*m, (t+1)*W*m)
-and rank r takes the r-th m of them. After g steps every world size has consumed the
-same images, g*B of them (`images_seen`), so a checkpoint's position survives a change of
-world size or per-worker batch, and every image of the interrupted epoch is still seen
-exactly once. The positions past the last whole global batch are left out of that epoch
-(fewer than B; the next epoch's permutation takes them in again).
+the positions [g*B, (g+1)*B) of it (B the recipe's global batch), whatever the world size.
+On W workers each rank takes a share of the step's B images, B // W or one more (the
+first B % W ranks), in `accumulate` micro-batches of at most `max_worker_batch` images
+(`Split`); micro-batch k of every rank comes before micro-batch k + 1, rank by rank.
+Each micro-batch's loss is weighted by W x its images / B (pipeline/engine.py), so a
+step's gradient is the mean over the B images however they lie on the ranks: the
+recipe is the same at any world size, and no world size has to divide B.
+
+After g steps every world size has consumed the same images, g*B of them (the
+checkpoint's `images_seen`, pipeline/position.py), so a position survives a change of
+world size or micro-batch, and every image of the interrupted epoch is still seen exactly
+once. The positions past the last whole global batch are left out of that epoch (fewer
+than B; the next epoch's permutation takes them in again).
 
 The augmentation draws (scale, crop position, flip, colour shift) belong to the position
 too (`epoch_draws`): which rank decodes an image no longer changes what it sees, so a
 resized run trains on the same tensors as a fixed-size one.
 
-Plain numpy, no DALI: pipeline/data.py feeds these to its graph.
+Plain numpy, no DALI: pipeline/data.py feeds `EpochSource` to its graph.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,29 +90,89 @@ def epoch_draws(n: int, seed: int, epoch: int, scale_range: tuple[int, int]) -> 
             "mirror": rng.integers(0, 2, n, dtype=np.int32), "alpha": rng.standard_normal((n, 3), dtype=np.float32)}
 
 
-def micro_positions(micro_step: int, rank: int, world: int, micro: int) -> slice:
-    """Positions of the epoch that `rank` reads at `micro_step` (see the module's docstring)."""
-    start = micro_step * world * micro + rank * micro
-    return slice(start, start + micro)
+@dataclass(frozen=True)
+class Split:
+    """The global batch on `world` workers: each rank's share of a step in `accumulate`
+    micro-batches (sizes differ by at most one image); `micro` is the largest."""
+
+    world: int
+    global_batch: int
+    accumulate: int
+
+    def share(self, rank: int) -> int:
+        return self.global_batch // self.world + (rank < self.global_batch % self.world)
+
+    def size(self, k: int, rank: int) -> int:
+        """Images in micro-batch k of a step on `rank`."""
+        share = self.share(rank)
+        return share // self.accumulate + (k < share % self.accumulate)
+
+    @property
+    def micro(self) -> int:
+        return self.size(0, 0)
+
+    @property
+    def even(self) -> bool:
+        return self.global_batch % (self.world * self.accumulate) == 0
+
+    @functools.cached_property
+    def _offsets(self) -> np.ndarray:
+        sizes = np.array([[self.size(k, r) for r in range(self.world)] for k in range(self.accumulate)])
+        return np.concatenate([[0], np.cumsum(sizes.ravel())])[:-1].reshape(sizes.shape)
+
+    def positions(self, micro_step: int, rank: int) -> slice:
+        """Positions of the epoch that `rank` reads at `micro_step` (accumulate per step)."""
+        step, k = divmod(micro_step, self.accumulate)
+        start = step * self.global_batch + int(self._offsets[k, rank])
+        return slice(start, start + self.size(k, rank))
+
+    def label(self) -> str:
+        shares = sorted({self.share(r) for r in range(self.world)}, reverse=True)
+        text = f"{self.world} x {'/'.join(map(str, shares))}"
+        return text + (f" in {self.accumulate} micro-batches of up to {self.micro}" if self.accumulate > 1 else "")
+
+
+def split_batch(global_batch: int, world: int, max_micro: int | None = None) -> Split:
+    """The global batch on `world` workers, in the fewest micro-batches a step whose size
+    stays within `max_micro` (a worker's memory; None: the whole share at once). Raises
+    ValueError (the reason) where that cannot be done: fewer images than workers, or
+    micro-batches so small that one would hold no image."""
+    if world < 1 or global_batch < world:
+        raise ValueError(f"batch_size {global_batch} is smaller than {world} workers: a worker would have no image")
+    if max_micro is not None and max_micro < 1:
+        raise ValueError(f"max_worker_batch must be at least 1, got {max_micro}")
+    largest = math.ceil(global_batch / world)
+    split = Split(world, global_batch, math.ceil(largest / (max_micro or largest)))
+    if split.size(split.accumulate - 1, world - 1) < 1:
+        raise ValueError(f"batch_size {global_batch} on {world} workers in {split.accumulate} micro-batches of at most "
+                         f"{max_micro}: a worker's last micro-batch would be empty; raise max_worker_batch")
+    return split
+
+
+def steps_per_epoch(images: int, global_batch: int, split_name: str = "train") -> int:
+    """Global steps an epoch, the same at every world size: whole global batches only."""
+    steps = images // global_batch
+    if steps < 1:
+        raise ValueError(f"{split_name}: {images} images is less than one global batch ({global_batch})")
+    return steps
 
 
 class EpochSource:
     """One rank's share of one epoch in the global order, as batches for pipeline/data.py's
-    `fn.external_source` (outputs: jpegs, labels, index, scale, pos_x, pos_y, mirror, alpha): each micro-batch's image and label bytes, read from the tars
-    at the offsets the DALI index gives, its augmentation draws, and the samples' indices
-    (the keys the loader returns come through the graph with the images). Micro-steps
-    before `start` are never read: a resume starts where it stopped, at no cost."""
+    `fn.external_source` (outputs: jpegs, labels, index, scale, pos_x, pos_y, mirror,
+    alpha): each micro-batch's image and label bytes, read from the tars at the offsets
+    the DALI index gives, its augmentation draws, and the samples' indices (the keys the
+    loader returns come through the graph with the images). Micro-steps before `start`
+    are never read: a resume starts where it stopped, at no cost."""
 
-    def __init__(self, table, order, draws: dict, *, rank: int, world: int, micro: int, start: int, stop: int):
-        self.table, self.order, self.draws = table, order, draws
-        self.rank, self.world, self.micro, self.start, self.stop = rank, world, micro, start, stop
+    def __init__(self, table: SampleTable, order: np.ndarray, draws: dict, *, split: Split, rank: int, start: int,
+                 stop: int):
+        self.table, self.order, self.draws, self.split, self.rank = table, order, draws, split, rank
+        self.start, self.stop = start, stop
         self._files: dict[int, object] = {}
 
     def __len__(self) -> int:
         return self.stop - self.start
-
-    def positions(self, micro_step: int) -> slice:
-        return micro_positions(micro_step, self.rank, self.world, self.micro)
 
     def _read(self, tar: int, where) -> np.ndarray:
         fh = self._files.get(tar)
@@ -124,7 +190,7 @@ class EpochSource:
         step = self.start + info.iteration
         if step >= self.stop:
             raise StopIteration
-        where = self.positions(step)
+        where = self.split.positions(step, self.rank)
         samples = self.order[where]
         t = self.table
         d = {k: v[where] for k, v in self.draws.items()}
@@ -137,45 +203,3 @@ class EpochSource:
         for fh in self._files.values():
             fh.close()
         self._files.clear()
-
-
-@dataclass(frozen=True)
-class Split:
-    """How the global batch B lies on W workers: micro-batches of `micro` images,
-    `accumulate` of them per optimizer step, B = world * micro * accumulate."""
-
-    world: int
-    micro: int
-    accumulate: int
-
-    @property
-    def global_batch(self) -> int:
-        return self.world * self.micro * self.accumulate
-
-
-def split_batch(global_batch: int, world: int, max_micro: int | None = None) -> Split:
-    """The global batch on `world` workers: each takes global_batch / world images a
-    step, in the fewest micro-batches of at most `max_micro` images (a worker's memory)
-    that divide it evenly. Raises ValueError (the reason) where that cannot be done:
-    the global batch must divide over the workers, or the recipe would change with the
-    world size (a batch of 256 on 3 workers: 85 + 85 + 86 is not one data-parallel step
-    of equal shares, and dropping one image a step changes the recipe)."""
-    if global_batch % world:
-        raise ValueError(f"batch_size {global_batch} does not divide over {world} workers "
-                         f"(each worker must take the same share of the global batch)")
-    share = global_batch // world
-    cap = share if max_micro is None else max_micro
-    if cap < 1:
-        raise ValueError(f"max_worker_batch must be at least 1, got {max_micro}")
-    for accumulate in range(1, share + 1):
-        if share % accumulate == 0 and share // accumulate <= cap:
-            return Split(world, share // accumulate, accumulate)
-    raise AssertionError("unreachable: accumulate == share gives micro-batches of 1")
-
-
-def steps_per_epoch(images: int, global_batch: int, split_name: str = "train") -> int:
-    """Global steps an epoch, the same at every world size: whole global batches only."""
-    steps = images // global_batch
-    if steps < 1:
-        raise ValueError(f"{split_name}: {images} images is less than one global batch ({global_batch})")
-    return steps

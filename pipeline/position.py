@@ -55,9 +55,10 @@ def changed_fields(saved: dict, now: dict) -> list[str]:
 
 
 def record(split: Split, steps_per_epoch: int, step: int, fp: dict, preempted: dict | None = None) -> dict:
+    # worker_batch: the largest micro-batch (ranks' shares differ by one where B does not divide)
     """The position of a checkpoint written after `step` steps of an epoch."""
     out = {"world": split.world, "worker_batch": split.micro, "accumulate": split.accumulate,
-           "global_batch": split.global_batch, "steps_per_epoch": steps_per_epoch, "step": step,
+           "global_batch": split.global_batch, "layout": split.label(), "steps_per_epoch": steps_per_epoch, "step": step,
            "images_seen": step * split.global_batch, "fingerprint": fp}
     if preempted:
         out["preempted"] = preempted
@@ -104,9 +105,9 @@ def resume_at(state: dict, *, split: Split, steps_per_epoch: int, fp: dict) -> R
                                         if pos.get("preempted", {}).get("nodes") else "")
                  if pos.get("preempted") else "worker group restarted at another size")
         events.append({"kind": "resize", "cause": cause,
-                       "text": f"{pos['world']} -> {split.world} workers ({cause}); per worker {pos['worker_batch']}"
-                               f" x {pos['accumulate']} -> {split.micro} x {split.accumulate}, global batch "
-                               f"{split.global_batch}; resumed at epoch {epoch + 1} image {pos['images_seen']}"})
+                       "text": f"{pos['world']} -> {split.world} workers ({cause}); global batch {split.global_batch} "
+                               f"as {pos.get('layout', pos['world'])} -> {split.label()}; resumed at epoch "
+                               f"{epoch + 1} image {pos['images_seen']}"})
     elif pos.get("preempted"):
         events.append({"kind": "preemption", "cause": "preemption notice",
                        "text": f"resumed at epoch {epoch + 1} image {pos['images_seen']} after a preemption notice "

@@ -66,7 +66,7 @@ def _ensure_ray(address: str | None, plan: Plan) -> None:
         ray.init(address=address)
         return
     # A local single-node cluster sized for the largest stage.
-    cpus = max(int(s.resources.num_workers * s.resources.cpus_per_worker + 0.999) for s in plan.stages.values())
+    cpus = max(int(s.resources.max_workers * s.resources.cpus_per_worker + 0.999) for s in plan.stages.values())
     ray.init(num_cpus=max(cpus, os.cpu_count() or 1), dashboard_host="127.0.0.1")
 
 

@@ -191,12 +191,8 @@ class StageLoop:
                f"initialised from {stage.init_from.stage}" if stage.init_from else f"{recipe.init} init")
         warm = f", {recipe.optim.warmup_epochs:g} warmup epochs" if recipe.optim.warmup_epochs else ""
         say(f"{self.tag} {stage.arch} S={stage.scale_label} on {self.world} worker(s), {self.device}; {how}; "
-            f"{self.epochs} epochs x {self.steps} steps of {self.recipe.batch_size} ({self._batch_label()}), "
+            f"{self.epochs} epochs x {self.steps} steps of {self.recipe.batch_size} ({self.split.label()}), "
             f"lr {self.schedule.base_lr:.3g}{warm}")
-
-    def _batch_label(self) -> str:
-        sp = self.split
-        return f"{sp.world} x {sp.micro}" + (f" x {sp.accumulate} accumulated" if sp.accumulate > 1 else "")
 
     def run(self) -> dict | None:
         """Train from the restored position to the last epoch (or the plateau's end).
@@ -244,7 +240,7 @@ class StageLoop:
                                 color_shift=recipe.color_shift, normalize_std=recipe.normalize_std,
                                 device=self.device, seed=recipe.seed, epoch=epoch, threads=self.data.reader_threads,
                                 decode=self.data.gpu_decode if self.gpu else "roi", channels_last=self.channels_last,
-                                global_batch=recipe.batch_size, start_step=skip * self.split.accumulate)
+                                layout=self.split, start_step=skip * self.split.accumulate)
         try:
             stats = train_one_epoch(
                 self.net, train_ld, self.optimizer, self.device, precision=recipe.precision,
@@ -254,6 +250,7 @@ class StageLoop:
                 on_checkpoint=lambda step: self._mid_epoch_checkpoint(epoch, step),
                 lr_at=lambda s: self.schedule.lr_at(epoch * steps + s), start_step=skip,
                 where=f"{self.tag} epoch {epoch + 1}: ", accumulate=self.split.accumulate,
+                global_batch=None if self.split.even else recipe.batch_size,
                 poll=self._preemption_poll(epoch))
         except NonFiniteLoss as exc:
             # Every rank raises at the same sync point (the check is a collective). The

@@ -302,22 +302,19 @@ def _req_str(raw: dict, key: str) -> str:
 
 
 def _check_batch_split(st: Stage, where: str) -> None:
-    """The global batch must lie evenly on every world size the stage may run at
-    (pipeline/order.py, split_batch): refused here, not hours later at a resize."""
+    """The global batch must lie on every world size the stage may run at (pipeline/order.py,
+    split_batch): refused here, not hours later at a resize. A batch that does not divide
+    over the workers is fine (shares of B // W and one more, weighted); fewer images than
+    workers, or micro-batches so small that one would be empty, are not."""
     from pipeline.order import split_batch
 
     lo, hi = st.resources.worker_range
-    bad = [w for w in range(lo, hi + 1) if st.recipe.batch_size % w]
-    if bad:
-        fits = [w for w in range(lo, hi + 1) if st.recipe.batch_size % w == 0]
-        raise ConfigError(
-            f"{where}.recipe.batch_size: {st.recipe.batch_size} does not divide over {', '.join(map(str, bad))} "
-            f"worker(s), which resources.num_workers {list(st.resources.worker_range)} allows; every worker must "
-            f"take the same share of the global batch, so the recipe stays the same at any size. Use a batch "
-            f"divisible by every count from {lo} to {hi}"
-            + (f", or only worker counts it divides over ({', '.join(map(str, fits))})" if fits else ""))
     for w in range(lo, hi + 1):
-        split_batch(st.recipe.batch_size, w, st.resources.max_worker_batch)
+        try:
+            split_batch(st.recipe.batch_size, w, st.resources.max_worker_batch)
+        except ValueError as exc:
+            raise ConfigError(f"{where}.recipe.batch_size: {exc} (resources.num_workers allows "
+                              f"{list(st.resources.worker_range) if st.resources.elastic else w})") from None
 
 
 def validate(plan: Plan) -> None:
