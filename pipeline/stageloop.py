@@ -243,7 +243,7 @@ class StageLoop:
                                 layout=self.split, start_step=skip * self.split.accumulate)
         try:
             stats = train_one_epoch(
-                self.net, train_ld, self.optimizer, self.device, precision=recipe.precision,
+                self.net, self._audited(train_ld, epoch, skip), self.optimizer, self.device, precision=recipe.precision,
                 channels_last=self.channels_last, grad_clip=recipe.optim.grad_clip,
                 log_every=recipe.log_every_steps, on_log=lambda record: self._progress(epoch, record),
                 checkpoint_every=recipe.checkpoint_every_steps,
@@ -279,6 +279,27 @@ class StageLoop:
             return self.fail("stalled", epoch, stalled)
         self.report(metrics, epoch, steps)
         return None
+
+    def _audited(self, loader, epoch: int, skip: int):
+        """The loader, and with `data.keys_log` set, each batch's keys appended to this
+        rank's file there as `epoch step key` lines (a step redone after a restart reads the
+        same keys again: the order is a function of the position)."""
+        if not self.data.keys_log:
+            return loader
+        import os
+
+        folder = Path(self.data.keys_log)
+        folder.mkdir(parents=True, exist_ok=True)
+
+        def batches():
+            with open(folder / f"{self.stage.name}-{os.getpid()}-rank{self.rank}.txt", "a") as fh:
+                for i, batch in enumerate(loader):
+                    step = skip + i // self.split.accumulate
+                    fh.write("".join(f"{epoch} {step} {k}\n" for k in loader.batch_keys))
+                    fh.flush()
+                    yield batch
+
+        return batches()
 
     def _mid_epoch_checkpoint(self, epoch: int, step: int) -> None:
         """Every `checkpoint_every_steps` steps; the epoch's end has its own, with its figures."""

@@ -120,6 +120,9 @@ class Resources:
     # the global batch is larger takes it in several micro-batches (gradient accumulation).
     # None: the whole share at once.
     max_worker_batch: int | None = None
+    # An elastic stage looks for more capacity this often (Ray Train's
+    # elastic_resize_monitor_interval_s); each grow restarts the group from the latest checkpoint.
+    resize_check_s: float = 60.0
 
     def __post_init__(self):
         lo, hi = self.worker_range
@@ -157,6 +160,10 @@ class Data:
     # image (the hardware JPEG decoder can) and resizes the window on the GPU. Same
     # geometry; `python -m pipeline bench gpu` says which is faster on a machine.
     gpu_decode: Literal["roi", "whole"] = "roi"
+    # A folder where every rank appends what it trained on, one line per image: epoch,
+    # step, key (an audit of the exactly-once order across resizes; the elastic test
+    # reads it). None: off. On ImageNet about 30 MB an epoch.
+    keys_log: str | None = None
 
 
 @dataclass(frozen=True)

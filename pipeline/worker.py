@@ -176,7 +176,8 @@ def fit_stage(stage, data, *, trial_name: str, storage: str, tracking_uri: str |
         # [min, max] is elastic: Ray Train restarts the group at a new size from the latest
         # checkpoint when capacity changes; the loop reads the new size (pipeline/order.py).
         scaling_config=ScalingConfig(num_workers=res.worker_range if res.elastic else res.num_workers,
-                                     use_gpu=res.use_gpu, resources_per_worker=per_worker),
+                                     use_gpu=res.use_gpu, resources_per_worker=per_worker,
+                                     elastic_resize_monitor_interval_s=res.resize_check_s),
         run_config=RunConfig(name=trial_name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=res.max_failures,
                                                           max_preemption_failures=res.max_preemption_failures),
