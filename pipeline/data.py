@@ -15,6 +15,12 @@ On a GPU there is a second way to the same geometry: decode the whole image with
 cannot) and resize the same sub-pixel window on the GPU. `decode="roi" | "whole"`
 picks one; `python -m pipeline bench gpu` times both on the machine.
 
+Training reads the split in a global order that depends on (seed, epoch) only
+(pipeline/order.py): `fn.external_source` hands the graph each micro-batch's JPEG and
+label bytes, read from the tars at the offsets in the DALI index files, with the
+augmentation's draws for those positions; the graph decodes and augments them as
+above. Evaluation reads each rank's slice with `fn.readers.webdataset`.
+
 GPU decoders get their memory hints from the data (`decode_hints`): buffers sized for
 the split's largest image, so nvJPEG never reallocates mid-epoch, and chroma upsampled
 as libjpeg-turbo does on the CPU, so a GPU batch matches the CPU one.

@@ -218,7 +218,14 @@ class StageLoop:
                                   normalize_std=self.recipe.normalize_std, device=self.device,
                                   threads=self.data.reader_threads, channels_last=self.channels_last)
         for epoch in range(self.start_epoch, self.epochs):
-            failure = self.train_epoch(epoch)
+            try:
+                failure = self.train_epoch(epoch)
+            except RuntimeError as exc:
+                if self.preempted is None:
+                    raise
+                from pipeline.elastic import wait_for_reclaim
+
+                wait_for_reclaim(self.preempted, exc, lambda text: say(f"{self.tag} {text}"))
             if failure is not None:
                 return failure
             if epoch == self.epochs - 1 or self.schedule.finished:
@@ -228,6 +235,7 @@ class StageLoop:
     def train_epoch(self, epoch: int) -> dict | None:
         """One epoch: train, validate, step the lr schedule, report with a checkpoint."""
         from pipeline.data import train_loader
+        from pipeline.elastic import audited
         from pipeline.engine import NonFiniteLoss, evaluate, stall_reason, train_one_epoch
 
         recipe, steps, t0 = self.recipe, self.steps, time.monotonic()
@@ -243,7 +251,8 @@ class StageLoop:
                                 layout=self.split, start_step=skip * self.split.accumulate)
         try:
             stats = train_one_epoch(
-                self.net, self._audited(train_ld, epoch, skip), self.optimizer, self.device, precision=recipe.precision,
+                self.net, audited(train_ld, self.data.keys_log, f"{self.stage.name}-rank{self.rank}", epoch, skip,
+                                  self.split.accumulate), self.optimizer, self.device, precision=recipe.precision,
                 channels_last=self.channels_last, grad_clip=recipe.optim.grad_clip,
                 log_every=recipe.log_every_steps, on_log=lambda record: self._progress(epoch, record),
                 checkpoint_every=recipe.checkpoint_every_steps,
@@ -280,27 +289,6 @@ class StageLoop:
         self.report(metrics, epoch, steps)
         return None
 
-    def _audited(self, loader, epoch: int, skip: int):
-        """The loader, and with `data.keys_log` set, each batch's keys appended to this
-        rank's file there as `epoch step key` lines (a step redone after a restart reads the
-        same keys again: the order is a function of the position)."""
-        if not self.data.keys_log:
-            return loader
-        import os
-
-        folder = Path(self.data.keys_log)
-        folder.mkdir(parents=True, exist_ok=True)
-
-        def batches():
-            with open(folder / f"{self.stage.name}-{os.getpid()}-rank{self.rank}.txt", "a") as fh:
-                for i, batch in enumerate(loader):
-                    step = skip + i // self.split.accumulate
-                    fh.write("".join(f"{epoch} {step} {k}\n" for k in loader.batch_keys))
-                    fh.flush()
-                    yield batch
-
-        return batches()
-
     def _mid_epoch_checkpoint(self, epoch: int, step: int) -> None:
         """Every `checkpoint_every_steps` steps; the epoch's end has its own, with its figures."""
         if step < self.steps:
@@ -310,27 +298,21 @@ class StageLoop:
         """At each sync, ask whether a node of this group is being drained; on the first
         notice, checkpoint at once (inside the notice window) and go on training: when the
         node goes, Ray Train restarts the group from that checkpoint, at another size."""
-        if self.seat.preemption is None:
-            return None
+        from pipeline.elastic import preemption_poll
 
-        def poll(step: int) -> bool:
-            if self.preempted is not None:
-                return False  # one checkpoint per notice
-            notice = self.seat.preemption()
-            if notice is None:
-                return False
-            self.preempted = notice
+        def notice(step: int, text: str, left: float | None) -> None:
             if self.rank == 0:
-                left = (notice["deadline_ms"] / 1000 - time.time()) if notice.get("deadline_ms") else None
-                text = (f"drain notice for node(s) {', '.join(notice.get('nodes', [])) or '?'} at epoch {epoch + 1} "
-                        f"step {step}" + (f", {left:.0f} s before the deadline" if left is not None else "")
-                        + "; checkpointing now")
                 say(f"{self.tag} preemption: {text}")
                 self.extra.setdefault("events", []).append(
                     {"kind": "preemption", "cause": "drain notice", "text": text, "step": epoch * self.steps + step})
-            return step < self.steps  # at the epoch's end, its own checkpoint follows
 
-        return poll
+        def seen(info: dict) -> None:
+            self.preempted = info
+
+        if self.seat.preemption is None:
+            return None
+        return preemption_poll(self.seat.preemption, lambda: self.preempted is not None, seen, notice, epoch,
+                               self.steps)
 
     def _progress(self, epoch: int, record: dict) -> None:
         """A per-interval record: kept for the next report (rank 0) and, unless stages run
