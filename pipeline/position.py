@@ -103,11 +103,15 @@ def resume_at(state: dict, *, split: Split, steps_per_epoch: int, fp: dict) -> R
     if (pos["world"], pos["worker_batch"], pos["accumulate"]) != (split.world, split.micro, split.accumulate):
         cause = ("preemption notice" + (f" (nodes {', '.join(pos['preempted'].get('nodes', []))})"
                                         if pos.get("preempted", {}).get("nodes") else "")
-                 if pos.get("preempted") else "worker group restarted at another size")
+                 if pos.get("preempted") and split.world < pos["world"] else
+                 "more capacity" if split.world > pos["world"] else
+                 "a node lost without notice, or less capacity" if split.world < pos["world"] else
+                 "another micro-batch layout")
         events.append({"kind": "resize", "cause": cause,
                        "text": f"{pos['world']} -> {split.world} workers ({cause}); global batch {split.global_batch} "
-                               f"as {pos.get('layout', pos['world'])} -> {split.label()}; resumed at epoch "
-                               f"{epoch + 1} image {pos['images_seen']}"})
+                               f"as {pos.get('layout', pos['world'])} -> {split.label()}; resumed "
+                               + (f"after epoch {epoch + 1}" if at_end else
+                                  f"at epoch {epoch + 1} image {pos['images_seen']}")})
     elif pos.get("preempted"):
         events.append({"kind": "preemption", "cause": "preemption notice",
                        "text": f"resumed at epoch {epoch + 1} image {pos['images_seen']} after a preemption notice "

@@ -94,6 +94,9 @@ def recipe_summary(plan: Plan, stage: Stage) -> str:
 def _advice(stage: Stage, failure: dict, global_batch: int) -> str:
     from pipeline.engine import effective_lr
 
+    if failure["kind"] == "refused":  # a checkpoint whose position this recipe cannot honour
+        return ("resume with the recipe and data its position is measured in (the fields named above), or "
+                "resume from an epoch-end checkpoint")
     o = stage.recipe.optim
     lr = (f"recipe.optim.lr, now {o.lr:g} at batch {o.reference_batch}"
           + (f" = {effective_lr(o, global_batch):.3g} at this run's global batch of {global_batch}" if o.scale_lr

@@ -185,7 +185,8 @@ class StageLoop:
 
     def _announce(self) -> None:
         stage, recipe, config = self.stage, self.recipe, self.config
-        how = (f"resumed at epoch {self.start_epoch + 1} step {self.start_step} (image {self.start_step * self.recipe.batch_size})"
+        seen = self.start_step * self.recipe.batch_size
+        how = (f"resumed at epoch {self.start_epoch + 1} step {self.start_step} (image {seen})"
                if self.seat.resume is not None else
                f"initialised from {config['init_from_label']}" if config.get("init_from_label") else
                f"initialised from {stage.init_from.stage}" if stage.init_from else f"{recipe.init} init")
@@ -240,7 +241,7 @@ class StageLoop:
 
         recipe, steps, t0 = self.recipe, self.steps, time.monotonic()
         # One loader per epoch: its order depends on (seed, epoch) only, so a mid-epoch
-        # checkpoint's loader position is the step count, replayed by fast-forwarding.
+        # checkpoint's position (images seen) is where this epoch's loader starts reading.
         lo, hi = self.stage.scale_range
         skip = self.start_step if epoch == self.start_epoch else 0
         train_ld = train_loader(self.info, self.data.train_split, rank=self.rank, world_size=self.world,
