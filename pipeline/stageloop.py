@@ -57,6 +57,7 @@ class Seat:
     # A node-drain notice for this worker group: {"deadline_ms", "nodes"} or None; the same
     # answer on every rank (Ray Train broadcasts rank 0's), so all agree on the step.
     preemption: Callable[[], dict | None] | None = None
+    committed: Callable[[float], bool] | None = None  # waits (seconds) until reported checkpoints are committed
 
 
 class StageLoop:
@@ -360,6 +361,20 @@ class StageLoop:
                         "position": record(self.split, self.steps, step, self.fingerprint, self.preempted),
                         **self._serving_facts()}, Path(tmp) / CHECKPOINT_FILE)
             self.seat.report(metrics, Path(tmp))
+        if self.preempted is not None and "committed_s" not in self.preempted:
+            self._confirm_notice_checkpoint()
+
+    def _confirm_notice_checkpoint(self) -> None:
+        """Wait (up to the notice's deadline) until Ray Train has committed the checkpoint
+        written on a drain notice: a checkpoint the controller has not registered when the
+        node goes is lost, and the steps since the one before are redone."""
+        notice = self.preempted
+        left = notice["deadline_ms"] / 1000 - time.time() if notice.get("deadline_ms") else 60.0
+        ok = self.seat.committed(max(left, 1.0)) if self.seat.committed else False
+        notice["committed_s"] = notice["deadline_ms"] / 1000 - time.time() if notice.get("deadline_ms") else 0.0
+        say(f"{self.tag} preemption: the notice's checkpoint is "
+            + (f"committed, {notice['committed_s']:.0f} s before the deadline" if ok else
+               "not confirmed committed before the deadline"))
 
     def _serving_facts(self) -> dict:
         """What a registered model needs to classify an image on its own (pipeline/serving.py),

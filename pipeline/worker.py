@@ -130,8 +130,21 @@ def train_loop_per_worker(config: dict) -> dict | None:
                 resume=_load_state(resume) if resume is not None else None,
                 init=_load_state(config["init_checkpoint"]) if config.get("init_checkpoint") is not None else None,
                 node=ray.get_runtime_context().get_node_id()[:8], samples_node=ctx.get_local_rank() == 0,
-                preemption=_preemption_notice)
+                preemption=_preemption_notice, committed=_committed)
     return run_stage(config, seat)
+
+
+def _committed(timeout_s: float) -> bool:
+    """Whether Ray Train has committed every checkpoint reported so far, waiting up to
+    `timeout_s` (a checkpoint written on a drain notice must be registered before the node goes)."""
+    from ray.train import CheckpointConsistencyMode
+
+    try:
+        ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED,
+                                               timeout_s=timeout_s)
+        return True
+    except Exception:  # noqa: BLE001 - a timeout, or the controller busy with the preemption: unconfirmed
+        return False
 
 
 def _preemption_notice() -> dict | None:
