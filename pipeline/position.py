@@ -58,7 +58,8 @@ def record(split: Split, steps_per_epoch: int, step: int, fp: dict, preempted: d
     # worker_batch: the largest micro-batch (ranks' shares differ by one where B does not divide)
     """The position of a checkpoint written after `step` steps of an epoch."""
     out = {"world": split.world, "worker_batch": split.micro, "accumulate": split.accumulate,
-           "global_batch": split.global_batch, "layout": split.label(), "steps_per_epoch": steps_per_epoch, "step": step,
+           "global_batch": split.global_batch, "layout": split.label(), "steps_per_epoch": steps_per_epoch,
+           "step": step,
            "images_seen": step * split.global_batch, "fingerprint": fp}
     if preempted:
         out["preempted"] = preempted

@@ -159,7 +159,8 @@ def describe(plan: Plan, gpus: int | None, throughput: dict[str, float] | None, 
                      f"{s.hours:.1f} h, hours {s.start:.1f}-{s.end:.1f}")
         res = plan.stages[s.stage].resources
         if res.elastic:
-            lines[-1] += f"; elastic [{res.min_workers}, {res.max_workers}]: {s.min_hours:.1f} h if it holds only {res.min_workers}"
+            lines[-1] += (f"; elastic [{res.min_workers}, {res.max_workers}]: {s.min_hours:.1f} h if it holds "
+                          f"only {res.min_workers}")
     lines.append(f"  parallel: {e['parallel_hours']:.1f} h; one stage at a time: {e['sequential_hours']:.1f} h; "
                  f"critical path {' -> '.join(e['critical_path'])}: {e['critical_path_hours']:.1f} h")
     elastic = [st for st in plan.stages.values() if st.resources.elastic]

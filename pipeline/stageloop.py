@@ -329,7 +329,8 @@ class StageLoop:
         steps_left = steps - record["step"] + (epochs - epoch - 1) * steps
         eta = steps_left * self.recipe.batch_size / max(rate, 1e-9)
         say(f"{self.tag} epoch {epoch + 1}/{epochs} step {record['step']}/{steps} loss {record['train_loss']:.4f} "
-            f"lr {record.get('lr', self.schedule.lr):.3g} {rate:.0f} img/s on {self.world} worker(s) ETA {eta / 60:.1f} min")
+            f"lr {record.get('lr', self.schedule.lr):.3g} {rate:.0f} img/s on {self.world} worker(s) "
+            f"ETA {eta / 60:.1f} min")
 
     def report(self, metrics: dict, epoch: int, step: int, checkpoint: bool = True) -> None:
         """Every rank reports (Ray Train needs it); rank 0 attaches the checkpoint and the

@@ -10,7 +10,6 @@ draws belong to the image's position, not to the rank)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys

@@ -224,3 +224,9 @@ def test_stage_loop_resumes_a_two_worker_mid_epoch_checkpoint_on_one_worker(tmp_
     # the same lr (scaled to the global batch 16, not to a worker's share)
     lrs = [r["lr"] for m in reports for r in m.get("step_log", [])]
     assert lrs and all(lr == pytest.approx(0.1 * 16 / 256) for lr in lrs)
+    # the same checkpoint under another global batch: refused with the reason, nothing trained
+    bigger = replace(one, recipe=replace(one.recipe, batch_size=32))
+    refused: list = []
+    failure = run_stage({"stage": bigger, "data": plan.data}, seat(0, 1, None, resume=state, reports=refused))
+    assert failure["kind"] == "refused" and "batch_size: 16 -> 32" in failure["reason"]
+    assert refused == [{}]  # one report, as Ray Train expects of every rank, and no checkpoint
