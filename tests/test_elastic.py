@@ -3,9 +3,9 @@ node): started on 2 workers, the second node drained with a deadline (a spot rec
 notice) and then killed; the stage checkpoints inside the notice window, goes on with 1
 worker at the same global batch and lr, and grows back to 2 when a node rejoins. Every
 image of every epoch is trained on exactly once (counted from the keys the loaders
-returned), and the final weights are those of the same recipe run on one worker without
-Ray, within float tolerance (the run is deterministic: no dropout, the augmentation's
-draws belong to the image's position, not to the rank)."""
+returned), and the final weights equal, to the bit, those of the same recipe run on one
+worker without Ray (the run is deterministic: no dropout, the augmentation's draws
+belong to the image's position, not to the rank)."""
 
 from __future__ import annotations
 
@@ -127,14 +127,17 @@ def test_a_stage_shrinks_on_a_drain_notice_and_grows_back_with_the_same_recipe(t
         keys_of = [set(by_step[epoch, s]) for s in range(STEPS)]
         assert all(len(k) == BATCH for k in keys_of)
         assert len(set().union(*keys_of)) == STEPS * BATCH  # no image in two steps of one epoch
-    redone = sum(sum(c.values()) // BATCH - 1 for c in by_step.values())
-    assert redone <= 2 * 3, redone  # per restart at most the steps after the last checkpoint (every 3)
+    # images read again after a restart: per restart at most the steps after the last checkpoint
+    # (every 3) and the step in flight when the group stopped (read, never applied)
+    redone = sum(sum(c.values()) for c in by_step.values()) - EPOCHS * STEPS * BATCH
+    assert redone <= 2 * (3 + 1) * BATCH, redone
 
     # the final weights: the same recipe on one fixed worker, in this process, without Ray
     from pipeline.stageloop import CHECKPOINT_FILE, Seat, run_stage
 
     final = max((torch.load(c / CHECKPOINT_FILE, weights_only=False)
-                 for c in (tmp_path / "runs").glob("el-1-A/checkpoint_*")), key=lambda s: (s["epoch"], s["step"]))
+                 for c in (tmp_path / "runs").glob("el-1-A/checkpoint_*") if c.is_dir()),
+                key=lambda s: (s["epoch"], s["step"]))
     assert (final["epoch"], final["step"]) == (EPOCHS - 1, STEPS)
     plan = load_plan(path, plan_args[1:])
     stage = plan.stages["A"]
@@ -148,5 +151,8 @@ def test_a_stage_shrinks_on_a_drain_notice_and_grows_back_with_the_same_recipe(t
     run_stage({"stage": stage, "data": replace(plan.data, keys_log=None)},
               Seat(rank=0, world=1, device=torch.device("cpu"), report=report, wrap=lambda m: m))
     reference = states[-1]["model"]
-    worst = max(float((final["model"][k] - reference[k]).abs().max()) for k in reference)
-    assert worst < 1e-4, worst
+    # Equal to the bit: a step's gradient is (g_a + g_b) / 2 from DDP on two ranks and
+    # g_a / 2 + g_b / 2 from two accumulated micro-batches on one, and halving is exact in
+    # binary floating point; the data, its draws and its order are the same at any size.
+    assert all(torch.equal(final["model"][k], reference[k]) for k in reference), \
+        max(float((final["model"][k] - reference[k]).abs().max()) for k in reference)
