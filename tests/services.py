@@ -67,6 +67,20 @@ def _kill_cluster(marker: str, node: int | None = None, signals=(signal.SIGTERM,
         time.sleep(1)
 
 
+def _signal_train_workers(marker: str, sig: int) -> list[int]:
+    """Send `sig` to this cluster's Ray Train worker processes (SIGSTOP / SIGCONT: a test
+    holds training still while it changes the cluster); their pids."""
+    pids = []
+    for pid in _cluster_pids(marker):
+        try:
+            if b"RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, sig)
+                pids.append(pid)
+        except (OSError, ProcessLookupError):
+            pass
+    return pids
+
+
 @contextlib.contextmanager
 def ray_cluster_on_loopback(name: str, nodes: list[dict]):
     """`ray start --head` plus one `ray start --address` per further node, all on
@@ -108,7 +122,8 @@ def ray_cluster_on_loopback(name: str, nodes: list[dict]):
         # add_node(i, {"cpus": 1}) starts node i (a new index: a node that rejoins);
         # kill_node(i) SIGKILLs node i's processes, as a lost machine.
         yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": env,
-               "add_node": start, "kill_node": lambda i: _kill_cluster(marker, i, (signal.SIGKILL,))}
+               "add_node": start, "kill_node": lambda i: _kill_cluster(marker, i, (signal.SIGKILL,)),
+               "signal_train_workers": lambda sig: _signal_train_workers(marker, sig)}
     finally:
         _kill_cluster(marker)
         for d in dirs:

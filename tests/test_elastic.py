@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ from services import RAY, ray_cluster_on_loopback, step_records, tiny_plan, wait
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
-EPOCHS, STEPS, BATCH = 24, 9, 16  # 144 training images, global batch 16
+EPOCHS, STEPS, BATCH = 8, 9, 16  # 144 training images, global batch 16
 NOTICE_S = 20  # the drain's deadline: a spot notice is 120 s (AWS) or 30 s (GCP)
 
 
@@ -83,15 +84,30 @@ def test_a_stage_shrinks_on_a_drain_notice_and_grows_back_with_the_same_recipe(t
         until(lambda: "preemption: the notice's checkpoint is" in text(), NOTICE_S + 60, "the notice's checkpoint")
         # written and committed by Ray Train inside the notice window
         assert re.search(r"notice's checkpoint is committed, \d+ s before the deadline", text()), text()[-3000:]
-        # The reclaim, at the deadline: the machine is gone. (Ray counts a drained node's death
-        # as a preemption only after the drain's deadline; before it, as a crash.)
+        # Training is held still (SIGSTOP) while the cluster changes, so the tiny stage cannot
+        # finish first however fast this machine is; the order of events is what a slow
+        # ImageNet stage sees. The reclaim, at the deadline: the machine is gone. (Ray counts
+        # a drained node's death as a preemption only after the drain's deadline.)
+        hold, go = signal.SIGSTOP, signal.SIGCONT
+        assert elastic_cluster["signal_train_workers"](hold)
         wait_for(lambda: time.time() > deadline + 1, NOTICE_S + 5, "the notice's deadline")
         elastic_cluster["kill_node"](1)
+        elastic_cluster["signal_train_workers"](go)
         until(lambda: "resize: 2 -> 1 workers" in text(), 300, "the stage going on with 1 worker")
+
+        def one_worker_epoch() -> bool:  # the 1-worker group's first epoch end (a checkpoint)
+            t = text()
+            return bool(re.search(r"\[A\] epoch \d+/\d+: loss", t[t.find("resize: 2 -> 1 workers"):]))
+
+        until(one_worker_epoch, 300, "an epoch on 1 worker")
+        until(lambda: elastic_cluster["signal_train_workers"](hold), 60, "the 1-worker group's process")
         elastic_cluster["add_node"](2, {"cpus": 1})  # capacity returns
+        until(lambda: "resize the worker group from 1 -> 2" in text(), 300, "Ray Train deciding to grow")
+        elastic_cluster["signal_train_workers"](go)
         until(lambda: "resize: 1 -> 2 workers" in text(), 300, "the stage growing back to 2 workers")
         assert driver.wait(timeout=600) == 0, text()[-4000:]
     finally:
+        elastic_cluster["signal_train_workers"](signal.SIGCONT)
         if driver.poll() is None:
             driver.kill()
     console = text()
