@@ -66,6 +66,7 @@ def test_a_stage_shrinks_on_a_drain_notice_and_grows_back_with_the_same_recipe(t
         driver = subprocess.Popen(cmd, cwd=REPO, env=dict(elastic_cluster["env"], MLFLOW_TRACKING_URI=mlflow_uri),
                                   stdout=out, stderr=subprocess.STDOUT)
     text = lambda: log.read_text()  # noqa: E731
+    client = MlflowClient(mlflow_uri)
 
     def until(cond, timeout: float, what: str) -> None:
         """`cond` becomes true while the driver runs (a driver that exits first fails here)."""
@@ -95,11 +96,17 @@ def test_a_stage_shrinks_on_a_drain_notice_and_grows_back_with_the_same_recipe(t
         elastic_cluster["signal_train_workers"](go)
         until(lambda: "resize: 2 -> 1 workers" in text(), 300, "the stage going on with 1 worker")
 
-        def one_worker_epoch() -> bool:  # the 1-worker group's first epoch end (a checkpoint)
-            t = text()
-            return bool(re.search(r"\[A\] epoch \d+/\d+: loss", t[t.find("resize: 2 -> 1 workers"):]))
+        def one_worker_report() -> bool:
+            """Ray Train's controller has taken a report of the 1-worker group (its callback
+            logged the group's step records): a held worker could not hand it over."""
+            try:
+                run = client.search_runs([client.get_experiment_by_name("el-test").experiment_id],
+                                         "tags.kind = 'stage'")[0]
+                return any(m.value == 1 for m in client.get_metric_history(run.info.run_id, "step/world_size"))
+            except Exception:  # noqa: BLE001 - the store is busy or the run not there yet
+                return False
 
-        until(one_worker_epoch, 300, "an epoch on 1 worker")
+        until(one_worker_report, 300, "a report of the 1-worker group")
         until(lambda: elastic_cluster["signal_train_workers"](hold), 60, "the 1-worker group's process")
         elastic_cluster["add_node"](2, {"cpus": 1})  # capacity returns
         until(lambda: "resize the worker group from 1 -> 2" in text(), 300, "Ray Train deciding to grow")
@@ -143,10 +150,16 @@ def test_a_stage_shrinks_on_a_drain_notice_and_grows_back_with_the_same_recipe(t
         keys_of = [set(by_step[epoch, s]) for s in range(STEPS)]
         assert all(len(k) == BATCH for k in keys_of)
         assert len(set().union(*keys_of)) == STEPS * BATCH  # no image in two steps of one epoch
-    # images read again after a restart: per restart at most the steps after the last checkpoint
-    # (every 3) and the step in flight when the group stopped (read, never applied)
+    # What a restart redoes is the steps read after the checkpoint it resumes from: the
+    # shrink resumed at the notice's own checkpoint (or one written after it, at the same
+    # epoch or later), and no restart redid an epoch
+    notice = re.search(r"drain notice for node\(s\) \w+ at epoch (\d+) step (\d+)", console)
+    shrink = re.search(r"resize: 2 -> 1 workers .*?resumed (?:at epoch (\d+) image (\d+)|after epoch (\d+))", console)
+    at = ((int(shrink.group(1)), int(shrink.group(2)) // BATCH) if shrink.group(1)
+          else (int(shrink.group(3)) + 1, 0))
+    assert at >= (int(notice.group(1)), int(notice.group(2))), (notice[0], shrink[0])
     redone = sum(sum(c.values()) for c in by_step.values()) - EPOCHS * STEPS * BATCH
-    assert redone <= 2 * (3 + 1) * BATCH, redone
+    assert 0 <= redone < 2 * STEPS * BATCH, redone
 
     # the final weights: the same recipe on one fixed worker, in this process, without Ray
     from pipeline.stageloop import CHECKPOINT_FILE, Seat, run_stage
