@@ -41,12 +41,12 @@ def unplaceable(plan: Plan) -> list:
     for stage in plan.order():
         need = _needs(stage)
         fits = sum(int(min(node.get(k, 0.0) / v for k, v in need.items()) + 1e-9) for node in nodes)
-        if fits < stage.resources.num_workers:
+        if fits < stage.resources.min_workers:  # an elastic stage starts on min and grows
             total = {k: sum(node.get(k, 0.0) for node in nodes) for k in need}
             have = ", ".join(f"{v:g} {k}" for k, v in total.items())
             each = " + ".join(f"{v:g} {k}" for k, v in need.items())
             problems.append(Problem(
-                f"stage {stage.name}", f"needs {stage.resources.num_workers} workers of {each} each; the cluster's "
+                f"stage {stage.name}", f"needs {stage.resources.min_workers} workers of {each} each; the cluster's "
                 f"{len(nodes)} node(s) ({have}) can hold {fits}",
                 f"--set stages.{stage.name}.resources.num_workers={max(fits, 1)} (the global batch stays "
                 "recipe.batch_size), or add nodes to the cluster"))
@@ -70,7 +70,7 @@ def note_waiting(plan: Plan, controls, names: list[str], after: float, say) -> N
             each = " + ".join(f"{v:g} {k}" for k, v in need.items())
             spare = ", ".join(f"{free.get(k, 0.0):g} {k}" for k in need)
             say(f"[{name}] waiting for resources for {(now - since) / 60:.0f} min: "
-                f"{plan.stages[name].resources.num_workers} workers of {each}; free now: {spare}")
+                f"{plan.stages[name].resources.min_workers} workers of {each}; free now: {spare}")
 
 
 def catch_signals(interrupted: list[int]):

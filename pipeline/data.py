@@ -15,6 +15,12 @@ On a GPU there is a second way to the same geometry: decode the whole image with
 cannot) and resize the same sub-pixel window on the GPU. `decode="roi" | "whole"`
 picks one; `python -m pipeline bench gpu` times both on the machine.
 
+Training reads the split in a global order that depends on (seed, epoch) only
+(pipeline/order.py): `fn.external_source` hands the graph each micro-batch's JPEG and
+label bytes, read from the tars at the offsets in the DALI index files, with the
+augmentation's draws for those positions; the graph decodes and augments them as
+above. Evaluation reads each rank's slice with `fn.readers.webdataset`.
+
 GPU decoders get their memory hints from the data (`decode_hints`): buffers sized for
 the split's largest image, so nvJPEG never reallocates mid-epoch, and chroma upsampled
 as libjpeg-turbo does on the CPU, so a GPU batch matches the CPU one.
@@ -184,22 +190,15 @@ def _decode_window(jpegs, shape, window, crop: int, gpu: bool, decode: str = "ro
                      roi_start=fn.stack(y - y0, x - x0), roi_end=fn.stack(y - y0 + side, x - x0 + side))
 
 
-def _reader(info: DatasetInfo, split: str, shard_id: int, num_shards: int, train: bool, order_seed: int,
-            shuffle_buffer: int, components: tuple[str, ...] | None = None):
-    """Training: the tar list is permuted by `order_seed` (the same on every rank, so the
-    ranks' slices still partition it) and samples pass a seeded shuffle buffer. One
-    reader serves one epoch, so an epoch's order depends only on (seed, epoch) and a
-    resumed run can fast-forward to the exact sample it stopped at."""
+def _reader(info: DatasetInfo, split: str, shard_id: int, num_shards: int):
+    """Evaluation: each rank reads its contiguous slice of the split in shard order, the
+    last batch padded (the iterator drops the padding). Training reads the global order
+    through `EpochSource` instead."""
     paths, index_paths = info.shards(split)
-    if train:
-        perm = np.random.default_rng(order_seed).permutation(len(paths))
-        paths, index_paths = [paths[i] for i in perm], [index_paths[i] for i in perm]
-    ext = list(components or ("jpg", info.label_format))
     return fn.readers.webdataset(
-        paths=paths, index_paths=index_paths, ext=ext, missing_component_behavior="error",
-        dtypes=[types.UINT8] * len(ext), shard_id=shard_id, num_shards=num_shards, name=READER,
-        random_shuffle=train, initial_fill=shuffle_buffer if train else 1,
-        pad_last_batch=not train,  # eval: pad, and the iterator drops the padding
+        paths=paths, index_paths=index_paths, ext=["jpg", info.label_format], missing_component_behavior="error",
+        dtypes=[types.UINT8, types.UINT8], shard_id=shard_id, num_shards=num_shards, name=READER,
+        random_shuffle=False, initial_fill=1, pad_last_batch=True,
     )
 
 
@@ -216,41 +215,35 @@ class Draws:
 
 
 @pipeline_def
-def train_pipeline(info: DatasetInfo, split: str, shard_id: int, num_shards: int, scale_range: tuple[int, int],
-                   crop: int, color_shift: float, normalize_std: bool, gpu: bool, order_seed: int,
-                   shuffle_buffer: int, decode: str = "roi", draws: Draws | None = None, hints: dict | None = None,
-                   layout: str = "CHW"):
-    jpegs, cls = _reader(info, split, shard_id, num_shards, draws is None, order_seed, shuffle_buffer)
-    lo, hi = scale_range
+def train_pipeline(info: DatasetInfo, source, crop: int, color_shift: float, normalize_std: bool, gpu: bool,
+                   decode: str = "roi", hints: dict | None = None, layout: str = "CHW"):
+    """The paper's augmentation on the samples and random draws an `order.EpochSource`
+    gives (the global order); DALI draws nothing itself."""
+    jpegs, cls, index, scale, pos_x, pos_y, mirror, alpha = fn.external_source(
+        source=source, num_outputs=8, batch=True, batch_info=True,
+        dtype=[types.UINT8, types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.FLOAT, types.INT32,
+               types.FLOAT])
     shape = fn.peek_image_shape(jpegs)
-    if draws is not None:
-        scale, pos_x, pos_y, mirror, color_shift = draws.scale, draws.pos_x, draws.pos_y, draws.mirror, 0.0
-    else:
-        scale = fn.random.uniform(range=[float(lo), float(hi) + 1e-3]) if hi > lo else float(lo)
-        pos_x, pos_y = fn.random.uniform(range=[0.0, 1.0]), fn.random.uniform(range=[0.0, 1.0])
-        mirror = None
     images = _decode_window(jpegs, shape, _crop_window(shape, scale, crop, pos_x, pos_y), crop, gpu, decode, hints)
     # AlexNet's lighting noise: add eigvec @ (alpha * sqrt(eigval)), alpha ~ N(0, color_shift),
     # folded into the subtracted mean. sqrt: stats.json's eigenvalues are variances (0-255).
-    # Built even when color_shift is 0 so the other random ops keep their streams.
-    alpha = fn.random.normal(shape=[3]) * float(color_shift)
-    weighted = alpha * types.Constant(np.sqrt(np.maximum(info.rgb_eigval, 0)).astype(np.float32))
+    weighted = alpha * float(color_shift) * types.Constant(
+        np.sqrt(np.maximum(info.rgb_eigval, 0)).astype(np.float32))
     shift = fn.coord_transform(fn.reshape(weighted, shape=[1, 3]),
                                M=np.asarray(info.rgb_eigvec, dtype=np.float32).flatten().tolist())
     mean = types.Constant(np.asarray(info.mean_rgb, dtype=np.float32)) - fn.reshape(shift, shape=[3])
     out = fn.crop_mirror_normalize(
-        images, mean=mean, std=list(info.std_rgb) if normalize_std else [1.0, 1.0, 1.0],
-        mirror=fn.random.coin_flip(probability=0.5) if mirror is None else mirror, output_layout=layout,
-        dtype=types.FLOAT16 if gpu else types.FLOAT,
+        images, mean=mean, std=list(info.std_rgb) if normalize_std else [1.0, 1.0, 1.0], mirror=mirror,
+        output_layout=layout, dtype=types.FLOAT16 if gpu else types.FLOAT,
     )
-    return out, _label(cls, info, gpu)
+    return out, _label(cls, info, gpu), index
 
 
 @pipeline_def
 def center_crop_pipeline(info: DatasetInfo, split: str, shard_id: int, num_shards: int, scale: int, crop: int,
                          normalize_std: bool, gpu: bool, hints: dict | None = None, layout: str = "CHW"):
     """Single-scale test protocol: rescale to Q, centre crop (Section 3.2, Table 3)."""
-    jpegs, cls = _reader(info, split, shard_id, num_shards, False, 0, 1)
+    jpegs, cls = _reader(info, split, shard_id, num_shards)
     shape = fn.peek_image_shape(jpegs)
     images = _decode_window(jpegs, shape, _crop_window(shape, float(scale), crop, 0.5, 0.5), crop, gpu, "roi", hints)
     return _normalize(images, info, normalize_std, gpu, layout), _label(cls, info, gpu), _source(jpegs)
@@ -275,7 +268,7 @@ def dense_pipeline(info: DatasetInfo, split: str, shard_id: int, num_shards: int
                    gpu: bool, hints: dict | None = None):
     """Dense evaluation (Section 3.2): the whole image rescaled to Q, for the fully
     convolutional net. Sizes vary per image, so run it with batch_size=1."""
-    jpegs, cls = _reader(info, split, shard_id, num_shards, False, 0, 1)
+    jpegs, cls = _reader(info, split, shard_id, num_shards)
     return (_normalize(_rescaled(jpegs, scale, gpu, hints), info, normalize_std, gpu), _label(cls, info, gpu),
             _source(jpegs))
 
@@ -286,7 +279,7 @@ def multi_crop_pipeline(info: DatasetInfo, split: str, shard_id: int, num_shards
     """Multi-crop evaluation (Section 3.2): a grid x grid regular grid of crops of the
     image rescaled to Q, as (grid*grid, C, crop, crop) per image, row by row. Their
     horizontal flips (the other 25 of the paper's 50) are taken by the consumer."""
-    jpegs, cls = _reader(info, split, shard_id, num_shards, False, 0, 1)
+    jpegs, cls = _reader(info, split, shard_id, num_shards)
     images = _rescaled(jpegs, scale, gpu, hints)
     steps = [i / (grid - 1) if grid > 1 else 0.5 for i in range(grid)]
     crops = [_normalize(images, info, normalize_std, gpu, crop=(crop, crop), crop_pos_x=x, crop_pos_y=y)
@@ -434,115 +427,46 @@ class Loader:
     epoch length. Training: every rank yields the same number of full batches
     (DDP needs it). Evaluation: each rank yields exactly its slice, no padding,
     so across ranks every image is counted once. `nhwc`: the graph emits HWC images,
-    handed over as NCHW views in channels_last memory (no copy in the training step).
+    handed over as NCHW views in channels_last memory (no copy in the training step)."""
 
-    A sample DALI cannot decode is named (shard, key) from the failing batches alone
-    (`_culprits`). Evaluation raises CorruptSample. Training does not raise, since the
-    other ranks are inside a collective: with `rebuild` (skip mode) the loader reads
-    on with the sample's neighbour in its place (`without_samples`, listed in `skipped`);
-    otherwise it sets `failure` and yields `placeholder` batches (zeros) to the epoch's
-    end, which the training loop counts and stops on with every rank at its next sync."""
-
-    def __init__(self, pipe, steps: int | None, device: torch.device, what: str, spec: ReaderSpec | None = None,
-                 nhwc: bool = False, rebuild=None, placeholder: tuple[tuple[int, ...], torch.dtype] | None = None):
-        self.device, self.what, self.spec, self.nhwc = device, what, spec, nhwc
-        self.rebuild, self.placeholder = rebuild, placeholder
-        self.info = spec.info if spec else None  # with the skipped samples' indexes once any are skipped
-        self.batch_keys: list[str] = []  # evaluation: the keys of the batch last yielded
-        self.failure: Exception | None = None  # training: what ended this pass early (a CorruptSample, mostly)
-        self.skipped: list[tuple[str, str, str]] = []  # training, skip mode: (shard, key, error) read past
-        self.steps, self._it, self._error = steps, None, None
-        try:
-            self._it = self._iterator(pipe)  # DALI runs its first batches already here
-        except RuntimeError as exc:
-            if steps is None:
-                raise self._named(exc, 0) from exc
-            self._error = exc
-
-    def _iterator(self, pipe):
-        if self.steps is None:  # evaluation: the reader's shard, padding dropped
-            it = DALIGenericIterator(pipe, ["images", "labels", "keys"], reader_name=READER,
-                                     last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
-            self.steps = len(it)
-            return it
-        # Readers never run dry; counting `size` samples per epoch is what keeps every
-        # rank at the same step count (reader_name would give uneven shard lengths).
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return DALIGenericIterator(pipe, ["images", "labels"], size=self.steps * pipe.max_batch_size,
-                                       last_batch_policy=LastBatchPolicy.DROP, auto_reset=True)
-
-    def _named(self, exc: Exception, position: int) -> Exception:
-        culprits = _culprits(self.spec, position) if self.spec is not None else []
-        return CorruptSample(self.what, culprits) if culprits else RuntimeError(f"DALI {self.what}: {exc}")
+    def __init__(self, pipe, steps: int | None, device: torch.device, what: str,
+                 source: tuple["DatasetInfo", str] | None = None, nhwc: bool = False, epoch=None):
+        self.device, self.what, self.source, self.nhwc = device, what, source, nhwc
+        self.batch_keys: list[str] = []  # the keys of the batch last yielded, as the graph returned them
+        self.epoch = epoch
+        if steps is None:  # evaluation: the reader's shard, padding dropped
+            self._it = DALIGenericIterator(pipe, ["images", "labels", "keys"], reader_name=READER,
+                                           last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
+            self.steps = len(self._it)
+        else:
+            # Training: `epoch` gives every rank the same number of full micro-batches and
+            # ends the epoch (StopIteration); nothing is read before the first batch is asked.
+            self.steps = steps
+            self._it = DALIGenericIterator(pipe, ["images", "labels", "index"], prepare_first_batch=False,
+                                           auto_reset=True)
 
     def __len__(self) -> int:
         return self.steps
 
-    def skip(self, batches: int) -> None:
-        """Fast-forward: the next pass reads and discards its first `batches` batches
-        (decoded, not sent to the device), resuming a checkpoint taken mid-epoch."""
-        if not 0 <= batches <= self.steps:
-            raise ValueError(f"cannot skip {batches} of {self.steps} batches")
-        self._skip = batches
-
     def __iter__(self):
-        skip, self._skip = getattr(self, "_skip", 0), 0
-        position = 0  # batches this pass has taken from the pipeline, skipped ones included
-        while True:
-            try:
-                if self._error is not None:
-                    error, self._error = self._error, None
-                    raise error
-                for batch in self._it:
-                    position += 1
-                    if position <= skip:
-                        continue
-                    yield self._batch(batch[0])
-                return
-            except RuntimeError as exc:
-                failure = self._named(exc, position)
-                if self.placeholder is None:
-                    raise failure from exc
-            # Training goes on to the next sync with placeholders whatever the failure (one the
-            # CPU probe cannot pin to a sample too, e.g. a GPU decoder's): no rank is left waiting.
-            corrupt = isinstance(failure, CorruptSample)
-            print(f"{failure}" + ("; read past it (data.on_corrupt_sample=skip)" if corrupt and self.rebuild else ""),
-                  flush=True)  # on this rank, seconds after the batch failed
-            if self.rebuild is None or not corrupt:
-                self.failure = failure
-                yield from self._placeholders(self.steps - max(position, skip))
-                return
-            self._skip_past(failure)
-            skip, position = max(position, skip), 0
-
-    def _skip_past(self, failure: CorruptSample) -> None:
-        """Skip mode: a new pipeline whose indexes put a neighbour in each culprit's place."""
-        import tempfile
-
-        self._patches = getattr(self, "_patches", None) or tempfile.TemporaryDirectory(prefix="vgg-skip-")
-        self.info = without_samples(self.info, failure.culprits, Path(self._patches.name))
-        self.skipped += failure.culprits
         try:
-            self._it = self._iterator(self.rebuild(self.info))
-        except RuntimeError as exc:  # the next corrupt sample, among the first batches
-            self._error = exc
-
-    def _placeholders(self, count: int):
-        shape, dtype = self.placeholder
-        fmt = torch.channels_last if self.nhwc else torch.contiguous_format
-        for _ in range(max(count, 0)):
-            images = torch.zeros(shape, dtype=dtype, device=self.device).contiguous(memory_format=fmt)
-            yield images, torch.zeros(shape[0], dtype=torch.int64, device=self.device)
-
-    def _batch(self, data: dict):
-        labels = data["labels"]
-        if self.spec is not None and self.spec.info.label_format == "json":
-            labels = _json_labels(labels, self.spec.info.label_field)
-        if "keys" in data:
-            self.batch_keys = _source_keys(data["keys"])
-        images = data["images"].permute(0, 3, 1, 2) if self.nhwc else data["images"]
-        return _to_device(images, self.device), _to_device(labels.view(-1), self.device)
+            for batch in self._it:
+                data = batch[0]
+                labels = data["labels"]
+                if self.source and self.source[0].label_format == "json":
+                    labels = _json_labels(labels, self.source[0].label_field)
+                if "keys" in data:
+                    self.batch_keys = _source_keys(data["keys"])
+                elif "index" in data:
+                    keys = self.epoch.table.keys
+                    self.batch_keys = [keys[i] for i in data["index"].view(-1).tolist()]
+                images = data["images"].permute(0, 3, 1, 2) if self.nhwc else data["images"]
+                yield _to_device(images, self.device), _to_device(labels.view(-1), self.device)
+        except RuntimeError as exc:  # MERGE: naming the sample on the external-source loader is being ported
+            raise RuntimeError(f"DALI {self.what}: {exc}") from exc
+        finally:
+            if self.epoch is not None:
+                self.epoch.close()
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -566,49 +490,47 @@ def _device_id(device: torch.device) -> int | None:
     return device.index if device.type == "cuda" else None
 
 
-def train_steps(info: DatasetInfo, split: str, batch_size: int, world_size: int) -> int:
-    """Steps per epoch, identical on every rank: the split over all ranks' batches, rounded down."""
-    steps = info.counts[split] // (batch_size * world_size)
-    if steps < 1:
-        raise ValueError(f"{split}: {info.counts[split]} images is less than one global batch "
-                         f"({batch_size} x {world_size} workers)")
-    return steps
-
-
 def train_loader(info: DatasetInfo, split: str, *, rank: int, world_size: int, batch_size: int,
                  scale_range: tuple[int, int], crop: int, color_shift: float = 0.1, normalize_std: bool = False,
                  device: torch.device = torch.device("cpu"), seed: int = 0, epoch: int = 0, threads: int = 2,
-                 shuffle_buffer: int = 1024, decode: str = "roi", draws: Draws | None = None,
-                 channels_last: bool = False, skip_corrupt: bool = False) -> Loader:
-    """One epoch of training batches; `batch_size` is per worker. The order and the
-    augmentation draws are a function of (seed, epoch, rank) only: build one loader per
-    epoch. Ranks take a different slice of the tar list each epoch (DALI's own
-    stick_to_shard=False rotation), so over epochs every rank sees all the data.
-    `decode`: "roi" or "whole" (see the module's docstring); `draws` fixes the random
-    draws (GPU-versus-CPU checks). `channels_last`: NHWC from the graph, NCHW views out.
-    `skip_corrupt`: read past a sample DALI cannot decode (see Loader) instead of
-    ending the pass on it."""
+                 decode: str = "roi", draws: Draws | None = None, channels_last: bool = False,
+                 layout=None, start_step: int = 0) -> Loader:
+    """One rank's micro-batches of one epoch in the global order (pipeline/order.py).
+    `layout`: how a step's global batch lies on the ranks (an `order.Split`); by default
+    `batch_size` images per worker, one micro-batch a step. The order and the augmentation
+    draws are a function of (seed, epoch) only, never of the rank or the world size:
+    build one loader per epoch. `start_step`: the first micro-step to read (a resume; the
+    ones before are not read at all). `decode`: "roi" or "whole" (see the module's
+    docstring); `draws` fixes the draws and keeps shard order (GPU-versus-CPU checks).
+    `channels_last`: NHWC from the graph, NCHW views out."""
+    from pipeline.order import EpochSource, epoch_draws, epoch_order, sample_table, split_batch, steps_per_epoch
+
     if decode not in ("roi", "whole"):
         raise ValueError(f"decode: expected 'roi' or 'whole', got {decode!r}")
     gpu = device.type == "cuda"
-    steps = train_steps(info, split, batch_size, world_size)
-    shard_id, order_seed = (rank + epoch) % world_size, seed * 100_003 + epoch
-    pipe_seed = (seed * 100_003 + epoch) * 1000 + rank + 1
-
-    def build(info: DatasetInfo):
-        pipe = train_pipeline(info, split, shard_id, world_size, scale_range, crop, color_shift,
-                              normalize_std, gpu, order_seed, shuffle_buffer, decode, draws,
-                              info.decode_hints(split) if gpu else None, "HWC" if channels_last else "CHW",
-                              batch_size=batch_size, num_threads=threads, device_id=_device_id(device),
-                              seed=pipe_seed, prefetch_queue_depth=2)
-        pipe.build()
-        return pipe
-
-    spec = ReaderSpec(info, split, shard_id, world_size, draws is None, order_seed, shuffle_buffer, batch_size,
-                      pipe_seed)
-    placeholder = ((batch_size, 3, crop, crop), torch.float16 if gpu else torch.float32)
-    return Loader(build(info), steps, device, f"train pipeline over {info.root / split}", spec, channels_last,
-                  rebuild=build if skip_corrupt else None, placeholder=placeholder)
+    layout = layout or split_batch(batch_size * world_size, world_size)
+    if layout.world != world_size:
+        raise ValueError(f"layout is for {layout.world} workers, the loader for {world_size}")
+    table = sample_table(*(tuple(p) for p in info.shards(split)), info.label_format)
+    micro_steps = steps_per_epoch(len(table), layout.global_batch, split) * layout.accumulate
+    if not 0 <= start_step <= micro_steps:
+        raise ValueError(f"cannot start at micro-step {start_step} of {micro_steps}")
+    n = len(table)
+    if draws is None:
+        order, drawn = epoch_order(n, seed, epoch), epoch_draws(n, seed, epoch, scale_range)
+    else:  # shard order, the same draws for every image, no colour shift
+        order, color_shift = np.arange(n), 0.0
+        drawn = {"scale": np.full(n, draws.scale, np.float32), "pos_x": np.full(n, draws.pos_x, np.float32),
+                 "pos_y": np.full(n, draws.pos_y, np.float32), "mirror": np.full(n, draws.mirror, np.int32),
+                 "alpha": np.zeros((n, 3), np.float32)}
+    source = EpochSource(table, order, drawn, split=layout, rank=rank, start=start_step, stop=micro_steps)
+    pipe = train_pipeline(info, source, crop, color_shift, normalize_std, gpu, decode,
+                          info.decode_hints(split) if gpu else None, "HWC" if channels_last else "CHW",
+                          batch_size=layout.micro, num_threads=threads, device_id=_device_id(device),
+                          seed=(seed * 100_003 + epoch) * 1000 + rank + 1, prefetch_queue_depth=2)
+    pipe.build()
+    return Loader(pipe, len(source), device, f"train pipeline over {info.root / split}", (info, split),
+                  channels_last, source)
 
 
 def _build_eval(pipe, info: DatasetInfo, split: str, rank: int, world_size: int, device: torch.device, what: str,

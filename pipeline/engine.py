@@ -237,6 +237,9 @@ def train_one_epoch(
     lr_at: Callable[[int], float] | None = None,
     start_step: int = 0,
     where: str = "",
+    accumulate: int = 1,
+    global_batch: int | None = None,
+    poll: Callable[[int], bool] | None = None,
 ) -> EpochStats:
     """One pass over `loader`. Steps are numbered from `start_step` (a loader fast-forwarded
     to a mid-epoch checkpoint); `lr_at(step)`, if given, is the lr of each step (warmup).
@@ -245,7 +248,20 @@ def train_one_epoch(
     loop syncs: a non-finite loss since the last sync raises NonFiniteLoss naming the
     steps, else a record {step, train_loss (mean over the interval, all ranks), lr,
     images_per_sec (all ranks), data_wait_fraction} is kept in `step_log` and passed to
-    `on_log`. `on_checkpoint(step)` runs every `checkpoint_every` steps, after a sync."""
+    `on_log`. `on_checkpoint(step)` runs every `checkpoint_every` steps, after a sync.
+
+    `accumulate`: the loader yields micro-batches, `accumulate` of them per optimizer
+    step (gradients summed, each micro-batch's loss divided by `accumulate`, so a step
+    is the mean over the worker's share; DDP averages the shares). Shares of unequal
+    size (a global batch that does not divide over the ranks, pipeline/order.py) give
+    `global_batch`: each micro-batch of n images is then weighted by world x n /
+    global_batch, so the step is still the mean over all its images. Under DDP only the
+    step's last micro-batch all-reduces (`no_sync` before it). Steps count optimizer
+    steps; images count every image.
+
+    `poll(step)`, if given, runs on every rank at every sync; True (the same answer on
+    every rank: the caller makes it a collective decision) asks for `on_checkpoint(step)`
+    now, e.g. inside a preemption notice's window."""
     model.train()
     criterion = nn.CrossEntropyLoss()
     world = dist.get_world_size() if _distributed() else 1
@@ -283,39 +299,50 @@ def train_one_epoch(
         interval_acc = torch.zeros_like(interval_acc)
         interval_wait, interval_start, synced_at = 0.0, now, steps
 
+    no_sync = getattr(getattr(model, "_orig_mod", model), "no_sync", None)
+    micro = 0
     for images_b, labels in loader:
         got = time.perf_counter()
         wait += got - tick
         interval_wait += got - tick
-        if lr_at is not None:
-            lr = lr_at(steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+        if micro == 0:
+            if lr_at is not None:
+                lr = lr_at(steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+            optimizer.zero_grad(set_to_none=set_to_none)
         if channels_last:  # a no-op (no copy) for the channels_last batches the loaders give
             images_b = images_b.contiguous(memory_format=torch.channels_last)
         # A placeholder batch (this rank's loader failed): the step runs, so DDP's collectives
         # stay in step, but teaches nothing and is not counted; the next sync stops the epoch.
         broken = bool(_failure_of(loader))
-        with autocast(device, precision):
-            loss = criterion(model(model_input(images_b, device, precision, dtype)), labels)
-        if broken:
-            loss = loss * 0.0
-        optimizer.zero_grad(set_to_none=set_to_none)
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        n = 0 if broken else labels.shape[0]
+        micro += 1
+        with no_sync() if no_sync is not None and micro < accumulate else contextlib.nullcontext():
+            with autocast(device, precision):
+                loss = criterion(model(model_input(images_b, device, precision, dtype)), labels)
+            n = 0 if broken else labels.shape[0]
+            weight = world * n / global_batch if global_batch else (0.0 if broken else 1.0 / accumulate)
+            (loss * weight if weight != 1.0 else loss).backward()
         loss = loss.detach().double()
         finite = torch.isfinite(loss)
         zero = torch.zeros_like(loss)
         interval_acc += torch.stack([torch.where(finite, loss, zero) * n, zero.add(n), (~finite).double(),
                                      zero.add(float(broken))])
         images += n
+        if micro < accumulate:
+            tick = time.perf_counter()
+            continue
+        micro = 0
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
         steps += 1
         wants_checkpoint = bool(on_checkpoint and checkpoint_every and steps % checkpoint_every == 0)
-        if (log_every and steps % log_every == 0) or wants_checkpoint:
+        synced = bool(log_every and steps % log_every == 0) or wants_checkpoint
+        if synced:
             sync()
+        if synced and poll is not None and poll(steps) and on_checkpoint:
+            wants_checkpoint = True
         if wants_checkpoint:
             on_checkpoint(steps)
         tick = time.perf_counter()

@@ -31,6 +31,7 @@ import time
 STEP_METRIC, EPOCH_METRIC = "step/train_loss", "val_top1_error"  # the series' cursors
 SYSTEM_BOUND = 200_000  # system values held while MLflow does not answer (about 9 hours of 6 nodes)
 BATCH = 1000  # MLflow's limit of metric values per log_batch
+ALONE = ("dataset", "event")  # items sent by a call of their own (not log_batch)
 
 
 class MetricsSink:
@@ -88,7 +89,7 @@ class MetricsSink:
         batch, values = [], 0
         for item in self._items:
             n = max(len(item[2]), 1)
-            if batch and (values + n > BATCH or item[0] == "dataset" or batch[-1][0] == "dataset"):
+            if batch and (values + n > BATCH or item[0] in ALONE or batch[-1][0] in ALONE):
                 break
             batch.append(item)
             values += n
@@ -124,13 +125,16 @@ class MetricsSink:
                 self._cond.notify_all()
 
     def _send(self, client, batch: list[tuple]) -> None:
-        from pipeline.tracking import last_logged_step, log_dataset_input, send_metrics
+        from pipeline.tracking import last_logged_step, log_dataset_input, send_metrics, set_event_tag
 
         if self._cursor is None:  # what MLflow already has: nothing at or below it is sent again
             self._cursor = {"step": last_logged_step(client, self.run_id, STEP_METRIC),
                             "epoch": last_logged_step(client, self.run_id, EPOCH_METRIC)}
         if batch[0][0] == "dataset":
             log_dataset_input(client, self.run_id, *batch[0][2])
+            return
+        if batch[0][0] == "event":  # a tag: setting it again (a replay) changes nothing
+            set_event_tag(client, self.run_id, batch[0][1], *batch[0][2])
             return
         fresh = [i for i in batch if i[0] not in self._cursor or self._cursor[i[0]] is None
                  or i[1] > self._cursor[i[0]]]
@@ -156,6 +160,14 @@ def report_items(rank0: dict) -> list[tuple]:
         figures = {k: float(v) for k, v in rank0.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         items.append(("epoch", epoch, figures, now))
     return items
+
+
+def event_items(events: list | None) -> list[tuple]:
+    """Resizes, preemptions and recipe changes (pipeline/stageloop.py), each as an item
+    that becomes a tag of the run: values = (kind, text with its cause)."""
+    now = int(time.time() * 1000)
+    return [("event", int(e["step"]), (e["kind"], e["text"] + (f" [cause: {e['cause']}]" if e.get("cause") else "")),
+             now) for e in events or []]
 
 
 def system_items(system: dict) -> list[tuple]:

@@ -7,9 +7,9 @@ resumed run continues the streams it stopped in.
   during training, dropout above all, on the CPU generator and the CUDA one: the images of
   one global batch are spread over the ranks, and each image must get its own mask, as it
   would on one GPU. With one seed everywhere, every rank drew the same masks.
-- DALI's augmentation (crop, scale, flip, colour shift) is seeded per (seed, epoch, rank)
-  in pipeline/data.py, one pipeline per epoch, and a mid-epoch resume replays the epoch's
-  first `step` batches: the checkpoint's epoch and step are all DALI needs.
+- The augmentation's draws (crop, scale, flip, colour shift) are not torch's: they belong to
+  each image's position in the epoch (pipeline/order.py), the same at any world size, so a
+  checkpoint's position is all the data side needs to resume.
 - Checkpoints carry every rank's torch generators (`gather_states`, gathered to rank 0);
   `restore` gives each rank its own back. With another world size the saved streams have
   no owner: each rank starts a fresh stream from (seed, rank, epoch, step) and says so.

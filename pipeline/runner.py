@@ -68,7 +68,7 @@ def _ensure_ray(address: str | None, plan: Plan) -> None:
         rayconsole.connect(address)
         return
     # A local single-node cluster sized for the largest stage.
-    cpus = max(int(s.resources.num_workers * s.resources.cpus_per_worker + 0.999) for s in plan.stages.values())
+    cpus = max(int(s.resources.max_workers * s.resources.cpus_per_worker + 0.999) for s in plan.stages.values())
     rayconsole.start_local(max(cpus, os.cpu_count() or 1), dashboard_host="127.0.0.1")
 
 
@@ -96,6 +96,9 @@ def recipe_summary(plan: Plan, stage: Stage) -> str:
 def _advice(stage: Stage, failure: dict, global_batch: int) -> str:
     from pipeline.engine import effective_lr
 
+    if failure["kind"] == "refused":  # a checkpoint whose position this recipe cannot honour
+        return ("resume with the recipe and data its position is measured in (the fields named above), or "
+                "resume from an epoch-end checkpoint")
     o = stage.recipe.optim
     lr = (f"recipe.optim.lr, now {o.lr:g} at batch {o.reference_batch}"
           + (f" = {effective_lr(o, global_batch):.3g} at this run's global batch of {global_batch}" if o.scale_lr

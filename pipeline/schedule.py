@@ -78,22 +78,27 @@ class StageEstimate:
     hours: float
     start: float  # hours from the plan's start, in the parallel schedule
     end: float
+    min_hours: float = 0.0  # an elastic stage's time at its min workers
 
 
 def estimate(plan: Plan, gpus: int, throughput: dict[str, float], train_images: int) -> dict:
-    """Each stage's time on its `num_workers` GPUs, then a greedy schedule on `gpus`
-    GPUs (a ready stage starts when enough GPUs are free, in plan order), the plan's
-    wall time that way and one stage at a time, and the critical path."""
+    """Each stage's time on its GPUs, then a greedy schedule on `gpus` GPUs (a ready
+    stage starts when enough GPUs are free, in plan order), the plan's wall time that
+    way and one stage at a time, and the critical path. An elastic stage ([min, max]
+    workers) is estimated at the most workers it may take on these GPUs, min(max, gpus),
+    with no node lost (`min_hours`: the same at min workers, what it costs while the
+    cluster holds only min)."""
     for stage in plan.stages.values():
-        if stage.resources.num_workers > gpus:
-            raise ValueError(f"stage {stage.name} needs {stage.resources.num_workers} GPUs; the cluster has {gpus}")
+        if stage.resources.min_workers > gpus:
+            raise ValueError(f"stage {stage.name} needs {stage.resources.min_workers} GPUs; the cluster has {gpus}")
     est: dict[str, dict] = {}
     for stage in plan.order():
         rate, scaled = per_arch(throughput, stage.arch, stage.recipe.crop)
         epochs = stage.recipe.epochs_for(train_images)
-        hours = epochs * train_images / (rate * stage.resources.num_workers) / 3600
-        est[stage.name] = dict(stage=stage, gpus=stage.resources.num_workers, epochs=epochs, rate=rate,
-                               scaled=scaled, hours=hours)
+        workers = min(stage.resources.max_workers, gpus)
+        hours = epochs * train_images / (rate * workers) / 3600
+        est[stage.name] = dict(stage=stage, gpus=workers, epochs=epochs, rate=rate, scaled=scaled, hours=hours,
+                               min_hours=hours * workers / stage.resources.min_workers)
     # Event-driven list scheduling.
     now, free, done_at, running, pending = 0.0, gpus, {}, {}, [s.name for s in plan.order()]
     start: dict[str, float] = {}
@@ -122,8 +127,8 @@ def estimate(plan: Plan, gpus: int, throughput: dict[str, float], train_images: 
     while tail is not None:
         chain.append(tail)
         tail = best_src[tail]
-    stages = [StageEstimate(n, e["gpus"], e["epochs"], e["rate"], e["scaled"], e["hours"], start[n], done_at[n])
-              for n, e in est.items()]
+    stages = [StageEstimate(n, e["gpus"], e["epochs"], e["rate"], e["scaled"], e["hours"], start[n], done_at[n],
+                            e["min_hours"]) for n, e in est.items()]
     return {"stages": stages, "parallel_hours": max(done_at.values()),
             "sequential_hours": sum(e["hours"] for e in est.values()),
             "critical_path": list(reversed(chain)), "critical_path_hours": max(path_hours.values())}
@@ -139,7 +144,7 @@ def describe(plan: Plan, gpus: int | None, throughput: dict[str, float] | None, 
         src = f" <- {st.init_from.stage}" if st.init_from else ""
         warm = f", warmup {st.recipe.optim.warmup_epochs:g} epochs" if st.recipe.optim.warmup_epochs else ""
         lines.append(f"{st.name}: {st.arch} S={st.scale_label}{src}, {st.recipe.epochs} epochs, "
-                     f"batch {st.recipe.batch_size}, lr {st.recipe.optim.lr}{warm}, {st.resources.num_workers} workers")
+                     f"batch {st.recipe.batch_size}, lr {st.recipe.optim.lr}{warm}, {_workers_label(st)}")
     if gpus is None:
         return "\n".join(lines)
     if not throughput:
@@ -152,9 +157,28 @@ def describe(plan: Plan, gpus: int | None, throughput: dict[str, float] | None, 
         how = " (scaled from D by GMACs)" if s.scaled else ""
         lines.append(f"  {s.stage}: {s.gpus} GPUs x {s.img_s_per_gpu:,.0f} img/s{how}, {s.epochs} epochs: "
                      f"{s.hours:.1f} h, hours {s.start:.1f}-{s.end:.1f}")
+        res = plan.stages[s.stage].resources
+        if res.elastic:
+            lines[-1] += (f"; elastic [{res.min_workers}, {res.max_workers}]: {s.min_hours:.1f} h if it holds "
+                          f"only {res.min_workers}")
     lines.append(f"  parallel: {e['parallel_hours']:.1f} h; one stage at a time: {e['sequential_hours']:.1f} h; "
                  f"critical path {' -> '.join(e['critical_path'])}: {e['critical_path_hours']:.1f} h")
+    elastic = [st for st in plan.stages.values() if st.resources.elastic]
+    if elastic:
+        every = sorted({st.recipe.checkpoint_every_steps for st in elastic})
+        lost = (f"up to {'/'.join(map(str, every))} steps" if 0 not in every
+                else "up to an epoch where checkpoint_every_steps is 0")
+        lines.append("  elastic stages are estimated at the most workers they may take here (min(max, GPUs)), with no "
+                     "node lost; the global batch, lr curve and step counts are the same at any size. Each resize "
+                     "restarts the worker group from the latest checkpoint (about a minute) and redoes the steps "
+                     f"after it: none after a drain notice (checkpointed inside the window), {lost} after a node "
+                     "lost without notice")
     return "\n".join(lines)
+
+
+def _workers_label(st) -> str:
+    res = st.resources
+    return f"[{res.min_workers}, {res.max_workers}] workers (elastic)" if res.elastic else f"{res.num_workers} workers"
 
 
 def critical_path_priority(plan: Plan) -> dict[str, float]:
@@ -165,7 +189,7 @@ def critical_path_priority(plan: Plan) -> dict[str, float]:
     from pipeline.models import gmacs
 
     cost = {s.name: s.recipe.epochs * gmacs(get_arch(s.arch), s.recipe.crop, width_mult=s.recipe.width_mult)
-            / s.resources.num_workers for s in plan.stages.values()}
+            / s.resources.max_workers for s in plan.stages.values()}
     priority: dict[str, float] = {}
     for stage in reversed(plan.order()):
         after = [priority[d.name] for d in plan.stages.values() if d.init_from and d.init_from.stage == stage.name]

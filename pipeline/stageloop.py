@@ -76,6 +76,10 @@ class Seat:
     init: dict | None = None  # the state of the checkpoint the stage starts from (init_from)
     node: str = "node"  # this worker's node, as its system figures are labelled
     samples_node: bool = False  # this worker samples its node's system figures (one worker per node)
+    # A node-drain notice for this worker group: {"deadline_ms", "nodes"} or None; the same
+    # answer on every rank (Ray Train broadcasts rank 0's), so all agree on the step.
+    preemption: Callable[[], dict | None] | None = None
+    committed: Callable[[float], bool] | None = None  # waits (seconds) until reported checkpoints are committed
 
 
 class StageLoop:
@@ -83,7 +87,7 @@ class StageLoop:
         """Set up: the data set, the net, the optimizer and the lr schedule for this
         stage's recipe at this world size; nothing from a checkpoint yet."""
         from pipeline import rng
-        from pipeline.data import DatasetInfo, train_steps
+        from pipeline.data import DatasetInfo
         from pipeline.engine import LrSchedule, effective_lr, make_optimizer
         from pipeline.models import build_model
 
@@ -118,13 +122,14 @@ class StageLoop:
         if recipe.compile:
             self.net = torch.compile(self.net, backend="inductor" if recipe.compile is True else recipe.compile)
         rng.seed_rank_streams(recipe.seed, self.rank)  # same init above; from here each rank its own masks
-        self.per_worker = max(1, recipe.batch_size // self.world)
-        self.optimizer = make_optimizer(self.net, recipe.optim, self.per_worker * self.world)
-        self.steps = train_steps(self.info, self.data.train_split, self.per_worker, self.world)
+        self._set_position_units()
+        self.optimizer = make_optimizer(self.net, recipe.optim, recipe.batch_size)
         self.schedule = LrSchedule(self.optimizer, recipe.optim, self.steps,
-                                   effective_lr(recipe.optim, self.per_worker * self.world))
+                                   effective_lr(recipe.optim, recipe.batch_size))
         self.epochs = recipe.epochs_for(self.info.counts[self.data.train_split])
         self.start_epoch = self.start_step = 0
+        self.refused: str | None = None  # why the checkpoint cannot be resumed exactly
+        self.preempted: dict | None = None  # the preemption notice this group saw, once checkpointed
         self.pending_steps: list[dict] = []  # per-interval records not yet reported
         self.extra: dict = {}  # what rank 0's next report carries once: replay, dataset
         self.history: list[dict] = []  # what every checkpointed report of this stage carried to MLflow
@@ -133,6 +138,19 @@ class StageLoop:
             from pipeline.sysmetrics import Sampler
 
             self.sampler = Sampler(gpus=self.gpu)
+
+    def _set_position_units(self) -> None:
+        """The recipe's global batch on this world size (micro-batch x accumulation,
+        pipeline/order.py), steps per epoch (the same at any size) and the fingerprint a
+        checkpoint's position is measured in (pipeline/position.py)."""
+        from pipeline.order import sample_table, split_batch, steps_per_epoch
+        from pipeline.position import fingerprint
+
+        self.split = split_batch(self.recipe.batch_size, self.world, self.stage.resources.max_worker_batch)
+        self.per_worker = self.split.micro
+        table = sample_table(*(tuple(p) for p in self.info.shards(self.data.train_split)), self.info.label_format)
+        self.steps = steps_per_epoch(len(table), self.recipe.batch_size, self.data.train_split)
+        self.fingerprint = fingerprint(self.recipe, table)
 
     def close(self) -> None:
         if self.sampler is not None:
@@ -166,16 +184,27 @@ class StageLoop:
                               epoch=state["epoch"], step=state.get("step", self.steps), device=self.device)
             if self.rank == 0 and how != "restored":
                 say(f"{self.tag} random streams: {how}")
-            # Checkpoints before mid-epoch ones existed carry no step: they are epoch ends.
-            done = state.get("step", self.steps)
-            self.start_epoch, self.start_step = ((state["epoch"], done) if done < self.steps
-                                                 else (state["epoch"] + 1, 0))
+            self._resume_position(state)
             if state.get("reported"):  # all of it: a driver that died may have lost more than the last report
                 self.history = list(state.get("history") or [state["reported"]])
                 self.extra["replay"] = list(self.history)
         if self.rank == 0:
             self.extra.update(self._dataset())
             self._announce()
+
+    def _resume_position(self, state: dict) -> None:
+        """Where to start (pipeline/position.py): the checkpoint's images-seen position in
+        this run's units, the events its resume means (a resize, a recipe change at an
+        epoch's end) for the stage's MLflow run, or the reason it cannot be honoured."""
+        from pipeline.position import resume_at
+
+        at = resume_at(state, split=self.split, steps_per_epoch=self.steps, fp=self.fingerprint)
+        self.start_epoch, self.start_step, self.refused = at.epoch, at.step, at.refused
+        if at.events and self.rank == 0:
+            step = at.epoch * self.steps + at.step
+            self.extra["events"] = [dict(e, step=step) for e in at.events]
+            for event in at.events:
+                say(f"{self.tag} {event['kind']}: {event['text']}")
 
     def _dataset(self) -> dict:
         """The shard set's content hash (the retrain gate's), for the driver side to log as
@@ -190,12 +219,14 @@ class StageLoop:
 
     def _announce(self) -> None:
         stage, recipe, config = self.stage, self.recipe, self.config
-        how = (f"resumed at epoch {self.start_epoch + 1} step {self.start_step}" if self.seat.resume is not None else
+        seen = self.start_step * self.recipe.batch_size
+        how = (f"resumed at epoch {self.start_epoch + 1} step {self.start_step} (image {seen})"
+               if self.seat.resume is not None else
                f"initialised from {config['init_from_label']}" if config.get("init_from_label") else
                f"initialised from {stage.init_from.stage}" if stage.init_from else f"{recipe.init} init")
         warm = f", {recipe.optim.warmup_epochs:g} warmup epochs" if recipe.optim.warmup_epochs else ""
         say(f"{self.tag} {stage.arch} S={stage.scale_label} on {self.world} worker(s), {self.device}; {how}; "
-            f"{self.epochs} epochs x {self.steps} steps of {self.per_worker * self.world}, "
+            f"{self.epochs} epochs x {self.steps} steps of {self.recipe.batch_size} ({self.split.label()}), "
             f"lr {self.schedule.base_lr:.3g}{warm}")
 
     def run(self) -> dict | None:
@@ -203,6 +234,9 @@ class StageLoop:
         None when the stage finished; {"kind", "epoch", "reason"} when it must FAIL."""
         from pipeline.data import eval_loader
 
+        if self.refused:
+            self.seat.report({}, None)  # every rank reports once, as Ray Train expects
+            return self.fail("refused", self.seat.resume["epoch"], self.refused)
         if self.seat.resume is not None and self.start_step == 0 and (
                 self.start_epoch >= self.epochs or self.schedule.finished):
             # The checkpoint is the stage's last epoch (the driver died before booking it): book
@@ -219,7 +253,14 @@ class StageLoop:
                                   normalize_std=self.recipe.normalize_std, device=self.device,
                                   threads=self.data.reader_threads, channels_last=self.channels_last)
         for epoch in range(self.start_epoch, self.epochs):
-            failure = self.train_epoch(epoch)
+            try:
+                failure = self.train_epoch(epoch)
+            except RuntimeError as exc:
+                if self.preempted is None:
+                    raise
+                from pipeline.elastic import wait_for_reclaim
+
+                wait_for_reclaim(self.preempted, exc, lambda text: say(f"{self.tag} {text}"))
             if failure is not None:
                 return failure
             if epoch == self.epochs - 1 or self.schedule.finished:
@@ -229,30 +270,32 @@ class StageLoop:
     def train_epoch(self, epoch: int) -> dict | None:
         """One epoch: train, validate, step the lr schedule, report with a checkpoint."""
         from pipeline.data import train_loader
+        from pipeline.elastic import audited
         from pipeline.engine import DataFailure, NonFiniteLoss, evaluate, stall_reason, train_one_epoch
 
         recipe, steps, t0 = self.recipe, self.steps, time.monotonic()
         # One loader per epoch: its order depends on (seed, epoch) only, so a mid-epoch
-        # checkpoint's loader position is the step count, replayed by fast-forwarding.
+        # checkpoint's position (images seen) is where this epoch's loader starts reading.
         lo, hi = self.stage.scale_range
+        skip = self.start_step if epoch == self.start_epoch else 0
         train_ld = train_loader(self.info, self.data.train_split, rank=self.rank, world_size=self.world,
                                 batch_size=self.per_worker, scale_range=(lo, hi), crop=recipe.crop,
                                 color_shift=recipe.color_shift, normalize_std=recipe.normalize_std,
                                 device=self.device, seed=recipe.seed, epoch=epoch, threads=self.data.reader_threads,
-                                shuffle_buffer=self.data.shuffle_buffer,
                                 decode=self.data.gpu_decode if self.gpu else "roi", channels_last=self.channels_last,
-                                **self._corrupt_sample_setting())
-        skip = self.start_step if epoch == self.start_epoch else 0
-        train_ld.skip(skip)
+                                layout=self.split, start_step=skip * self.split.accumulate)
         try:
             stats = train_one_epoch(
-                self.net, train_ld, self.optimizer, self.device, precision=recipe.precision,
+                self.net, audited(train_ld, self.data.keys_log, f"{self.stage.name}-rank{self.rank}", epoch, skip,
+                                  self.split.accumulate), self.optimizer, self.device, precision=recipe.precision,
                 channels_last=self.channels_last, grad_clip=recipe.optim.grad_clip,
                 log_every=recipe.log_every_steps, on_log=lambda record: self._progress(epoch, record),
                 checkpoint_every=recipe.checkpoint_every_steps,
                 on_checkpoint=lambda step: self._mid_epoch_checkpoint(epoch, step),
                 lr_at=lambda s: self.schedule.lr_at(epoch * steps + s), start_step=skip,
-                where=f"{self.tag} epoch {epoch + 1}: ")
+                where=f"{self.tag} epoch {epoch + 1}: ", accumulate=self.split.accumulate,
+                global_batch=None if self.split.even else recipe.batch_size,
+                poll=self._preemption_poll(epoch))
         except NonFiniteLoss as exc:
             # Every rank raises at the same sync point (the check is a collective). The
             # bad weights are never checkpointed; the records up to the explosion are.
@@ -273,7 +316,7 @@ class StageLoop:
                    "val_top5_error": val["top5_error"], "val_loss": val["loss"], "val_images": val["images"],
                    "lr": lr, "images_per_sec": stats.images_per_sec, "data_wait_fraction": stats.data_wait_fraction,
                    "resumed_from_epoch": -1 if resume is None else resume["epoch"],  # the checkpoint's epoch
-                   "resumed_at_step": skip, "skipped_samples": stats.skipped_samples}
+                   "resumed_at_step": skip, "skipped_samples": stats.skipped_samples, "world_size": self.world}
         if self.rank == 0:
             say(f"{self.tag} epoch {epoch + 1}/{self.epochs}: loss {stats.loss:.4f} val top-1 "
                 f"{val['top1_error']:.2f}% top-5 {val['top5_error']:.2f}% lr {lr:.3g} {stats.images_per_sec:.0f} "
@@ -328,26 +371,48 @@ class StageLoop:
         if step < self.steps:
             self.report({"epoch": epoch, "step": step}, epoch, step)
 
+    def _preemption_poll(self, epoch: int):
+        """At each sync, ask whether a node of this group is being drained; on the first
+        notice, checkpoint at once (inside the notice window) and go on training: when the
+        node goes, Ray Train restarts the group from that checkpoint, at another size."""
+        from pipeline.elastic import preemption_poll
+
+        def notice(step: int, text: str, left: float | None) -> None:
+            if self.rank == 0:
+                say(f"{self.tag} preemption: {text}")
+                self.extra.setdefault("events", []).append(
+                    {"kind": "preemption", "cause": "drain notice", "text": text, "step": epoch * self.steps + step})
+
+        def seen(info: dict) -> None:
+            self.preempted = info
+
+        if self.seat.preemption is None:
+            return None
+        return preemption_poll(self.seat.preemption, lambda: self.preempted is not None, seen, notice, epoch,
+                               self.steps)
+
     def _progress(self, epoch: int, record: dict) -> None:
         """A per-interval record: kept for the next report (rank 0) and, unless stages run
         side by side, printed with an ETA."""
         if self.rank != 0:
             return
         steps, epochs = self.steps, self.epochs
-        self.pending_steps.append(dict(record, step=epoch * steps + record["step"]))
+        self.pending_steps.append(dict(record, step=epoch * steps + record["step"], world_size=self.world))
         if not self.config.get("step_lines", True):
             return
         rate = record["images_per_sec"]
         steps_left = steps - record["step"] + (epochs - epoch - 1) * steps
-        eta = steps_left * self.per_worker * self.world / max(rate, 1e-9)
+        eta = steps_left * self.recipe.batch_size / max(rate, 1e-9)
         say(f"{self.tag} epoch {epoch + 1}/{epochs} step {record['step']}/{steps} loss {record['train_loss']:.4f} "
-            f"lr {record.get('lr', self.schedule.lr):.3g} {rate:.0f} img/s ETA {eta / 60:.1f} min")
+            f"lr {record.get('lr', self.schedule.lr):.3g} {rate:.0f} img/s on {self.world} worker(s) "
+            f"ETA {eta / 60:.1f} min")
 
     def report(self, metrics: dict, epoch: int, step: int, checkpoint: bool = True) -> None:
         """Every rank reports (Ray Train needs it); rank 0 attaches the checkpoint and the
         step records since its last report."""
         from pipeline import rng
         from pipeline.models import plain_names
+        from pipeline.position import record
 
         streams = rng.gather_states(self.device) if checkpoint else None  # a collective: before rank 0 goes alone
         if self.sampler is not None:  # this node's figures since the last report, from any rank
@@ -373,8 +438,24 @@ class StageLoop:
         write_checkpoint(tmp, {"model": plain_names(self.net.state_dict()), "optimizer": self.optimizer.state_dict(),
                                "schedule": self.schedule.state_dict(), "epoch": epoch, "step": step, "rng": streams,
                                "arch": self.stage.arch, "num_classes": self.info.num_classes, "reported": reported,
-                               "history": self.history, **self._serving_facts()})
+                               "history": self.history,
+                               "position": record(self.split, self.steps, step, self.fingerprint, self.preempted),
+                               **self._serving_facts()})
         self.seat.report(metrics, tmp)
+        if self.preempted is not None and "committed_s" not in self.preempted:
+            self._confirm_notice_checkpoint()
+
+    def _confirm_notice_checkpoint(self) -> None:
+        """Wait (up to the notice's deadline) until Ray Train has committed the checkpoint
+        written on a drain notice: a checkpoint the controller has not registered when the
+        node goes is lost, and the steps since the one before are redone."""
+        notice = self.preempted
+        left = notice["deadline_ms"] / 1000 - time.time() if notice.get("deadline_ms") else 60.0
+        ok = self.seat.committed(max(left, 1.0)) if self.seat.committed else False
+        notice["committed_s"] = notice["deadline_ms"] / 1000 - time.time() if notice.get("deadline_ms") else 0.0
+        say(f"{self.tag} preemption: the notice's checkpoint is "
+            + (f"committed, {notice['committed_s']:.0f} s before the deadline" if ok else
+               "not confirmed committed before the deadline"))
 
     def _serving_facts(self) -> dict:
         """What a registered model needs to classify an image on its own (pipeline/serving.py),

@@ -106,10 +106,48 @@ class Recipe:
 
 @dataclass(frozen=True)
 class Resources:
-    num_workers: int = 2
+    # An int: a fixed-size stage. [min, max]: elastic (Ray Train's ScalingConfig(num_workers=(min, max))):
+    # the stage starts on as many workers as fit (at least min), shrinks when nodes go and grows
+    # back when they return; the recipe (global batch, lr curve, steps) is the same at any size.
+    num_workers: int | tuple[int, int] = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 3  # Ray Train restarts from the last checkpoint this many times
+    # Restarts after a node is taken back (a drained or preempted node), counted apart from
+    # max_failures; -1: no limit (spot capacity comes and goes for the life of a stage).
+    max_preemption_failures: int = -1
+    # The most images one worker's micro-batch may hold (its memory); a worker whose share of
+    # the global batch is larger takes it in several micro-batches (gradient accumulation).
+    # None: the whole share at once.
+    max_worker_batch: int | None = None
+    # An elastic stage looks for more capacity this often (Ray Train's
+    # elastic_resize_monitor_interval_s); each grow restarts the group from the latest checkpoint.
+    resize_check_s: float = 60.0
+
+    def __post_init__(self):
+        lo, hi = self.worker_range
+        if lo < 1 or hi < lo:
+            raise ValueError(f"num_workers: expected a count of at least 1, or [min, max] with 1 <= min <= max, "
+                             f"got {list(self.num_workers) if self.elastic else self.num_workers}")
+        if self.max_worker_batch is not None and self.max_worker_batch < 1:
+            raise ValueError(f"max_worker_batch must be at least 1, got {self.max_worker_batch}")
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) workers; (n, n) for a fixed-size stage."""
+        return tuple(self.num_workers) if self.elastic else (self.num_workers, self.num_workers)
+
+    @property
+    def min_workers(self) -> int:
+        return self.worker_range[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.worker_range[1]
 
 
 @dataclass(frozen=True)
@@ -118,7 +156,6 @@ class Data:
     train_split: str = "train"
     val_split: str = "val"
     reader_threads: int = 2  # DALI CPU threads per worker
-    shuffle_buffer: int = 1024  # DALI random_shuffle initial_fill
     # GPU training decode: "roi" decodes only the crop window; "whole" decodes the whole
     # image (the hardware JPEG decoder can) and resizes the window on the GPU. Same
     # geometry; `python -m pipeline bench gpu` says which is faster on a machine.
@@ -126,6 +163,10 @@ class Data:
     # A training sample DALI cannot decode: "fail" stops the stage on every rank, naming
     # shard and key; "skip" reads a neighbour in its place and counts it (skipped_samples).
     on_corrupt_sample: Literal["fail", "skip"] = "fail"
+    # A folder where every rank appends what it trained on, one line per image: epoch,
+    # step, key (an audit of the exactly-once order across resizes; the elastic test
+    # reads it). None: off. On ImageNet about 30 MB an epoch.
+    keys_log: str | None = None
 
 
 @dataclass(frozen=True)
@@ -270,6 +311,22 @@ def _req_str(raw: dict, key: str) -> str:
     return raw[key]
 
 
+def _check_batch_split(st: Stage, where: str) -> None:
+    """The global batch must lie on every world size the stage may run at (pipeline/order.py,
+    split_batch): refused here, not hours later at a resize. A batch that does not divide
+    over the workers is fine (shares of B // W and one more, weighted); fewer images than
+    workers, or micro-batches so small that one would be empty, are not."""
+    from pipeline.order import split_batch
+
+    lo, hi = st.resources.worker_range
+    for w in range(lo, hi + 1):
+        try:
+            split_batch(st.recipe.batch_size, w, st.resources.max_worker_batch)
+        except ValueError as exc:
+            raise ConfigError(f"{where}.recipe.batch_size: {exc} (resources.num_workers allows "
+                              f"{list(st.resources.worker_range) if st.resources.elastic else w})") from None
+
+
 def validate(plan: Plan) -> None:
     """Check the stage graph: archs exist, init_from sources exist, no cycles, layer
     names exist in both nets, scales are sane."""
@@ -288,6 +345,7 @@ def validate(plan: Plan) -> None:
             except ValueError:
                 why = "the input is smaller than one of its kernels"
             raise ConfigError(f"{where}.recipe.crop: {crop} does not fit net {arch.name}: {why}; use {near}")
+        _check_batch_split(st, where)
         lo, hi = st.scale_range
         if lo < st.recipe.crop or hi < lo:
             raise ConfigError(

@@ -418,6 +418,13 @@ class MetricsLogger:
         return True
 
 
+def set_event_tag(client, run_id: str, step: int, kind: str, text: str) -> None:
+    """An event of the stage (a resize, a preemption, a recipe change) as the run's tag
+    `event.<global step, 9 digits>.<kind>` = what happened and why: the UI lists them in
+    step order, and a replayed event sets the same tag again. Raises on failure."""
+    client.set_tag(run_id, f"event.{int(step):09d}.{kind}", text[:5000])
+
+
 def log_dataset_input(client, run_id: str, name: str, digest: str, source: str) -> None:
     """The shard set as the run's training dataset input, once per digest (MLflow keeps at
     most 36 characters of a digest: the data hash's first 32 hex digits). Raises on failure."""

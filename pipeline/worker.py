@@ -37,7 +37,7 @@ class MlflowEpochMetrics(ray.train.UserCallback):
         self.sink = sink
 
     def after_report(self, run_context, metrics, checkpoint):
-        from pipeline.metricsink import report_items, system_items
+        from pipeline.metricsink import event_items, report_items, system_items
 
         items = []
         for rank in metrics:  # each node's system figures, from the worker that samples it
@@ -49,12 +49,14 @@ class MlflowEpochMetrics(ray.train.UserCallback):
         # a driver killed before these reached MLflow may never have logged them (a checkpoint
         # from before the history was kept carries its last report alone)
         for reported in ([replay] if isinstance(replay, dict) else replay or []):
-            items += report_items(reported)
+            items += report_items(reported) + event_items(reported.get("events"))
         if "data_hash" in rank0:  # the shard set, as the run's MLflow dataset input
             items.append(("dataset", None, (rank0.pop("data_name"), rank0.pop("data_hash"), rank0.pop("data_root")), 0))
-        items += report_items(rank0)
+        items += report_items(rank0) + event_items(rank0.pop("events", None))
         put = getattr(self.sink.put, "remote", self.sink.put)  # an actor's call returns at once
         put(items)
+
+
 
 
 def _quiet_ray_train_info() -> None:
@@ -106,8 +108,32 @@ def train_loop_per_worker(config: dict) -> dict | None:
                     model, parallel_strategy_kwargs={"gradient_as_bucket_view": True}),
                 resume=_load_state(resume) if resume is not None else None,
                 init=_load_weights(config["init_checkpoint"]) if config.get("init_checkpoint") is not None else None,
-                node=ray.get_runtime_context().get_node_id()[:8], samples_node=ctx.get_local_rank() == 0)
+                node=ray.get_runtime_context().get_node_id()[:8], samples_node=ctx.get_local_rank() == 0,
+                preemption=_preemption_notice, committed=_committed)
     return run_stage(config, seat)
+
+
+def _committed(timeout_s: float) -> bool:
+    """Whether Ray Train has committed every checkpoint reported so far, waiting up to
+    `timeout_s` (a checkpoint written on a drain notice must be registered before the node goes)."""
+    from ray.train import CheckpointConsistencyMode
+
+    try:
+        ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED,
+                                               timeout_s=timeout_s)
+        return True
+    except Exception:  # noqa: BLE001 - a timeout, or the controller busy with the preemption: unconfirmed
+        return False
+
+
+def _preemption_notice() -> dict | None:
+    """Ray Train's preemption info (a drained node of this group), the same on every rank:
+    the call is a collective (rank 0's answer broadcast), so every rank must make it."""
+    info = ray.train.get_preemption_info()
+    if info is None:
+        return None
+    return {"deadline_ms": info.deadline_ms, "nodes": [n[:8] for n in info.preempted_node_ids],
+            "ranks": info.preempted_ranks}
 
 
 def _report(metrics: dict, checkpoint_dir: Path | None) -> None:
@@ -157,10 +183,14 @@ def fit_stage(stage, data, *, trial_name: str, storage: str, tracking_uri: str |
         train_loop_per_worker,
         train_loop_config=dict(stage=stage, data=data, init_checkpoint=init_checkpoint, init_layers=init_layers,
                                init_from_label=init_from_label, step_lines=step_lines, data_hash=expected),
-        scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
-                                     resources_per_worker=per_worker),
+        # [min, max] is elastic: Ray Train restarts the group at a new size from the latest
+        # checkpoint when capacity changes; the loop reads the new size (pipeline/order.py).
+        scaling_config=ScalingConfig(num_workers=res.worker_range if res.elastic else res.num_workers,
+                                     use_gpu=res.use_gpu, resources_per_worker=per_worker,
+                                     elastic_resize_monitor_interval_s=res.resize_check_s),
         run_config=RunConfig(name=trial_name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=res.max_failures),
+                             failure_config=FailureConfig(max_failures=res.max_failures,
+                                                          max_preemption_failures=res.max_preemption_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              callbacks=([MlflowEpochMetrics(sink.actor)] if sink else [])
                              + ([controls.callback(stage.name)] if controls else [])),

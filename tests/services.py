@@ -29,12 +29,12 @@ def _ray(*args: str, env: dict) -> None:
     assert out.returncode == 0, f"ray {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
 
 
-def _cluster_pids(marker: str) -> set[int]:
-    """This cluster's processes: those with the marker variable in their environment
-    (every process `ray start` spawns inherits it) and all their descendants (Ray's
-    agents rename themselves, e.g. to ray::DashboardAgent, over their command line and
-    environment, so only their parentage gives them away)."""
-    needle = f"VGG_TEST_CLUSTER={marker}".encode()
+def _cluster_pids(marker: str, node: int | None = None) -> set[int]:
+    """This cluster's processes (or one node's: `node`): those with the marker variable in
+    their environment (every process `ray start` spawns inherits it) and all their
+    descendants (Ray's agents rename themselves, e.g. to ray::DashboardAgent, over their
+    command line and environment, so only their parentage gives them away)."""
+    needle = f"VGG_TEST_CLUSTER={marker}".encode() if node is None else f"VGG_TEST_NODE={marker}/{node}".encode()
     parent, found = {}, set()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
@@ -54,17 +54,31 @@ def _cluster_pids(marker: str) -> set[int]:
     return found
 
 
-def _kill_cluster(marker: str) -> None:
-    """Stop only this cluster's processes (`ray stop` would stop every Ray on the
-    machine, other tests' included)."""
-    pids = _cluster_pids(marker)  # before any dies, while the agents still have parents
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids | _cluster_pids(marker):
+def _kill_cluster(marker: str, node: int | None = None, signals=(signal.SIGTERM, signal.SIGKILL)) -> None:
+    """Stop only this cluster's processes, or one node's (`ray stop` would stop every Ray
+    on the machine, other tests' included)."""
+    pids = _cluster_pids(marker, node)  # before any dies, while the agents still have parents
+    for sig in signals:
+        for pid in pids | _cluster_pids(marker, node):
             try:
                 os.kill(pid, sig)
             except (ProcessLookupError, PermissionError):
                 pass
         time.sleep(1)
+
+
+def _signal_train_workers(marker: str, sig: int) -> list[int]:
+    """Send `sig` to this cluster's Ray Train worker processes (SIGSTOP / SIGCONT: a test
+    holds training still while it changes the cluster); their pids."""
+    pids = []
+    for pid in _cluster_pids(marker):
+        try:
+            if b"RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, sig)
+                pids.append(pid)
+        except (OSError, ProcessLookupError):
+            pass
+    return pids
 
 
 @contextlib.contextmanager
@@ -84,21 +98,32 @@ def ray_cluster_on_loopback(name: str, nodes: list[dict]):
     env = dict(os.environ, RAY_ADDRESS="", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16),
                VGG_TEST_CLUSTER=marker,
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+    def start(i: int, node: dict) -> None:
+        d = Path(f"{temp_dir}{i}")
+        dirs.append(d) if d not in dirs else None
+        shutil.rmtree(d, ignore_errors=True)
+        role = (["--head", "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                 "--ray-client-server-port", str(free_port())]
+                if i == 0 else ["--address", f"127.0.0.1:{port}"])
+        # Every agent port free, not Ray's fixed defaults (52365, ...): another Ray on
+        # this machine (another test's cluster) would hold them and the agent would die,
+        # which the Jobs API reports as "No available agent to submit job".
+        agents = [(flag, str(free_port())) for flag in ("--dashboard-agent-listen-port",
+                  "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port")]
+        _ray("start", *role, *[x for pair in agents for x in pair], "--node-ip-address", "127.0.0.1",
+             "--temp-dir", str(d),
+             "--num-cpus", str(node["cpus"]), "--resources", json.dumps(node.get("resources", {})),
+             "--disable-usage-stats", env=dict(env, VGG_TEST_NODE=f"{marker}/{i}"))
+
     try:
-        for i, (d, node) in enumerate(zip(dirs, nodes)):
-            role = (["--head", "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-                     "--ray-client-server-port", str(free_port())]
-                    if i == 0 else ["--address", f"127.0.0.1:{port}"])
-            # Every agent port free, not Ray's fixed defaults (52365, ...): another Ray on
-            # this machine (another test's cluster) would hold them and the agent would die,
-            # which the Jobs API reports as "No available agent to submit job".
-            agents = [(flag, str(free_port())) for flag in ("--dashboard-agent-listen-port",
-                      "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port")]
-            _ray("start", *role, *[x for pair in agents for x in pair], "--node-ip-address", "127.0.0.1",
-                 "--temp-dir", str(d),
-                 "--num-cpus", str(node["cpus"]), "--resources", json.dumps(node["resources"]),
-                 "--disable-usage-stats", env=env)
-        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
+        for i, node in enumerate(nodes):
+            start(i, node)
+        # add_node(i, {"cpus": 1}) starts node i (a new index: a node that rejoins);
+        # kill_node(i) SIGKILLs node i's processes, as a lost machine.
+        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": env,
+               "add_node": start, "kill_node": lambda i: _kill_cluster(marker, i, (signal.SIGKILL,)),
+               "signal_train_workers": lambda sig: _signal_train_workers(marker, sig)}
     finally:
         _kill_cluster(marker)
         for d in dirs:
@@ -127,7 +152,7 @@ def tiny_plan(tmp_path: Path, shards: Path, *, name: str, experiment: str, stage
     base = dict(epochs=2, max_iterations=None, batch_size=16, crop=32, width_mult=0.125, init="kaiming",
                 normalize_std=True, optim={"lr": 0.1, **(optim or {})})
     plan = dict(name=name, experiment=experiment, storage=str(tmp_path / "runs"),
-                data=dict(root=str(shards), reader_threads=1, shuffle_buffer=64), recipe=dict(base, **recipe),
+                data=dict(root=str(shards), reader_threads=1), recipe=dict(base, **recipe),
                 resources=dict(num_workers=2, cpus_per_worker=1, max_failures=max_failures), stages=stages)
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(plan, sort_keys=False))

@@ -98,10 +98,11 @@ def test_images_are_ubuntu_24_04_with_a_cuda_13_driver_on_gpu_nodes():
     assert "18.04" in DEFAULT_AMI_NAME  # what latest_dlami would have given
     c = load()
     images = {k: t["node_config"]["ImageId"] for k, t in c["available_node_types"].items()}
-    assert images["gpu_worker"] == ("resolve:ssm:/aws/service/deeplearning/ami/x86_64/"
-                                    "base-oss-nvidia-driver-gpu-ubuntu-24.04/latest/ami-id")
+    for gpu in ("gpu_worker", "gpu_spot_worker"):
+        assert images[gpu] == ("resolve:ssm:/aws/service/deeplearning/ami/x86_64/"
+                               "base-oss-nvidia-driver-gpu-ubuntu-24.04/latest/ami-id")
     for name, image in images.items():
-        if name != "gpu_worker":
+        if name not in ("gpu_worker", "gpu_spot_worker"):
             assert image == "resolve:ssm:/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id"
     assert "/mnt/nvme" not in CONFIG.read_text() and "/opt/dlami/nvme" in " ".join(c["worker_setup_commands"])
 
@@ -353,3 +354,25 @@ def test_the_database_password_is_in_no_file_on_any_node(monkeypatch):
             assert "'no/such-secret'" in str(exc)
         else:
             raise AssertionError("a missing secret was read")
+
+
+def test_spot_gpu_workers_drain_on_the_interruption_notice():
+    """The spot type is the on-demand GPU node on spot capacity, with its own setup: the
+    GPU nodes' shard staging and the watcher that turns EC2's notice into a Ray drain
+    with the notice's deadline; the head stays on demand."""
+    import sys
+
+    c = load()
+    types = c["available_node_types"]
+    spot, gpu = types["gpu_spot_worker"], types["gpu_worker"]
+    assert spot["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
+    assert spot["node_config"]["InstanceType"] == gpu["node_config"]["InstanceType"]
+    assert "InstanceMarketOptions" not in types[c["head_node_type"]]["node_config"]
+    setup = " ".join(spot["worker_setup_commands"])
+    assert "--stage-in" in setup and "cluster/spot_notice.py" in setup
+    sys.path.insert(0, str(CONFIG.parent / "cluster"))
+    from spot_notice import deadline_seconds
+
+    notice = {"action": "terminate", "time": "2026-12-02T13:20:00Z"}
+    assert deadline_seconds(notice, 1796217480.0) == 120  # 13:18:00 UTC: two minutes left
+    assert deadline_seconds(notice, 1796217700.0) == 1

@@ -33,15 +33,14 @@ def test_train_batches_shape_dtype_and_exact_epochs(shards):
     assert abs(float(torch.cat([b[0] for b in batches]).mean())) < 25
 
 
-def test_epoch_order_is_a_function_of_seed_and_epoch_and_skip_resumes_it(shards):
-    """A mid-epoch checkpoint stores only (epoch, step): rebuilding the epoch's loader and
-    fast-forwarding must give exactly the batches the interrupted run had not seen."""
+def test_epoch_order_is_a_function_of_seed_and_epoch_and_a_start_step_resumes_it(shards):
+    """A mid-epoch checkpoint stores its position: rebuilding the epoch's loader at that
+    micro-step must give exactly the batches the interrupted run had not seen."""
     info = DatasetInfo.load(shards)
     args = dict(world_size=2, batch_size=8, scale_range=(40, 56), crop=32, threads=1, seed=7)
 
     def epoch_batches(rank, epoch, skip=0):
-        ld = train_loader(info, "train", rank=rank, epoch=epoch, **args)
-        ld.skip(skip)
+        ld = train_loader(info, "train", rank=rank, epoch=epoch, start_step=skip, **args)
         return [(x.clone(), y.clone()) for x, y in ld]
 
     first = epoch_batches(0, epoch=3)
@@ -56,8 +55,8 @@ def test_epoch_order_is_a_function_of_seed_and_epoch_and_skip_resumes_it(shards)
     assert not all(torch.equal(a[1], b[1]) for a, b in zip(first, other))
     rank1 = epoch_batches(1, epoch=3)
     assert not all(torch.equal(a[1], b[1]) for a, b in zip(first, rank1))
-    with pytest.raises(ValueError, match="cannot skip"):
-        train_loader(info, "train", rank=0, **args).skip(100)
+    with pytest.raises(ValueError, match="cannot start at micro-step 100 of 9"):
+        train_loader(info, "train", rank=0, start_step=100, **args)
 
 
 def test_eval_counts_every_image_once_for_uneven_worlds(shards):

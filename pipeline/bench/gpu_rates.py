@@ -73,7 +73,7 @@ def torchvision_gpu_loader(tars: list[str], info: DatasetInfo, device: torch.dev
 def loader_throughput(info: DatasetInfo, tars: list[str], device: torch.device, sizes: dict, seconds: float) -> dict:
     b, crop, threads = sizes["loader_batch"], sizes["crop"], os.cpu_count() or 1
     kw = dict(rank=0, world_size=1, batch_size=b, scale_range=sizes["scale"], crop=crop, device=device,
-              threads=threads, shuffle_buffer=1024)
+              threads=threads)
     out = {"batch_size": b, "threads": threads, "seconds": seconds}
     for decode in ("roi", "whole"):
         out[f"dali_{decode}_img_s"] = round(rate(train_loader(info, "train", decode=decode, **kw), seconds)[0], 1)

@@ -22,7 +22,7 @@ def bench_loader(shards: str, device: str = "cpu", batch_size: int = 64, seconds
         raise RuntimeError("--device gpu: no CUDA device visible")
     torch.set_num_threads(1)  # the loaders own the cores; no intra-op threads competing
     ours = train_loader(info, split, rank=0, world_size=1, batch_size=batch_size, scale_range=scale_range, crop=crop,
-                        device=dev, threads=threads, shuffle_buffer=1000)
+                        device=dev, threads=threads)
     pipeline_img_s, pipeline_images = rate(ours, seconds)
     del ours
     base = baseline_loader(tars, PilAugment(info, scale_range, crop, 0.1), batch_size, threads)

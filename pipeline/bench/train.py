@@ -48,7 +48,7 @@ def bench_train(arch: str, shards: str | None = None, device: str = "cpu", batch
     if info is not None:
         threads = threads or os.cpu_count() or 1
         loader = train_loader(info, split, rank=0, world_size=1, batch_size=batch_size, scale_range=scale_range,
-                              crop=crop, device=dev, threads=threads, shuffle_buffer=1000)
+                              crop=crop, device=dev, threads=threads)
         real = train_rate(net, for_seconds(loader, seconds, warmup), optimizer, dev, precision, channels_last,
                            warmup)
         result.update(loader_img_s=round(real.images_per_sec, 1), loader_steps=real.steps,
