@@ -536,9 +536,7 @@ def train_loader(info: DatasetInfo, split: str, *, rank: int, world_size: int, b
 def _build_eval(pipe, info: DatasetInfo, split: str, rank: int, world_size: int, device: torch.device, what: str,
                 nhwc: bool = False) -> Loader:
     pipe.build()
-    # the reader as every evaluation pipeline builds it: `_reader(info, split, rank, world, False, 0, 1)`, seed 1
-    spec = ReaderSpec(info, split, rank, world_size, False, 0, 1, pipe.max_batch_size, 1)
-    return Loader(pipe, None, device, f"{what} pipeline over {info.root / split}", spec, nhwc)
+    return Loader(pipe, None, device, f"{what} pipeline over {info.root / split}", (info, split), nhwc)
 
 
 def dense_loader(info: DatasetInfo, split: str, *, rank: int, world_size: int, scale: int,
