@@ -71,7 +71,7 @@ def _throughput(pairs: list[str]) -> dict[str, float]:
 def _train_images(plan) -> int | None:
     """The plan's training-set size, when its shards are on this machine."""
     try:
-        from pipeline.data import DatasetInfo
+        from pipeline.dataset import DatasetInfo
 
         return DatasetInfo.load(plan.data.root).counts[plan.data.train_split]
     except (OSError, KeyError, ValueError):

@@ -19,7 +19,10 @@ Training reads the split in a global order that depends on (seed, epoch) only
 (pipeline/order.py): `fn.external_source` hands the graph each micro-batch's JPEG and
 label bytes, read from the tars at the offsets in the DALI index files, with the
 augmentation's draws for those positions; the graph decodes and augments them as
-above. Evaluation reads each rank's slice with `fn.readers.webdataset`.
+above. Evaluation reads each rank's slice with `fn.readers.webdataset`. The built
+graphs go to pipeline/loader.py's `Loader` (torch batches; no DALI there), with
+`decode_errors`, a one-image DALI decode that judges which sample of a failing batch
+cannot be decoded.
 
 GPU decoders get their memory hints from the data (`decode_hints`): buffers sized for
 the split's largest image, so nvJPEG never reallocates mid-epoch, and chroma upsampled
@@ -28,11 +31,7 @@ as libjpeg-turbo does on the CPU, so a GPU batch matches the CPU one.
 
 from __future__ import annotations
 
-import json
-import math
-import warnings
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -42,94 +41,17 @@ from nvidia.dali import __version__ as _dali_version
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from pipeline.engine import DataFailure
+from pipeline.dataset import DatasetInfo
+from pipeline.loader import LOOKAHEAD, Loader
 
 DALI_VERSION = _dali_version  # for benchmark records
 READER = "Reader"
 
 
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What data_prep/shard.py wrote: shard files, counts, colour statistics."""
-
-    root: Path
-    counts: dict[str, int]
-    num_classes: int
-    label_digits: int
-    mean_rgb: tuple[float, float, float]
-    rgb_eigval: tuple[float, float, float]
-    rgb_eigvec: tuple[tuple[float, ...], ...]  # columns are eigenvectors
-    # Labels: "cls" (ASCII digits, parsed inside the graph) or "json" (shards written
-    # elsewhere and indexed in place: the object's `label_field`, parsed per batch on
-    # the host; `label_bytes` is the largest such member).
-    label_format: str = "cls"
-    label_field: str = "label"
-    label_bytes: int = 0
-    # tar path -> the index to read it with instead of its own (skip mode: a corrupt
-    # sample's entry pointed at a good neighbour, see `without_samples`)
-    index_for: tuple[tuple[str, str], ...] = ()
-
-    @classmethod
-    def load(cls, root: str | Path) -> "DatasetInfo":
-        root = Path(root)
-        path = root / "stats.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: not found; run data_prep/shard.py --out {root} first")
-        s = json.loads(path.read_text())
-        if "mean_rgb" not in s:
-            raise ValueError(f"{path}: no colour statistics (was a train split sharded?)")
-        return cls(root, s["counts"], s["num_classes"], s["label_digits"], tuple(s["mean_rgb"]),
-                   tuple(s["rgb_eigval"]), tuple(tuple(r) for r in s["rgb_eigvec"]),
-                   s.get("label_format", "cls"), s.get("label_field", "label"), s.get("label_bytes", 0))
-
-    @property
-    def std_rgb(self) -> tuple[float, ...]:
-        cov = np.asarray(self.rgb_eigvec) @ np.diag(self.rgb_eigval) @ np.asarray(self.rgb_eigvec).T
-        return tuple(float(math.sqrt(max(v, 1e-6))) for v in np.diag(cov))
-
-    def decode_hints(self, split: str) -> dict:
-        """Arguments for a mixed (GPU) JPEG decoder, from the manifest's image sizes:
-        pinned host and device buffers that fit the split's largest decoded image (DALI's
-        defaults are 8 and 16 MiB, which an ImageNet outlier of 20+ MP outgrows mid-epoch,
-        costing a synchronous reallocation), and the hardware decoder's preallocation at
-        that size. Empty when the manifest has no sizes (shards written elsewhere)."""
-        path = self.root / "manifest.parquet"
-        if not path.is_file():
-            return {}
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path, columns=["split", "width", "height"])
-        table = table.filter(pc.equal(table["split"], split))
-        if table.num_rows == 0:
-            return {}
-        w, h = pc.max(table["width"]).as_py(), pc.max(table["height"]).as_py()
-        area = pc.max(pc.multiply(table["width"], table["height"])).as_py()
-        decoded = int(area) * 3
-        return {"device_memory_padding": max(16 << 20, decoded), "host_memory_padding": max(8 << 20, decoded),
-                "preallocate_width_hint": int(w), "preallocate_height_hint": int(h)}
-
-    def shards(self, split: str) -> tuple[list[str], list[str]]:
-        """(tar paths, index paths), sorted, so every rank sees the same list."""
-        tars = sorted((self.root / split).glob("*.tar"))
-        if not tars:
-            raise FileNotFoundError(f"{self.root / split}: no .tar shards")
-        keep = [t for t in tars if _index_count(t.with_suffix(".idx")) > 0]  # all-rejected shards
-        patched = dict(self.index_for)
-        return [str(t) for t in keep], [patched.get(str(t), str(t.with_suffix(".idx"))) for t in keep]
-
-
-def _index_count(idx: Path) -> int:
-    if not idx.is_file():
-        raise FileNotFoundError(f"{idx}: DALI index missing (rerun data_prep/shard.py to finish the shard)")
-    with open(idx) as fh:
-        return int(fh.readline().split()[1])
-
-
-def _label(raw, info: "DatasetInfo", gpu: bool = False):
+def _label(raw, info: DatasetInfo, gpu: bool = False):
     """The label inside the graph, on the GPU when the graph runs there (DALI hands the
-    iterator device memory: no copy from pageable host memory, which would wait). `.cls`: ASCII digits, zero-padded to `label_digits`
-    (data_prep/writer.py) or not (other tools' shards: "7", "7\\n"), parsed to int64 as
+    iterator device memory: no copy from pageable host memory, which would wait). `.cls`:
+    ASCII digits, zero-padded to `label_digits` (data_prep/writer.py) or not (other tools' shards: "7", "7\\n"), parsed to int64 as
     sum(digit_i * 10^(n-1-i)) over the n leading digits. `.json`: the raw bytes,
     zero-padded to a fixed width, for the Loader to parse on the host."""
     if info.label_format == "json":
@@ -293,61 +215,6 @@ def _source(jpegs):
     return fn.pad(fn.get_property(jpegs, key="source_info"), axes=[0], fill_value=0)
 
 
-def _source_keys(raw: torch.Tensor) -> list[str]:
-    """Sample keys from `_source`'s bytes: the member name up to its first dot, as in the
-    index (`_index_keys`)."""
-    rows = raw.cpu().numpy()
-    return [bytes(row[row != 0]).decode().rsplit(":", 1)[-1].rsplit("/", 1)[-1].split(".", 1)[0] for row in rows]
-
-
-def _index_keys(idx: str) -> list[str]:
-    with open(idx) as fh:
-        fh.readline()
-        return [line.split()[3].split(".", 1)[0] for line in fh if line.strip()]
-
-
-class CorruptSample(DataFailure):
-    """Samples that DALI cannot decode, named by shard and key (found in the failing
-    batches only: `_culprits`)."""
-
-    def __init__(self, what: str, culprits: list[tuple[str, str, str]]):
-        self.what, self.culprits = what, culprits
-        named = "; ".join(f"sample {key!r} in shard {tar} cannot be decoded ({reason})"
-                          for tar, key, reason in culprits)
-        super().__init__(f"DALI {what}: {named}; re-shard it or remove it from the shard")
-
-
-@dataclass(frozen=True)
-class ReaderSpec:
-    """How a loader's reader was built (`_reader`'s arguments, batch size and the
-    pipeline's seed): enough to read the same samples in the same order again."""
-
-    info: DatasetInfo
-    split: str
-    shard_id: int
-    num_shards: int
-    train: bool
-    order_seed: int
-    shuffle_buffer: int
-    batch_size: int
-    seed: int
-
-
-# Batches to search from the first one not yet handed out when a pipeline fails: DALI
-# runs ahead by its prefetch queue (2 here) and one batch in flight.
-LOOKAHEAD = 4
-
-
-@pipeline_def
-def _labels_pipeline(spec: ReaderSpec):
-    """The same reader (its first operator, so it gets the same seed from the pipeline's
-    and shuffles alike) reading only the label member: each sample's source, in order,
-    without reading or decoding an image."""
-    out = _reader(spec.info, spec.split, spec.shard_id, spec.num_shards, spec.train, spec.order_seed,
-                  spec.shuffle_buffer, components=(spec.info.label_format,))
-    return _source(out[0] if isinstance(out, (list, tuple)) else out)
-
-
 @pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1, exec_async=False,
               exec_pipelined=False)
 def _decode_probe():
@@ -355,135 +222,28 @@ def _decode_probe():
     return fn.peek_image_shape(jpeg), fn.decoders.image(jpeg, output_type=types.RGB)
 
 
-def _member(info: DatasetInfo, tar: str, key: str, ext: str = "jpg") -> bytes:
-    """One member's bytes, found through the shard's own index (offset, size)."""
-    for line in Path(tar).with_suffix(".idx").read_text().splitlines()[1:]:
-        fields = line.split()
-        for i in range(0, len(fields) - 3, 4):
-            if fields[i] == ext and fields[i + 3].split(".", 1)[0] == key:
-                with open(tar, "rb") as fh:
-                    fh.seek(int(fields[i + 1]))
-                    return fh.read(int(fields[i + 2]))
-    raise KeyError(f"{tar}: no {key}.{ext} in its index")
-
-
 def _decode_error(exc: Exception) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     return next((ln for ln in lines if "failure" in ln.lower()), lines[-1] if lines else "")
 
 
-def _culprits(spec: ReaderSpec, first: int, count: int = LOOKAHEAD) -> list[tuple[str, str, str]]:
-    """(shard, key, error) of every sample DALI cannot decode in batches first ..
-    first + count - 1 of the reader `spec` describes: their sources from a label-only
-    reader, then each image decoded alone. Seconds, whatever the split's size (never a
-    scan of the split)."""
-    pipe = _labels_pipeline(spec, batch_size=spec.batch_size, num_threads=1, device_id=None, seed=spec.seed,
-                            prefetch_queue_depth=1)
-    pipe.build()
-    sources: dict[tuple[str, str], None] = {}
-    for batch in range(first + count):
-        (raw,) = pipe.run()
-        if batch >= first:
-            for i in range(len(raw)):
-                row = np.asarray(raw[i])
-                tar, _, member = bytes(row[row != 0]).decode().rsplit(":", 2)
-                sources[(tar, member.rsplit("/", 1)[-1].split(".", 1)[0])] = None
-    del pipe
-    probe, found = None, []
-    for tar, key in sources:
+def decode_errors(jpegs: list[bytes]) -> list[str | None]:
+    """Each image decoded alone by DALI's decoder on the CPU (the loaders' `judge`): None,
+    or why it cannot be. One probe pipeline while images decode (a failed one is no
+    longer valid)."""
+    probe, out = None, []
+    for jpeg in jpegs:
         if probe is None:
             probe = _decode_probe()
             probe.build()
         try:
-            probe.feed_input("jpeg", [np.frombuffer(_member(spec.info, tar, key), dtype=np.uint8)])
+            probe.feed_input("jpeg", [np.frombuffer(jpeg, dtype=np.uint8)])
             probe.run()
+            out.append(None)
         except RuntimeError as exc:
-            found.append((tar, key, _decode_error(exc)))
-            probe = None  # a failed pipeline is no longer valid
-    return found
-
-
-def without_samples(info: DatasetInfo, culprits: list[tuple[str, str, str]], folder: Path) -> DatasetInfo:
-    """`info` reading each culprit's shard through a copy of its index in `folder` where
-    the culprit's entry is its neighbour's: the reader's sample list keeps its length,
-    so the shuffle and every rank's slice stay as they were, and the neighbour is read
-    twice in its place (skip mode). Shards with a single sample cannot be patched."""
-    patched = dict(info.index_for)
-    for tar, key, _ in culprits:
-        source = Path(patched.get(tar, str(Path(tar).with_suffix(".idx"))))
-        head, *lines = source.read_text().splitlines()
-        at = next(i for i, ln in enumerate(lines) if any(f.split(".", 1)[0] == key for f in ln.split()[3::4]))
-        if len(lines) < 2:
-            raise ValueError(f"{tar}: its only sample {key!r} cannot be decoded; nothing to read in its place")
-        lines[at] = lines[at - 1] if at else lines[at + 1]
-        out = folder / f"{len(patched)}-{Path(tar).stem}.idx"
-        out.write_text("\n".join([head, *lines]) + "\n")
-        patched[tar] = str(out)
-    return replace(info, index_for=tuple(sorted(patched.items())))
-
-
-class Loader:
-    """Torch batches (images NCHW, labels int64) from a DALI pipeline, with an exact
-    epoch length. Training: every rank yields the same number of full batches
-    (DDP needs it). Evaluation: each rank yields exactly its slice, no padding,
-    so across ranks every image is counted once. `nhwc`: the graph emits HWC images,
-    handed over as NCHW views in channels_last memory (no copy in the training step)."""
-
-    def __init__(self, pipe, steps: int | None, device: torch.device, what: str,
-                 source: tuple["DatasetInfo", str] | None = None, nhwc: bool = False, epoch=None):
-        self.device, self.what, self.source, self.nhwc = device, what, source, nhwc
-        self.batch_keys: list[str] = []  # the keys of the batch last yielded, as the graph returned them
-        self.epoch = epoch
-        if steps is None:  # evaluation: the reader's shard, padding dropped
-            self._it = DALIGenericIterator(pipe, ["images", "labels", "keys"], reader_name=READER,
-                                           last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
-            self.steps = len(self._it)
-        else:
-            # Training: `epoch` gives every rank the same number of full micro-batches and
-            # ends the epoch (StopIteration); nothing is read before the first batch is asked.
-            self.steps = steps
-            self._it = DALIGenericIterator(pipe, ["images", "labels", "index"], prepare_first_batch=False,
-                                           auto_reset=True)
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __iter__(self):
-        try:
-            for batch in self._it:
-                data = batch[0]
-                labels = data["labels"]
-                if self.source and self.source[0].label_format == "json":
-                    labels = _json_labels(labels, self.source[0].label_field)
-                if "keys" in data:
-                    self.batch_keys = _source_keys(data["keys"])
-                elif "index" in data:
-                    keys = self.epoch.table.keys
-                    self.batch_keys = [keys[i] for i in data["index"].view(-1).tolist()]
-                images = data["images"].permute(0, 3, 1, 2) if self.nhwc else data["images"]
-                yield _to_device(images, self.device), _to_device(labels.view(-1), self.device)
-        except RuntimeError as exc:  # MERGE: naming the sample on the external-source loader is being ported
-            raise RuntimeError(f"DALI {self.what}: {exc}") from exc
-        finally:
-            if self.epoch is not None:
-                self.epoch.close()
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`t` on `device` without waiting: a tensor already there as it is; a host tensor
-    pinned first, since from pageable memory a non_blocking copy is synchronous."""
-    if t.device == device:
-        return t
-    if t.device.type == "cpu" and device.type == "cuda" and not t.is_pinned():
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
-
-
-def _json_labels(raw: torch.Tensor, field: str) -> torch.Tensor:
-    """Labels from the zero-padded bytes of each sample's .json member (a batch of a
-    few hundred small objects: microseconds on the host)."""
-    rows = raw.cpu().numpy()
-    return torch.tensor([json.loads(bytes(row[row != 0]))[field] for row in rows], dtype=torch.int64)
+            out.append(_decode_error(exc))
+            probe = None
+    return out
 
 
 def _device_id(device: torch.device) -> int | None:
@@ -494,7 +254,8 @@ def train_loader(info: DatasetInfo, split: str, *, rank: int, world_size: int, b
                  scale_range: tuple[int, int], crop: int, color_shift: float = 0.1, normalize_std: bool = False,
                  device: torch.device = torch.device("cpu"), seed: int = 0, epoch: int = 0, threads: int = 2,
                  decode: str = "roi", draws: Draws | None = None, channels_last: bool = False,
-                 layout=None, start_step: int = 0) -> Loader:
+                 layout=None, start_step: int = 0, skip_corrupt: bool = False,
+                 skip_samples: tuple[tuple[str, str], ...] = ()) -> Loader:
     """One rank's micro-batches of one epoch in the global order (pipeline/order.py).
     `layout`: how a step's global batch lies on the ranks (an `order.Split`); by default
     `batch_size` images per worker, one micro-batch a step. The order and the augmentation
@@ -502,7 +263,10 @@ def train_loader(info: DatasetInfo, split: str, *, rank: int, world_size: int, b
     build one loader per epoch. `start_step`: the first micro-step to read (a resume; the
     ones before are not read at all). `decode`: "roi" or "whole" (see the module's
     docstring); `draws` fixes the draws and keeps shard order (GPU-versus-CPU checks).
-    `channels_last`: NHWC from the graph, NCHW views out."""
+    `channels_last`: NHWC from the graph, NCHW views out. `skip_corrupt`: read past a
+    sample DALI cannot decode (pipeline/loader.py) instead of ending the pass on it;
+    `skip_samples`: (shard, key) of samples already known to be corrupt, read past
+    from the start without a word."""
     from pipeline.order import EpochSource, epoch_draws, epoch_order, sample_table, split_batch, steps_per_epoch
 
     if decode not in ("roi", "whole"):
@@ -523,20 +287,44 @@ def train_loader(info: DatasetInfo, split: str, *, rank: int, world_size: int, b
         drawn = {"scale": np.full(n, draws.scale, np.float32), "pos_x": np.full(n, draws.pos_x, np.float32),
                  "pos_y": np.full(n, draws.pos_y, np.float32), "mirror": np.full(n, draws.mirror, np.int32),
                  "alpha": np.zeros((n, 3), np.float32)}
-    source = EpochSource(table, order, drawn, split=layout, rank=rank, start=start_step, stop=micro_steps)
-    pipe = train_pipeline(info, source, crop, color_shift, normalize_std, gpu, decode,
-                          info.decode_hints(split) if gpu else None, "HWC" if channels_last else "CHW",
-                          batch_size=layout.micro, num_threads=threads, device_id=_device_id(device),
-                          seed=(seed * 100_003 + epoch) * 1000 + rank + 1, prefetch_queue_depth=2)
-    pipe.build()
-    return Loader(pipe, len(source), device, f"train pipeline over {info.root / split}", (info, split),
-                  channels_last, source)
+    known = set(skip_samples)
+    bad = frozenset(i for i in range(n) if (table.tars[table.tar[i]], table.keys[i]) in known) if known else frozenset()
+    source = EpochSource(table, order, drawn, split=layout, rank=rank, start=start_step, stop=micro_steps, bad=bad)
+
+    def build(source: EpochSource):
+        pipe = train_pipeline(info, source, crop, color_shift, normalize_std, gpu, decode,
+                              info.decode_hints(split) if gpu else None, "HWC" if channels_last else "CHW",
+                              batch_size=layout.micro, num_threads=threads, device_id=_device_id(device),
+                              seed=(seed * 100_003 + epoch) * 1000 + rank + 1, prefetch_queue_depth=2)
+        pipe.build()
+        # Nothing is read before the first batch is asked; the source ends the epoch.
+        return DALIGenericIterator(pipe, ["images", "labels", "index"], prepare_first_batch=False, auto_reset=True)
+
+    placeholder = ((layout.micro, 3, crop, crop), torch.float16 if gpu else torch.float32)
+    return Loader(build(source), len(source), device, f"train pipeline over {info.root / split}", info,
+                  channels_last, judge=decode_errors, epoch=source, rebuild=build if skip_corrupt else None,
+                  placeholder=placeholder)
 
 
 def _build_eval(pipe, info: DatasetInfo, split: str, rank: int, world_size: int, device: torch.device, what: str,
                 nhwc: bool = False) -> Loader:
+    """Evaluation's Loader: `_reader`'s slice of the split for this rank, in shard order,
+    which is how a failing batch's samples are found (`suspects`) without reading again."""
+    from pipeline.order import sample_table
+
     pipe.build()
-    return Loader(pipe, None, device, f"{what} pipeline over {info.root / split}", (info, split), nhwc)
+    size = pipe.max_batch_size
+
+    def suspects(position: int):
+        table = sample_table(*(tuple(p) for p in info.shards(split)), info.label_format)
+        n = len(table)  # DALI's shard of the reader: rows [n * id // shards, n * (id + 1) // shards)
+        rows = range(n * rank // world_size, n * (rank + 1) // world_size)
+        return table, list(rows[position * size:(position + LOOKAHEAD) * size])
+
+    it = DALIGenericIterator(pipe, ["images", "labels", "keys"], reader_name=READER, prepare_first_batch=False,
+                             last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
+    return Loader(it, None, device, f"{what} pipeline over {info.root / split}", info, nhwc,
+                  judge=decode_errors, suspects=suspects)
 
 
 def dense_loader(info: DatasetInfo, split: str, *, rank: int, world_size: int, scale: int,

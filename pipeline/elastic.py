@@ -40,19 +40,30 @@ def audited(loader, folder: str | None, name: str, epoch: int, skip: int, accumu
     `<folder>/<name>-<pid>.txt` as `epoch step key` lines. A step redone after a restart
     reads the same keys again (the order is a function of the position), so an epoch's
     keys, taken as a set per step, show whether every image was seen exactly once."""
-    if not folder:
-        return loader
-    Path(folder).mkdir(parents=True, exist_ok=True)
+    return _Audited(loader, Path(folder) / f"{name}-{os.getpid()}.txt", epoch, skip, accumulate) if folder else loader
 
-    def batches():
-        with open(Path(folder) / f"{name}-{os.getpid()}.txt", "a") as fh:
-            for i, batch in enumerate(loader):
-                step = skip + i // accumulate
-                fh.write("".join(f"{epoch} {step} {k}\n" for k in loader.batch_keys))
+
+class _Audited:
+    """The loader's batches with their keys logged; its other attributes (`failure`,
+    `skipped`: what the training loop reads of a loader) are the loader's own."""
+
+    def __init__(self, loader, path: Path, epoch: int, skip: int, accumulate: int):
+        self.loader, self.path, self.epoch, self.skip, self.accumulate = loader, path, epoch, skip, accumulate
+
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as fh:
+            for i, batch in enumerate(self.loader):
+                step = self.skip + i // self.accumulate
+                fh.write("".join(f"{self.epoch} {step} {k}\n" for k in self.loader.batch_keys))
                 fh.flush()
                 yield batch
-
-    return batches()
 
 
 def wait_for_reclaim(notice: dict, error: BaseException, say: Callable[[str], None], grace_s: float = 60.0) -> None:

@@ -63,7 +63,7 @@ def stage_bundle(stage: Stage, checkpoint, data_root: str | None = None):
     state = load_checkpoint_model(checkpoint)
     mean, std, classes = state.get("mean_rgb"), state.get("std_rgb"), state.get("classes")
     if mean is None and data_root:
-        from pipeline.data import DatasetInfo
+        from pipeline.dataset import DatasetInfo
 
         try:
             info = DatasetInfo.load(data_root)
@@ -125,7 +125,7 @@ def _stage_posteriors(stage: Stage, checkpoint: str, root: str, split: str, part
     """This rank's posteriors of each pass in `parts` ("dense+multicrop": both passes) at
     each Q, keyed (pass, Q); `progress`: a Progress (in this process) or a Ray queue that
     the driver reads (in a Ray task)."""
-    from pipeline.data import DatasetInfo
+    from pipeline.dataset import DatasetInfo
     from pipeline.protocols import parts_by_scale
 
     device = torch.device("cuda" if stage.resources.use_gpu and torch.cuda.is_available() else "cpu")
@@ -143,7 +143,7 @@ def run_parts_by_scale(stage: Stage, checkpoint: str, root: str, split: str, par
     """All of the split's posteriors of each pass at each Q, keyed (pass, Q): one Ray task
     per shard of the split when workers > 1, else in this process. Every image exactly
     once, or an error."""
-    from pipeline.data import DatasetInfo
+    from pipeline.dataset import DatasetInfo
     from pipeline.protocols import Posteriors
 
     info = DatasetInfo.load(root)

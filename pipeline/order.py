@@ -46,6 +46,16 @@ class SampleTable:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def jpeg(self, row: int) -> bytes:
+        """Sample `row`'s image bytes, read alone (naming a corrupt sample)."""
+        offset, size = (int(v) for v in self.image[row])
+        with open(self.tars[self.tar[row]], "rb") as fh:
+            fh.seek(offset)
+            data = fh.read(size)
+        if len(data) != size:
+            raise OSError(f"{size} bytes expected at offset {offset}, {len(data)} read (a truncated shard?)")
+        return data
+
 
 @functools.lru_cache(maxsize=8)
 def sample_table(tars: tuple[str, ...], indexes: tuple[str, ...], label_ext: str) -> SampleTable:
@@ -163,16 +173,36 @@ class EpochSource:
     alpha): each micro-batch's image and label bytes, read from the tars at the offsets
     the DALI index gives, its augmentation draws, and the samples' indices (the keys the
     loader returns come through the graph with the images). Micro-steps before `start`
-    are never read: a resume starts where it stopped, at no cost."""
+    are never read: a resume starts where it stopped, at no cost.
+
+    `bad`: samples (table rows) known to be undecodable, each read as the next good sample
+    in shard order instead, at the same position with the same draws (skip mode), so
+    every other sample keeps its place in the epoch."""
 
     def __init__(self, table: SampleTable, order: np.ndarray, draws: dict, *, split: Split, rank: int, start: int,
-                 stop: int):
+                 stop: int, bad: frozenset[int] = frozenset()):
         self.table, self.order, self.draws, self.split, self.rank = table, order, draws, split, rank
-        self.start, self.stop = start, stop
+        self.start, self.stop, self.bad = start, stop, bad
+        if len(bad) >= len(table):
+            raise ValueError(f"{table.tars[0]}: every sample of the split is undecodable")
         self._files: dict[int, object] = {}
 
     def __len__(self) -> int:
         return self.stop - self.start
+
+    def resumed(self, start: int, bad: frozenset[int]) -> "EpochSource":
+        """The same epoch from micro-step `start` on, with `bad` read past as well."""
+        return EpochSource(self.table, self.order, self.draws, split=self.split, rank=self.rank, start=start,
+                           stop=self.stop, bad=self.bad | bad)
+
+    def rows(self, step: int) -> list[int]:
+        """The samples (table rows) micro-step `step` of this rank reads, in batch order."""
+        out = []
+        for row in self.order[self.split.positions(step, self.rank)].tolist():
+            while row in self.bad:
+                row = (row + 1) % len(self.table)
+            out.append(row)
+        return out
 
     def _read(self, tar: int, where) -> np.ndarray:
         fh = self._files.get(tar)
@@ -191,7 +221,7 @@ class EpochSource:
         if step >= self.stop:
             raise StopIteration
         where = self.split.positions(step, self.rank)
-        samples = self.order[where]
+        samples = self.rows(step)
         t = self.table
         d = {k: v[where] for k, v in self.draws.items()}
         return ([self._read(t.tar[i], t.image[i]) for i in samples],

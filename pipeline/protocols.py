@@ -88,7 +88,7 @@ def metric_prefix(protocol: str, scales: list[int]) -> str:
 def rank_keys(info, split: str, rank: int, world: int) -> list[str]:
     """The sample keys DALI's reader gives shard `rank` of `world`, in order: the split's
     samples in tar order, cut into contiguous ranges (floor(rank * N / world) ...)."""
-    from pipeline.data import _index_keys
+    from pipeline.dataset import _index_keys
 
     keys = [k for idx in info.shards(split)[1] for k in _index_keys(idx)]
     n = len(keys)

@@ -87,7 +87,7 @@ class StageLoop:
         """Set up: the data set, the net, the optimizer and the lr schedule for this
         stage's recipe at this world size; nothing from a checkpoint yet."""
         from pipeline import rng
-        from pipeline.data import DatasetInfo
+        from pipeline.dataset import DatasetInfo
         from pipeline.engine import LrSchedule, effective_lr, make_optimizer
         from pipeline.models import build_model
 
@@ -128,6 +128,7 @@ class StageLoop:
                                    effective_lr(recipe.optim, recipe.batch_size))
         self.epochs = recipe.epochs_for(self.info.counts[self.data.train_split])
         self.start_epoch = self.start_step = 0
+        self.skipped_samples: tuple[tuple[str, str], ...] = ()  # (shard, key) read past (skip mode)
         self.refused: str | None = None  # why the checkpoint cannot be resumed exactly
         self.preempted: dict | None = None  # the preemption notice this group saw, once checkpointed
         self.pending_steps: list[dict] = []  # per-interval records not yet reported
@@ -155,8 +156,6 @@ class StageLoop:
     def close(self) -> None:
         if self.sampler is not None:
             self.sampler.stop()
-        if getattr(self, "_patches", None) is not None:  # skip mode's patched indexes
-            self._patches.cleanup()
 
     def _load_weights(self) -> None:
         from pipeline.models import init_from, load_state
@@ -283,7 +282,8 @@ class StageLoop:
                                 color_shift=recipe.color_shift, normalize_std=recipe.normalize_std,
                                 device=self.device, seed=recipe.seed, epoch=epoch, threads=self.data.reader_threads,
                                 decode=self.data.gpu_decode if self.gpu else "roi", channels_last=self.channels_last,
-                                layout=self.split, start_step=skip * self.split.accumulate)
+                                layout=self.split, start_step=skip * self.split.accumulate,
+                                **self._corrupt_sample_setting())
         try:
             stats = train_one_epoch(
                 self.net, audited(train_ld, self.data.keys_log, f"{self.stage.name}-rank{self.rank}", epoch, skip,
@@ -331,19 +331,15 @@ class StageLoop:
         return None
 
     def _corrupt_sample_setting(self) -> dict:
-        return {"skip_corrupt": self.data.on_corrupt_sample == "skip"}
+        return {"skip_corrupt": self.data.on_corrupt_sample == "skip", "skip_samples": self.skipped_samples}
 
     def _skipped_past(self, train_ld, stats) -> None:
         """Skip mode, at the epoch's end (a collective: every rank has the same setting):
-        the samples any rank read past stay skipped on every rank in later epochs, when
-        other ranks read those shards; the count goes with the epoch's figures."""
+        the samples any rank read past are read past on every rank in later epochs, where
+        the order puts them on other ranks; the count goes with the epoch's figures."""
         if self.data.on_corrupt_sample != "skip":
             return
-        import tempfile
-
         import torch.distributed as dist
-
-        from pipeline.data import without_samples
 
         found = [train_ld.skipped]
         if dist.is_available() and dist.is_initialized():
@@ -355,9 +351,8 @@ class StageLoop:
         if self.rank == 0:
             say(f"{self.tag} skipped {len(culprits)} corrupt sample(s) (data.on_corrupt_sample=skip): "
                 + "; ".join(f"{key!r} in {tar}" for tar, key, _ in culprits))
-        self._patches = getattr(self, "_patches", None) or tempfile.TemporaryDirectory(prefix="vgg-skip-")
-        # each was met this epoch, so none is in the indexes this stage reads yet
-        self.info = without_samples(self.info, culprits, Path(self._patches.name))
+        # each was met this epoch, so none is in the list yet
+        self.skipped_samples += tuple((tar, key) for tar, key, _ in culprits)
 
     def _corrupt(self, epoch: int, exc: Exception) -> dict:
         """A sample no rank can read (named by the rank that met it): every rank is here at

@@ -1,5 +1,6 @@
 """A training sample that went bad after sharding (bit rot): the rank that meets it
-names shard and key from the failing batches alone (no scan of the split), and every
+names shard and key from the failing micro-batches alone (the training source knows
+which samples they hold; each image decoded alone: no scan of the split), and every
 rank stops together at the next sync with that message, as a training failure; with
 data.on_corrupt_sample=skip the stage trains through and counts it. Two real ranks
 (torch.distributed over gloo, two processes) run the real stage loop on real DALI over a
@@ -18,7 +19,9 @@ import torch
 import torch.multiprocessing as mp
 from services import free_port, tiny_plan
 
-from pipeline.data import DatasetInfo, _index_keys, train_loader
+from pipeline.data import DatasetInfo, train_loader
+from pipeline.dataset import _index_keys
+from pipeline.elastic import audited
 from pipeline.stages import load_plan
 
 pytestmark = pytest.mark.slow  # two spawned ranks (torch, DALI), three tiny epochs: 7 s idle, 60 s on a busy machine
@@ -109,25 +112,46 @@ def test_a_corrupt_sample_stops_every_rank_together_naming_it_or_is_skipped_and_
         assert [s for s in skipped if s is not None] == [1, 0], skipped
 
 
-def test_skip_mode_keeps_the_reader_order_and_puts_a_neighbour_in_the_corrupt_samples_place(shards, tmp_path):
-    """Found from its batch alone and read past without changing any other sample's place:
-    the labels of every batch match the clean shards' except the corrupt sample's slot."""
+def test_skip_mode_reads_the_next_sample_in_the_corrupt_ones_place_and_keeps_every_other(shards, tmp_path):
+    """Found from its micro-batch alone and read past without moving any other sample: the
+    keys of every batch match the clean shards' except the corrupt sample's slot, which
+    holds the next sample of its shard. Without skip mode the rank that meets it yields
+    placeholders (zeros) to the epoch's end and says why (`failure`)."""
     tar, key = corrupt_copy(shards, tmp_path)
-    args = dict(world_size=2, batch_size=8, scale_range=(36, 36), crop=32, threads=1, seed=0, epoch=0,
-                shuffle_buffer=64)
+    keys = _index_keys(str(tar.with_suffix(".idx")))
+    args = dict(world_size=2, batch_size=8, scale_range=(36, 36), crop=32, threads=1, seed=0, epoch=0)
+
+    def read(ld) -> list[list[str]]:
+        return [list(ld.batch_keys) for _ in ld]
+
+    met = []
     for rank in (0, 1):
-        clean = [labels for _, labels in train_loader(DatasetInfo.load(shards), "train", rank=rank, **args)]
+        clean = read(train_loader(DatasetInfo.load(shards), "train", rank=rank, **args))
         ld = train_loader(DatasetInfo.load(tar.parent.parent), "train", rank=rank, skip_corrupt=True, **args)
         started = time.monotonic()
-        read = [labels for _, labels in ld]
+        got = read(ld)
         assert time.monotonic() - started < 30
-        assert len(read) == len(clean) and ld.failure is None
-        differ = sum(int((a != b).sum()) for a, b in zip(clean, read))
+        assert len(got) == len(clean) and ld.failure is None
+        differ = [(a, b) for a, b in zip(sum(clean, []), sum(got, [])) if a != b]
         if ld.skipped:
-            assert [(t, k) for t, k, _ in ld.skipped] == [(str(tar), key)] and differ <= 1
+            met.append(rank)
+            assert [(t, k) for t, k, _ in ld.skipped] == [(str(tar), key)]
+            assert differ == [(key, keys[keys.index(key) + 1])]
+            # through the keys audit (data.keys_log), as the stage loop hands it to the engine
+            failing = audited(train_loader(DatasetInfo.load(tar.parent.parent), "train", rank=rank, **args),
+                              str(tmp_path / "keys"), "A", 0, 0, 1)
+            batches = [images for images, _ in failing]
+            assert len(batches) == len(clean) and failing.skipped == []
+            assert f"sample {key!r} in shard {tar} cannot be decoded" in str(failing.failure)
+            at = next(i for i, ks in enumerate(clean) if key in ks)
+            (log,) = (tmp_path / "keys").iterdir()  # the batches read are audited, the placeholders not
+            assert [ln.split()[2] for ln in log.read_text().splitlines()] == sum(clean[:at], [])
+            assert all(float(b.abs().sum()) == 0 for b in batches[at:])  # placeholders from the failing batch on
+            assert all(float(b.abs().sum()) > 0 for b in batches[:at])
         else:
-            assert differ == 0
-    assert key in _index_keys(str(tar.with_suffix(".idx")))  # the shard itself is left as it is
+            assert differ == []
+    assert len(met) == 1  # one rank reads each sample of an epoch
+    assert key in keys  # the shard itself is left as it is
 
 
 def test_a_corrupt_sample_books_the_stage_failed_naming_it_and_a_rerun_resumes_it(shards, tmp_path, mlflow_uri):

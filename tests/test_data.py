@@ -14,7 +14,8 @@ from PIL import Image, ImageFilter
 
 from data_prep.layouts import Source
 from data_prep.writer import Sample, write_shard
-from pipeline.data import DatasetInfo, _index_keys, dense_loader, eval_loader, multi_crop_loader, train_loader
+from pipeline.data import DatasetInfo, dense_loader, eval_loader, multi_crop_loader, train_loader
+from pipeline.dataset import _index_keys
 
 
 def test_train_batches_shape_dtype_and_exact_epochs(shards):
@@ -151,8 +152,12 @@ def test_colour_shift_changes_pixels_only_by_a_per_image_offset(shards):
 
 
 def test_undecodable_sample_is_named_by_shard_and_key(shards, tmp_path):
-    """A JPEG that went bad after sharding (bit rot): the error names shard and key."""
+    """A JPEG that went bad after sharding (bit rot): the rank whose slice holds it names
+    shard and key (found from its reader's slice, decoded one image at a time); the
+    other ranks read theirs to the end. A DataFailure: evaluate() stops every rank on it."""
     import shutil
+
+    from pipeline.engine import DataFailure
 
     copy = tmp_path / "shards"
     shutil.copytree(shards, copy)
@@ -163,12 +168,16 @@ def test_undecodable_sample_is_named_by_shard_and_key(shards, tmp_path):
     data[offset + 100 : offset + size] = b"\0" * (size - 100)
     tar.write_bytes(bytes(data))
     info = DatasetInfo.load(copy)
-    with pytest.raises(RuntimeError) as err:
-        for _ in eval_loader(info, "val", rank=0, world_size=1, batch_size=8, scale=72, crop=64, threads=1):
-            pass
-    message = str(err.value)
-    assert f"sample {name.split('.')[0]!r} in shard {tar}" in message
-    assert "cannot be decoded" in message
+    failed = []
+    for rank in range(3):
+        try:
+            for _ in eval_loader(info, "val", rank=rank, world_size=3, batch_size=4, scale=72, crop=64, threads=1):
+                pass
+        except DataFailure as err:
+            failed.append((rank, str(err)))
+    assert len(failed) == 1, failed
+    message = failed[0][1]
+    assert f"sample {name.split('.')[0]!r} in shard {tar}" in message and "cannot be decoded" in message
 
 
 def test_dense_pipeline_gives_whole_rescaled_images_once_each(shards):

@@ -170,7 +170,7 @@ def test_stage_loop_resumes_a_two_worker_mid_epoch_checkpoint_on_one_worker(tmp_
     (its ranks run here one after the other, without DDP) resumes on 1 worker with 8-image
     micro-batches: the same global batch and lr, a resize event for the stage's run, and
     every image of the epoch read exactly once across the two groups."""
-    from pipeline.data import Loader
+    from pipeline.loader import Loader
     from pipeline.stageloop import Seat, read_checkpoint, run_stage
     from pipeline.stages import load_plan
 

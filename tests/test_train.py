@@ -202,7 +202,7 @@ def test_staged_plan_on_ray_tracks_everything_and_resumes(tmp_path, shards, ray_
 
     import pyarrow.parquet as pq
 
-    from pipeline.data import DatasetInfo
+    from pipeline.dataset import DatasetInfo
     from pipeline.evaluate import load_stage_model, stage_from_run
     from pipeline.protocols import posteriors
 

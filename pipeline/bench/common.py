@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.data import DatasetInfo
+from pipeline.dataset import DatasetInfo
 
 
 def resolve(shards_glob: str) -> tuple[DatasetInfo, str, list[str]]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.bench.common import resolve
-from pipeline.data import DatasetInfo
+from pipeline.dataset import DatasetInfo
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
           "motorcycle_left", "colorwheel", "logo")
