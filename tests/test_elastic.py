@@ -162,9 +162,9 @@ def test_a_stage_shrinks_on_a_drain_notice_and_grows_back_with_the_same_recipe(t
     assert 0 <= redone < 2 * STEPS * BATCH, redone
 
     # the final weights: the same recipe on one fixed worker, in this process, without Ray
-    from pipeline.stageloop import CHECKPOINT_FILE, Seat, run_stage
+    from pipeline.stageloop import Seat, read_checkpoint, run_stage
 
-    final = max((torch.load(c / CHECKPOINT_FILE, weights_only=False)
+    final = max((read_checkpoint(c)
                  for c in (tmp_path / "runs").glob("el-1-A/checkpoint_*") if c.is_dir()),
                 key=lambda s: (s["epoch"], s["step"]))
     assert (final["epoch"], final["step"]) == (EPOCHS - 1, STEPS)
@@ -175,7 +175,7 @@ def test_a_stage_shrinks_on_a_drain_notice_and_grows_back_with_the_same_recipe(t
 
     def report(metrics, checkpoint_dir):
         if checkpoint_dir is not None:
-            states.append(torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, weights_only=False))
+            states.append(read_checkpoint(Path(checkpoint_dir)))
 
     run_stage({"stage": stage, "data": replace(plan.data, keys_log=None)},
               Seat(rank=0, world=1, device=torch.device("cpu"), report=report, wrap=lambda m: m))
