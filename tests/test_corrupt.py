@@ -108,7 +108,8 @@ def test_a_corrupt_sample_stops_every_rank_together_naming_it_or_is_skipped_and_
     for rank in (0, 1):
         result, _, skipped = skipping[rank]
         assert result is None, result
-        # epoch 1 met it once (on one rank); epoch 2 (the other rank reads that shard) skips it silently
+        # epoch 1 met it once (on one rank; 144 images, 9 whole steps: none left out); epoch 2 reads past it
+        # from the start, silently, on whichever rank the order puts it
         assert [s for s in skipped if s is not None] == [1, 0], skipped
 
 

@@ -73,6 +73,26 @@ def test_a_resume_at_another_world_size_sees_the_rest_of_the_epoch_once(shards):
     assert seen == whole and set(seen.values()) == {1} and sum(seen.values()) == 144
 
 
+def test_a_skipped_sample_is_read_as_the_next_good_one_and_no_other_position_moves():
+    """Skip mode's substitution in the source (no DALI): each bad row reads as the next
+    good row in shard order (a run of bad rows is passed over, the last wraps round),
+    every other position reads its own sample, and a resumed source keeps the earlier ones."""
+    import numpy as np
+
+    from pipeline.order import EpochSource, SampleTable
+
+    n = 8
+    table = SampleTable(("a.tar",), np.zeros(n, np.int32), np.zeros((n, 2), np.int64), np.zeros((n, 2), np.int64),
+                        tuple(f"k{i}" for i in range(n)))
+    order = np.array([7, 2, 3, 0, 5, 1, 4, 6])
+    source = EpochSource(table, order, {}, split=split_batch(4, 1), rank=0, start=0, stop=2, bad=frozenset({2, 3}))
+    assert source.rows(0) + source.rows(1) == [7, 4, 4, 0, 5, 1, 4, 6]
+    later = source.resumed(1, frozenset({7}))
+    assert later.start == 1 and later.bad == {2, 3, 7} and later.rows(0) == [0, 4, 4, 0]
+    with pytest.raises(ValueError, match="every sample"):
+        EpochSource(table, order, {}, split=split_batch(4, 1), rank=0, start=0, stop=2, bad=frozenset(range(n)))
+
+
 def test_split_batch_arithmetic_and_refusals():
     s = split_batch(256, 8)
     assert (s.micro, s.accumulate, s.even) == (32, 1, True)
