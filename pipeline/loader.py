@@ -34,6 +34,9 @@ class CorruptSample(DataFailure):
                           for tar, key, reason in culprits)
         super().__init__(f"DALI {what}: {named}; re-shard it or remove it from the shard")
 
+    def __reduce__(self):  # raised in a Ray task (evaluation): Ray pickles it to the driver
+        return type(self), (self.what, self.culprits, self.rows)
+
 
 def find_culprits(table, rows: list[int], judge: Callable[[list[bytes]], list[str | None]]
                   ) -> list[tuple[int, str, str, str]]:

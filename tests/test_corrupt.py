@@ -183,3 +183,17 @@ def test_a_corrupt_sample_books_the_stage_failed_naming_it_and_a_rerun_resumes_i
     assert again.run_id == srun.run_id and not again.finished
     attempt = _attempt(tracker, plan, stage, again, parent, "bad-1", {}, {})
     assert not isinstance(attempt, str) and attempt[1] == "bad-1-A"  # the same Ray Train run: resumed
+
+
+def test_the_error_naming_a_sample_survives_the_trip_from_a_ray_task():
+    """Evaluation runs in Ray tasks, which pickle a task's exception to the driver: an
+    exception whose constructor takes more than its message must say how to rebuild it
+    (Ray reported "UnserializableException" instead of the sample before it did)."""
+    import pickle
+
+    from pipeline.loader import CorruptSample
+
+    error = CorruptSample("eval pipeline over /x/val", [("/x/val/val-000001.tar", "n9_val_00002", "bad Huffman")], (7,))
+    back = pickle.loads(pickle.dumps(error))
+    assert type(back) is CorruptSample and str(back) == str(error)
+    assert back.culprits == error.culprits and back.rows == (7,)
