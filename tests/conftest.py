@@ -24,8 +24,7 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 # files first, so the last one to start is a short one (measured durations, slowest first).
 LONGEST_FIRST = ["test_retrain.py", "test_ray_up.py", "test_parallel.py", "test_multinode.py", "test_elastic.py",
                  "test_failures.py", "test_cli.py", "test_tracking_server.py", "test_train.py", "test_foreign.py",
-                 "test_s3.py",
-                 "test_tracking.py", "test_shard.py", "test_protocols.py", "test_data.py"]
+                 "test_s3.py", "test_tracking.py", "test_shard.py", "test_protocols.py", "test_data.py"]
 
 
 def pytest_collection_modifyitems(config, items):
