@@ -1,9 +1,10 @@
 """Ray Train glue: one stage = one TorchTrainer run of `train_loop_per_worker`.
 
-The only module that imports Ray Train. Each worker builds its net, reads its
-DALI shard (shard_id = world rank), runs the engine's loops under DDP (gloo on
-CPU, NCCL on GPU, set up by Ray), and reports metrics every epoch; rank 0 attaches
-the checkpoint. A restarted worker group resumes from `ray.train.get_checkpoint()`.
+The only module that imports Ray Train. Each worker builds its net, reads its share
+of each global batch of the epoch's order (pipeline/order.py: the same at any world
+size), runs the engine's loops under DDP (gloo on CPU, NCCL on GPU, set up by Ray), and
+reports; rank 0 attaches the checkpoint. A restarted or resized worker group resumes
+from `ray.train.get_checkpoint()` at the same image (pipeline/position.py).
 """
 
 from __future__ import annotations
