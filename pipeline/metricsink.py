@@ -175,3 +175,28 @@ def system_items(system: dict) -> list[tuple]:
     step) and with its own timestamp (pipeline/sysmetrics.py)."""
     return [("system", taken_ms // 1000, {f"system/{system['node']}/{k}": float(v) for k, v in figures.items()},
              taken_ms) for taken_ms, figures in system["samples"]]
+
+
+TRACKING_FLUSH_S = 300.0  # how long a stage's end waits for MLflow to take its last figures
+
+
+def flush_stage(sink, stage: str, say, timeout: float | None = None) -> bool:
+    """Wait (bounded) until MLflow has every figure the stage's run logged, saying so when
+    it does not answer at once; then end the sink. Nothing is lost when it stays away: the
+    stage's checkpoint carries its figures, and rerunning the same command (which books
+    the stage from it) logs what MLflow lacks."""
+    if sink is None or sink.closed:
+        return True
+    timeout = TRACKING_FLUSH_S if timeout is None else timeout
+    state = sink.flush(0.5)
+    if not state["ok"]:
+        say(f"[{stage}] MLflow has not taken {state['pending']} figure value(s) yet ({state['error'] or 'sending'}); "
+            f"waiting up to {timeout:.0f} s")
+        state = sink.flush(timeout)
+        say(f"[{stage}] MLflow took them" if state["ok"] else
+            f"[{stage}] MLflow did not take {state['pending']} figure value(s) in {timeout:.0f} s "
+            f"({state['error']}); they are in the stage's checkpoint: rerunning the same command logs them")
+    if state.get("dropped"):
+        say(f"[{stage}] {state['dropped']} system figure value(s) were dropped while MLflow was away (bound reached)")
+    sink.close()
+    return state["ok"]

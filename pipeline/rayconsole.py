@@ -1,8 +1,9 @@
 """The driver's Ray: a local instance its own actors can find, and a console without
 Ray's known-harmless internal chatter.
 
-Two things Ray prints on every normal run that say nothing to our users (each line is
-still in the worker log files Ray writes under its session's `logs/`):
+What Ray prints on normal runs that says nothing to our users is dropped from the
+console, a named list (`HARMLESS`, `HARMLESS_BLOCKS`); each line is still in the worker
+log files Ray writes under its session's `logs/`. For example:
 
 - Ray Train creates its `PreemptionWatcher` actor with its arguments in the object
   store and restarts allowed, and Ray's core worker logs that combination at E level

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import flatten, to_dict
+from pipeline.metricsink import flush_stage
 from pipeline.stages import Plan, Stage
 
 
@@ -276,7 +277,7 @@ def run_plan(plan: Plan, *, run_name: str | None = None, tracking_uri: str, ray_
         restore()
         pool.shutdown(wait=not interrupted, cancel_futures=True)
         for name, sink in list(controls.sinks.items()):  # at exit: what any stage left on its way to MLflow
-            flush_tracking(sink, name, say, timeout=10.0 if interrupted else None)
+            flush_stage(sink, name, say, timeout=10.0 if interrupted else None)
     order = [s.name for s in plan.order()]
     final = [results[n] for n in order]
     done_ = [r for r in final if r.status == "finished"]
@@ -306,14 +307,14 @@ def _finish(tracker, plan: Plan, stage: Stage, srun, future, run_name: str, chec
     try:
         outcome = future.result()
     except Exception as exc:  # noqa: BLE001 - a crashed stage must not take its independent siblings down
-        flush_tracking(getattr(exc, "tracking", None), stage.name, say)
+        flush_stage(getattr(exc, "tracking", None), stage.name, say)
         message = (f"stage {stage.name} crashed: {type(exc).__name__}: {exc}. Rerunning the same command resumes it "
                    "from its last checkpoint.")
         tracker.fail(srun.run_id, f"{type(exc).__name__}: {exc}")
         failed[stage.name] = message
         say(message)
         return _missing(stage, "failed (crashed)", message, srun.run_id)
-    flush_tracking(outcome.tracking, stage.name, say)  # its figures in MLflow before it is booked
+    flush_stage(outcome.tracking, stage.name, say)  # its figures in MLflow before it is booked
     if outcome.failure is not None and outcome.failure["kind"] == "corrupt":
         return _corrupt_sample(tracker, stage, srun, outcome, run_name, failed, say)
     if outcome.failure is not None:
@@ -336,32 +337,6 @@ def _finish(tracker, plan: Plan, stage: Stage, srun, future, run_name: str, chec
                          bundle=stage_bundle(stage, outcome.checkpoint, plan.data.root))
     say(f"[{stage.name}] finished: top-1 error {final['top1_error']:.2f}%")
     return _result(stage, tracker, srun.run_id, skipped=False)
-
-
-TRACKING_FLUSH_S = 300.0  # how long a stage's end waits for MLflow to take its last figures
-
-
-def flush_tracking(sink, stage: str, say, timeout: float | None = None) -> bool:
-    """Wait (bounded) until MLflow has every figure the stage's run logged, saying so when
-    it does not answer at once; then end the sink. Nothing is lost when it stays away: the
-    stage's checkpoint carries its figures, and rerunning the same command (which books
-    the stage from it) logs what MLflow lacks."""
-    if sink is None or getattr(sink, "closed", False):
-        return True
-    timeout = TRACKING_FLUSH_S if timeout is None else timeout
-    state = sink.flush(0.5)
-    if not state["ok"]:
-        say(f"[{stage}] MLflow has not taken {state['pending']} figure value(s) yet ({state['error'] or 'sending'}); "
-            f"waiting up to {timeout:.0f} s")
-        state = sink.flush(timeout)
-        say(f"[{stage}] MLflow took them" if state["ok"] else
-            f"[{stage}] MLflow did not take {state['pending']} figure value(s) in {timeout:.0f} s "
-            f"({state['error']}); they are in the stage's checkpoint: rerunning the same command logs them")
-    if state.get("dropped"):
-        say(f"[{stage}] {state['dropped']} system figure value(s) were dropped while MLflow was away (bound reached)")
-    sink.close()
-    sink.closed = True
-    return state["ok"]
 
 
 def _corrupt_sample(tracker, stage: Stage, srun, outcome, run_name: str, failed: dict, say) -> StageResult:

@@ -212,6 +212,8 @@ class TrackingSink:
     controller's node, where MLflow listens): it outlives the Ray Train run, so the driver
     flushes it after fit() returns, and it ends with the driver."""
 
+    closed = False
+
     def __init__(self, uri: str, run_id: str):
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -231,6 +233,7 @@ class TrackingSink:
 
     def close(self) -> None:
         ray.kill(self.actor)
+        self.closed = True
 
 
 def _stage_trainer():
