@@ -12,7 +12,9 @@ A database password never appears in a URI here (it would show in process listin
 and logs): it comes from PGPASSWORD in the environment or from --password-file, and
 reaches only the server's environment (libpq reads it). On a cluster the head runs
 the server (see ray_cluster.yaml) and users reach it through an SSH tunnel: it is
-never bound to a public interface here. `make mlflow-server` runs it.
+never bound to a public interface here. `make mlflow-server` runs it. MLflow's job
+runner (GenAI jobs, which training never submits) stays off unless
+MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true is in the environment.
 """
 
 from __future__ import annotations
@@ -83,6 +85,10 @@ def start(backend: str, artifacts: str, port: int, log: Path | None = None,
     if artifacts and "://" not in artifacts:
         Path(artifacts).mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, **({"PGPASSWORD": password} if password else {}))
+    # MLflow's job runner (its GenAI jobs: judge optimisation, trace roll-ups) is off unless
+    # asked for: training never submits a job, and its runner and huey consumers were half
+    # of a server start's CPU (16 of 32 CPU-s on the CI machine) and eight processes on the head
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     upgrade(backend, env)
     out = open(log, "ab") if log else None  # noqa: SIM115 - the child keeps it open
     proc = subprocess.Popen(command(backend, artifacts, port, host), start_new_session=True, stdout=out,
@@ -114,9 +120,9 @@ def group_members(pgid: int) -> set[int]:
 
 
 def stop_group(pgid: int, timeout: float = 20) -> None:
-    """End every process of the server's group: `mlflow server`, its uvicorn and its
-    job runner with the huey consumers under it (all in the group the server was
-    started in), SIGKILL for any still there after `timeout`; return once none is
+    """End every process of the server's group: `mlflow server`, its uvicorn and, where
+    MLFLOW_SERVER_ENABLE_JOB_EXECUTION turned it on, its job runner with the huey
+    consumers under it (all in the group the server was started in), SIGKILL for any still there after `timeout`; return once none is
     left, so the port is free for the next server."""
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10)):
         try:
