@@ -81,6 +81,30 @@ def _signal_train_workers(marker: str, sig: int) -> list[int]:
     return pids
 
 
+def own_train_workers() -> list[int]:
+    """Ray Train worker processes descended from this test process (its local Ray), never
+    those of other Ray instances on the machine."""
+    parent, workers = {}, []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            parent[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if b"RayTrainWorker" in (proc / "cmdline").read_bytes():
+                workers.append(int(proc.name))
+        except (OSError, ValueError, IndexError):
+            pass
+
+    def ours(pid: int) -> bool:
+        while pid > 1:
+            pid = parent.get(pid, 0)
+            if pid == os.getpid():
+                return True
+        return False
+
+    return sorted(p for p in workers if ours(p))
+
+
 @contextlib.contextmanager
 def ray_cluster_on_loopback(name: str, nodes: list[dict]):
     """`ray start --head` plus one `ray start --address` per further node, all on

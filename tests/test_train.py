@@ -24,35 +24,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from services import stage_history, step_records, tiny_plan, wait_for
+from services import own_train_workers, stage_history, step_records, tiny_plan, wait_for
 
 from pipeline.stages import load_plan
 
 pytestmark = pytest.mark.slow
-
-
-def own_train_workers() -> list[int]:
-    """Ray Train worker processes descended from this test process (its local Ray), never
-    those of other Ray instances on the machine."""
-    parent, workers = {}, []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            parent[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            if b"RayTrainWorker" in (proc / "cmdline").read_bytes():
-                workers.append(int(proc.name))
-        except (OSError, ValueError, IndexError):
-            pass
-
-    def ours(pid: int) -> bool:
-        while pid > 1:
-            pid = parent.get(pid, 0)
-            if pid == os.getpid():
-                return True
-        return False
-
-    return sorted(p for p in workers if ours(p))
 
 
 def test_staged_plan_on_ray_tracks_everything_and_resumes(tmp_path, shards, ray_cluster, mlflow_uri):
