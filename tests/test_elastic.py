@@ -1,7 +1,9 @@
 """An elastic stage on a real two-node Ray cluster on loopback (CPU workers, one per
 node): started on 2 workers, the second node drained with a deadline (a spot reclaim
 notice) and then killed; the stage checkpoints inside the notice window, goes on with 1
-worker at the same global batch and lr, and grows back to 2 when a node rejoins. Every
+worker at the same global batch and lr, grows back to 2 when a node rejoins, and goes
+on with 1 again when that node is killed without notice, having lost no more than the
+steps since its last checkpoint (`checkpoint_every_steps`). Every
 image of every epoch is trained on exactly once (counted from the keys the loaders
 returned), and the final weights equal, to the bit, those of the same recipe run on one
 worker without Ray (the run is deterministic: no dropout, the augmentation's draws
@@ -47,6 +49,21 @@ def _nodes(cluster) -> list[dict]:
     return [n for n in json.loads(out.stdout or "[]") if n.get("state") == "ALIVE"]
 
 
+def _positions(storage: Path) -> tuple[int, int]:
+    """(The newest checkpoint its workers wrote, the newest Ray Train's controller took),
+    each as global steps done."""
+    written = []
+    for f in storage.glob("*/checkpoint_*/state.pt"):
+        try:
+            written.append(torch.load(f, weights_only=False))
+        except (OSError, RuntimeError):  # rotated away (num_to_keep) as it was read
+            pass
+    taken = [c["metrics"] for f in storage.glob("*/checkpoint_manager_snapshot.json")
+             for c in json.loads(f.read_text())["checkpoint_results"]]
+    at = lambda m: m["epoch"] * STEPS + m.get("step", STEPS)  # noqa: E731 - an epoch-end one is its epoch's last step
+    return max(map(at, written), default=0), max(map(at, taken), default=0)
+
+
 def test_a_stage_shrinks_on_a_drain_notice_and_grows_back_with_the_same_recipe(tmp_path, shards, elastic_cluster,
                                                                              mlflow_uri):
     from mlflow.tracking import MlflowClient
@@ -57,8 +74,10 @@ def test_a_stage_shrinks_on_a_drain_notice_and_grows_back_with_the_same_recipe(t
     path = tiny_plan(tmp_path, shards, name="el", experiment="el-test", epochs=EPOCHS, log_every_steps=1,
                      checkpoint_every_steps=3, dropout=0.0, stall_epochs=0, optim={"lr": 0.1, "patience": 50},
                      stages={"A": {"arch": "A", "scale": 36}})
+    # max_failures: a node lost without notice is a failure to Ray Train (a drained one is a
+    # preemption, counted apart)
     plan_args = ["resources.num_workers=[1,2]", "resources.max_worker_batch=8", "resources.resize_check_s=1",
-                 f"data.keys_log={keys}"]
+                 "resources.max_failures=1", f"data.keys_log={keys}"]
     log = tmp_path / "train.log"
     cmd = [sys.executable, "-m", "pipeline", "train", "--plan", str(path), "--address", elastic_cluster["address"],
            "--run-name", "el-1", *[x for a in plan_args for x in ("--set", a)]]
@@ -108,10 +127,29 @@ def test_a_stage_shrinks_on_a_drain_notice_and_grows_back_with_the_same_recipe(t
 
         until(one_worker_report, 300, "a report of the 1-worker group")
         until(lambda: elastic_cluster["signal_train_workers"](hold), 60, "the 1-worker group's process")
+        before_grow = set(keys.glob("A-*.txt"))
         elastic_cluster["add_node"](2, {"cpus": 1})  # capacity returns
         until(lambda: "resize the worker group from 1 -> 2" in text(), 300, "Ray Train deciding to grow")
         elastic_cluster["signal_train_workers"](go)
         until(lambda: "resize: 1 -> 2 workers" in text(), 300, "the stage growing back to 2 workers")
+
+        # A node lost without notice (a machine that dies, a reclaim whose notice never came):
+        # the regrown group trains past a checkpoint, then node 2 is killed outright.
+        def regrown_steps() -> list[tuple[int, int]]:
+            """The (epoch, step)s the regrown group has read, in order."""
+            lines = [line.split() for f in set(keys.glob("A-*.txt")) - before_grow for line in f.read_text().splitlines()]
+            return sorted({(int(p[0]), int(p[1])) for p in lines if len(p) == 3})
+
+        until(lambda: len(regrown_steps()) >= 5, 300, "the regrown group reading 5 steps")
+        assert elastic_cluster["signal_train_workers"](hold)
+        last_read = regrown_steps()[-1]
+        # where the stage stood at the loss: the checkpoints its workers had written, and
+        # those Ray Train's controller had taken (a held worker hands over no more)
+        written, taken = _positions(tmp_path / "runs")
+        elastic_cluster["kill_node"](2)
+        elastic_cluster["signal_train_workers"](go)
+        until(lambda: "resize: 2 -> 1 workers (a node lost without notice" in text(), 300,
+              "the stage going on with 1 worker after the unannounced loss")
         assert driver.wait(timeout=600) == 0, text()[-4000:]
     finally:
         elastic_cluster["signal_train_workers"](signal.SIGCONT)
@@ -128,14 +166,14 @@ def test_a_stage_shrinks_on_a_drain_notice_and_grows_back_with_the_same_recipe(t
     rid = run.info.run_id
     world = [int(m.value) for m in sorted(client.get_metric_history(rid, "step/world_size"), key=lambda m: m.step)]
     changes = [w for i, w in enumerate(world) if i == 0 or w != world[i - 1]]
-    assert changes == [2, 1, 2], world
+    assert changes == [2, 1, 2, 1], world
     assert [m.step for m in sorted(client.get_metric_history(rid, "step/train_loss"), key=lambda m: m.step)] == \
         step_records(EPOCHS, STEPS, 1, checkpoint_every=3)
     lrs = client.get_metric_history(rid, "step/lr")
     assert lrs and all(m.value == pytest.approx(0.1 * BATCH / 256) for m in lrs)
     events = {k: v for k, v in run.data.tags.items() if k.startswith("event.")}
     kinds = [k.rsplit(".", 1)[1] for k in sorted(events)]
-    assert kinds.count("preemption") >= 1 and kinds.count("resize") >= 2, events
+    assert kinds.count("preemption") >= 1 and kinds.count("resize") >= 3, events
     shrink = next(v for k, v in sorted(events.items()) if k.endswith(".resize"))
     assert "2 -> 1 workers" in shrink and "preemption notice" in shrink and "global batch 16" in shrink
 
@@ -159,7 +197,21 @@ def test_a_stage_shrinks_on_a_drain_notice_and_grows_back_with_the_same_recipe(t
           else (int(shrink.group(3)) + 1, 0))
     assert at >= (int(notice.group(1)), int(notice.group(2))), (notice[0], shrink[0])
     redone = sum(sum(c.values()) for c in by_step.values()) - EPOCHS * STEPS * BATCH
-    assert 0 <= redone < 2 * STEPS * BATCH, redone
+    assert 0 <= redone < 3 * STEPS * BATCH, redone
+    # The unannounced loss cost at most checkpoint_every_steps (3) steps of work: the steps
+    # read again are those after the last committed checkpoint, plus the one in flight at
+    # the kill (read, never finished)
+    lost = re.search(r"resize: 2 -> 1 workers \(a node lost without notice.*?resumed (?:at epoch (\d+) image (\d+)"
+                     r"|after epoch (\d+))", console)
+    resumed = ((int(lost.group(1)) - 1, int(lost.group(2)) // BATCH) if lost.group(1)
+               else (int(lost.group(3)), 0))
+    resumed_at = resumed[0] * STEPS + resumed[1]
+    assert resumed_at >= taken, (taken, lost[0])  # no checkpoint Ray Train had taken was lost
+    read_again = (last_read[0] * STEPS + last_read[1]) - resumed_at + 1
+    # at most checkpoint_every_steps (3) and the step in flight; more only by a checkpoint
+    # written but not yet taken by the controller (it polls its workers every
+    # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: 2 s by default, 0.2 s here)
+    assert 0 <= read_again <= 3 + 1 + (written - taken), (last_read, written, taken, lost[0])
 
     # the final weights: the same recipe on one fixed worker, in this process, without Ray
     from pipeline.stageloop import Seat, read_checkpoint, run_stage
