@@ -2,8 +2,9 @@
 nothing that hands a figure over ever waits for the tracking server.
 
 One sink per stage attempt runs in the driver's job, on the driver's node (pipeline/
-worker.py makes it a Ray actor there, beside the Ray Train controller whose callback fills
-it; MLflow listens on that node). Exactly once, with no gap and no duplicate:
+worker.py keeps every stage's sink on one Ray actor there, the driver's desk, beside the
+Ray Train controllers whose callbacks fill them; MLflow listens on that node). Exactly
+once, with no gap and no duplicate:
 
 - items leave the queue in the order they came, in batches of whole items, each batch
   dropped from the queue only once MLflow acknowledged it; a failed send is retried

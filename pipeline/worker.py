@@ -26,8 +26,9 @@ class MlflowEpochMetrics(ray.train.UserCallback):
     figures with the epoch as step, the per-interval records each report carries
     (`step/train_loss`, `step/lr`, `step/images_per_sec`, `step/data_wait_fraction`) with
     the global step as step, each node's system figures, and the shard set as the run's
-    dataset input. The callback never waits for MLflow: the sink is a Ray actor on this
-    node (or, in a test, a plain MetricsSink) whose own thread sends and retries.
+    dataset input. The callback never waits for MLflow: the sink lives on the driver's
+    desk, a Ray actor on this node (or, in a test, is a plain MetricsSink), and its own
+    thread sends and retries.
 
     Runs in the Ray Train controller, which Ray pins to the driver's node: on a cluster
     that is the head, where MLflow listens on 127.0.0.1, so workers never need a route to
@@ -54,8 +55,7 @@ class MlflowEpochMetrics(ray.train.UserCallback):
         if "data_hash" in rank0:  # the shard set, as the run's MLflow dataset input
             items.append(("dataset", None, (rank0.pop("data_name"), rank0.pop("data_hash"), rank0.pop("data_root")), 0))
         items += report_items(rank0) + event_items(rank0.pop("events", None))
-        put = getattr(self.sink.put, "remote", self.sink.put)  # an actor's call returns at once
-        put(items)
+        self.sink.put(items)
 
 
 
@@ -177,9 +177,8 @@ def fit_stage(stage, data, *, trial_name: str, storage: str, tracking_uri: str |
         expected = None
     res = stage.resources
     per_worker = {"CPU": res.cpus_per_worker} | ({"GPU": 1} if res.use_gpu else {})
-    sink = TrackingSink(tracking_uri, mlflow_run_id) if tracking_uri and mlflow_run_id else None
-    if controls is not None and sink is not None:
-        controls.sinks[stage.name] = sink
+    controls = controls or StageControls()
+    sink = controls.sink(stage.name, tracking_uri, mlflow_run_id) if tracking_uri and mlflow_run_id else None
     trainer = _stage_trainer()(
         train_loop_per_worker,
         train_loop_config=dict(stage=stage, data=data, init_checkpoint=init_checkpoint, init_layers=init_layers,
@@ -193,8 +192,8 @@ def fit_stage(stage, data, *, trial_name: str, storage: str, tracking_uri: str |
                              failure_config=FailureConfig(max_failures=res.max_failures,
                                                           max_preemption_failures=res.max_preemption_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             callbacks=([MlflowEpochMetrics(sink.actor)] if sink else [])
-                             + ([controls.callback(stage.name)] if controls else [])),
+                             callbacks=([MlflowEpochMetrics(sink.feed())] if sink else [])
+                             + [controls.callback(stage.name)]),
     )
     try:
         result = trainer.fit()
@@ -208,32 +207,48 @@ def fit_stage(stage, data, *, trial_name: str, storage: str, tracking_uri: str |
 
 
 class TrackingSink:
-    """A stage's MetricsSink as a Ray actor in the driver's job, on the driver's node (the
-    controller's node, where MLflow listens): it outlives the Ray Train run, so the driver
-    flushes it after fit() returns, and it ends with the driver."""
+    """The driver's hold on one stage attempt's MetricsSink (pipeline/metricsink.py), which
+    lives on the driver's desk (a Ray actor on the driver's node, the controller's node,
+    where MLflow listens: see _Desk). It outlives the Ray Train run, so the driver flushes
+    it after fit() returns; it ends with the driver."""
 
     closed = False
 
-    def __init__(self, uri: str, run_id: str):
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    def __init__(self, desk, key: str, uri: str, run_id: str):
+        self.desk, self.key = desk, key
+        ray.get(desk.open.remote(key, uri, run_id), timeout=60)  # open before the controller's first put
 
-        from pipeline.metricsink import MetricsSink
-
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        # One call at a time: the controller's items are taken in the order it sent them.
-        self.actor = ray.remote(num_cpus=0, scheduling_strategy=here)(MetricsSink).remote(
-            uri, run_id)
+    def feed(self) -> "_SinkFeed":
+        """What the stage's controller callback puts its items into."""
+        return _SinkFeed(self.desk, self.key)
 
     def flush(self, timeout: float) -> dict:
-        """As MetricsSink.flush; an actor that does not answer counts as nothing sent."""
+        """As MetricsSink.flush, asked in slices of at most half a second (the desk answers
+        every other call in between); an actor that does not answer counts as nothing sent."""
+        deadline = time.monotonic() + timeout
         try:
-            return ray.get(self.actor.flush.remote(timeout), timeout=timeout + 30)
+            while True:
+                wait = max(0.0, min(0.5, deadline - time.monotonic()))
+                state = ray.get(self.desk.flush.remote(self.key, wait), timeout=60)
+                if state["ok"] or time.monotonic() >= deadline:
+                    return state
         except Exception as exc:  # noqa: BLE001 - the driver says so and goes on
             return {"ok": False, "pending": -1, "error": f"{type(exc).__name__}: {exc}", "dropped": 0, "sent": 0}
 
     def close(self) -> None:
-        ray.kill(self.actor)
+        self.desk.close.remote(self.key)
         self.closed = True
+
+
+class _SinkFeed:
+    """A stage's sink as its controller's callback sees it (pickled into the controller):
+    `put` returns at once, and the desk takes one caller's items in the order sent."""
+
+    def __init__(self, desk, key: str):
+        self.desk, self.key = desk, key
+
+    def put(self, items: list) -> None:
+        self.desk.put.remote(self.key, items)
 
 
 def _stage_trainer():
@@ -270,12 +285,18 @@ def load_checkpoint_model(checkpoint) -> dict:
     return _load_weights(checkpoint)
 
 
-class _Board:
-    """A Ray actor in the driver's job: each running stage's Ray Train controller and its
-    state, as the controllers report them (StageControls' callback)."""
+class _Desk:
+    """One Ray actor per driver, on the driver's node: each running stage's Ray Train
+    controller and state, as the controllers report them (StageControls' callback), and
+    each stage attempt's MLflow sink (pipeline/metricsink.py), filled by that stage's
+    controller. One process for them all, where a sink per stage cost a Python with
+    MLflow's imports at every stage start (about 4 CPU-s each, measured on this project's
+    2-core CI machine). Every call is short (a flush waits at most half a second), so the
+    actor's one-call-at-a-time order keeps each sender's items in order and the desk
+    answers an abort at once."""
 
     def __init__(self):
-        self.controllers, self.states = {}, {}
+        self.controllers, self.states, self.sinks = {}, {}, {}
 
     def started(self, stage: str, controller) -> None:
         self.controllers[stage] = controller
@@ -286,39 +307,64 @@ class _Board:
     def read(self) -> tuple[dict, dict]:
         return dict(self.controllers), dict(self.states)
 
+    def open(self, key: str, uri: str, run_id: str) -> None:
+        from pipeline.metricsink import MetricsSink
+
+        self.sinks[key] = MetricsSink(uri, run_id)
+
+    def put(self, key: str, items: list) -> None:
+        self.sinks[key].put(items)
+
+    def flush(self, key: str, wait_s: float) -> dict:
+        return self.sinks[key].flush(min(wait_s, 0.5))
+
+    def close(self, key: str) -> None:
+        sink = self.sinks.pop(key, None)
+        if sink is not None:
+            sink.close()
+
 
 class StageControls:
     """The driver's hold on the stages it runs in threads. Ray Train installs its Ctrl-C
     abort only when fit() runs on the main thread; here every controller announces itself
-    (and each state it enters: scheduling means waiting for resources) to a board, so
-    `abort` can stop every running stage the way Ray's own handler would."""
+    (and each state it enters: scheduling means waiting for resources) to the driver's
+    desk (_Desk), so `abort` can stop every running stage the way Ray's own handler
+    would; the stages' MLflow sinks live on the same desk."""
 
     def __init__(self):
-        self._board = ray.remote(num_cpus=0)(_Board).remote()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self._desk = ray.remote(num_cpus=0, scheduling_strategy=here)(_Desk).remote()
         self.sinks: dict[str, TrackingSink] = {}  # each stage's figures on their way to MLflow (flushed at exit)
+
+    def sink(self, stage: str, uri: str, run_id: str) -> TrackingSink:
+        """A new sink for this attempt of `stage` (its MLflow run), on the desk."""
+        self.sinks[stage] = TrackingSink(self._desk, run_id, uri, run_id)
+        return self.sinks[stage]
 
     def callback(self, stage: str):
         from ray.train.v2._internal.execution.callback import ControllerCallback
 
-        board = self._board
+        desk = self._desk
 
         class Announce(ControllerCallback):
             def after_controller_start(self, train_run_context):
-                board.started.remote(stage, ray.get_runtime_context().current_actor)
+                desk.started.remote(stage, ray.get_runtime_context().current_actor)
 
             def after_controller_state_update(self, previous_state, current_state):
-                board.state.remote(stage, current_state._state_type.name)
+                desk.state.remote(stage, current_state._state_type.name)
 
         return Announce()
 
     def states(self) -> dict[str, tuple[str, float]]:
         """stage -> (controller state, since when, epoch seconds)."""
-        return ray.get(self._board.read.remote(), timeout=10)[1]
+        return ray.get(self._desk.read.remote(), timeout=10)[1]
 
     def abort(self, stages, timeout: float = 20.0) -> list[str]:
         """Abort these stages' Ray Train runs (worker groups killed, controllers ended);
         the stages that had no controller to abort yet are returned."""
-        controllers = ray.get(self._board.read.remote(), timeout=10)[0]
+        controllers = ray.get(self._desk.read.remote(), timeout=10)[0]
         refs = [controllers[s].abort.remote() for s in stages if s in controllers]
         if refs:
             ray.wait(refs, num_returns=len(refs), timeout=timeout)
