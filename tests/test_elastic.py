@@ -58,8 +58,12 @@ def _positions(storage: Path) -> tuple[int, int]:
             written.append(torch.load(f, weights_only=False))
         except (OSError, RuntimeError):  # rotated away (num_to_keep) as it was read
             pass
-    taken = [c["metrics"] for f in storage.glob("*/checkpoint_manager_snapshot.json")
-             for c in json.loads(f.read_text())["checkpoint_results"]]
+    taken = []
+    for f in storage.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            taken += [c["metrics"] for c in json.loads(f.read_text())["checkpoint_results"]]
+        except (OSError, ValueError):  # being rewritten
+            pass
     at = lambda m: m["epoch"] * STEPS + m.get("step", STEPS)  # noqa: E731 - an epoch-end one is its epoch's last step
     return max(map(at, written), default=0), max(map(at, taken), default=0)
 
@@ -132,6 +136,7 @@ def test_a_stage_shrinks_on_a_drain_notice_and_grows_back_with_the_same_recipe(t
         until(lambda: "resize the worker group from 1 -> 2" in text(), 300, "Ray Train deciding to grow")
         elastic_cluster["signal_train_workers"](go)
         until(lambda: "resize: 1 -> 2 workers" in text(), 300, "the stage growing back to 2 workers")
+        grown_from = _positions(tmp_path / "runs")[1]  # the 1-worker group's last checkpoint
 
         # A node lost without notice (a machine that dies, a reclaim whose notice never came):
         # the regrown group trains past a checkpoint, then node 2 is killed outright.
@@ -140,7 +145,10 @@ def test_a_stage_shrinks_on_a_drain_notice_and_grows_back_with_the_same_recipe(t
             lines = [line.split() for f in set(keys.glob("A-*.txt")) - before_grow for line in f.read_text().splitlines()]
             return sorted({(int(p[0]), int(p[1])) for p in lines if len(p) == 3})
 
-        until(lambda: len(regrown_steps()) >= 5, 300, "the regrown group reading 5 steps")
+        # (once the controller has taken a checkpoint of the regrown group: until then a
+        # loss resumes from the 1-worker group's and is no resize at all)
+        until(lambda: _positions(tmp_path / "runs")[1] > grown_from and len(regrown_steps()) >= 5, 300,
+              "the regrown group's first checkpoint")
         assert elastic_cluster["signal_train_workers"](hold)
         last_read = regrown_steps()[-1]
         # where the stage stood at the loss: the checkpoints its workers had written, and
