@@ -161,12 +161,13 @@ class StageOutcome:
 
 def fit_stage(stage, data, *, trial_name: str, storage: str, tracking_uri: str | None, mlflow_run_id: str | None,
               init_checkpoint=None, init_layers=None, init_from_label: str | None = None,
-              step_lines: bool = True, controls: "StageControls | None" = None) -> StageOutcome:
+              controls: "StageControls", step_lines: bool = True) -> StageOutcome:
     """Train one stage with Ray Train. Reusing `trial_name` under the same `storage`
     resumes that stage from its last checkpoint. `init_layers` overrides the stage's
     `init_from.layers` (a retry fine-tunes "all" of a failed attempt's last good weights).
     `step_lines=False` keeps the console to one line per epoch (stages running side by
-    side); the step figures still go to MLflow."""
+    side); the step figures still go to MLflow. `controls` is the driver's desk, where
+    the stage's controller announces itself and its MLflow sink lives."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
     from data_prep.store import data_hash
@@ -177,7 +178,6 @@ def fit_stage(stage, data, *, trial_name: str, storage: str, tracking_uri: str |
         expected = None
     res = stage.resources
     per_worker = {"CPU": res.cpus_per_worker} | ({"GPU": 1} if res.use_gpu else {})
-    controls = controls or StageControls()
     sink = controls.sink(stage.name, tracking_uri, mlflow_run_id) if tracking_uri and mlflow_run_id else None
     trainer = _stage_trainer()(
         train_loop_per_worker,
@@ -370,3 +370,12 @@ class StageControls:
             ray.wait(refs, num_returns=len(refs), timeout=timeout)
         return [s for s in stages if s not in controllers]
 
+
+    def close(self) -> None:
+        """End the desk once every sink on it is flushed: a driver process that runs
+        several plans (a notebook, a test session) would otherwise keep one desk, a Python
+        with MLflow's imports, per plan it ran."""
+        try:
+            ray.kill(self._desk, no_restart=True)
+        except Exception:  # noqa: BLE001 - Ray already gone (the driver is exiting)
+            pass
