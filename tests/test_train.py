@@ -157,8 +157,11 @@ def test_staged_plan_on_ray_tracks_everything_and_resumes(tmp_path, shards, ray_
     # no Ray Data DatasetManager was started for these DALI-fed stages (one process fewer at
     # every worker-group start; pipeline/worker.py), while Ray Train's own helpers were
     # (the GCS's own table: this session's Ray runs without the dashboard the State API needs)
-    started = {a["ActorClassName"] for a in ray_cluster._private.state.actors().values()}
+    actors = ray_cluster._private.state.actors().values()
+    started = {a["ActorClassName"] for a in actors}
     assert "TrainController" in started and "DatasetManager" not in started, started
+    # and every plan run ended its desk (its stages' MLflow sinks): none left in this process
+    assert "_Desk" in started and not [a for a in actors if a["ActorClassName"] == "_Desk" and a["State"] == "ALIVE"]
     # the trained model is logged to MLflow and loads back
     import mlflow.pytorch
 
