@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray.train
-import torch
 
-from pipeline.stageloop import CHECKPOINT_FILE, WEIGHTS_FILE, read_checkpoint  # noqa: F401 - CHECKPOINT_FILE: readers
+# No torch and no pipeline.stageloop at import: Ray Train's controller and the driver's
+# desk unpickle this module's callbacks and actor, and need neither (torch was 1.5-2.3
+# CPU-s of every controller start, restart and resize on the CI machine); the functions
+# that read checkpoints or train import them.
 
 
 
@@ -70,6 +72,8 @@ def _quiet_ray_train_info() -> None:
 
 def _load_state(checkpoint) -> dict:
     """Everything a resume needs (both files of the checkpoint)."""
+    from pipeline.stageloop import read_checkpoint
+
     with checkpoint.as_directory() as d:
         return read_checkpoint(Path(d))
 
@@ -81,6 +85,9 @@ def _load_weights(checkpoint) -> dict:
     import io
 
     import pyarrow.fs
+    import torch
+
+    from pipeline.stageloop import WEIGHTS_FILE
 
     fs, path = checkpoint.filesystem, f"{checkpoint.path.rstrip('/')}/{WEIGHTS_FILE}"
     if fs.get_file_info(path).type != pyarrow.fs.FileType.File:

@@ -225,7 +225,7 @@ def test_evaluation_tasks_on_ray_and_a_failed_one_names_itself(shards, tmp_path,
 
     from pipeline.evaluate import run_posteriors
     from pipeline.stages import load_plan
-    from pipeline.worker import CHECKPOINT_FILE
+    from pipeline.stageloop import CHECKPOINT_FILE
 
     plan = load_plan(tiny_plan(tmp_path, shards, name="ev", experiment="ev", stages={"A": {"arch": "A", "scale": 40}}))
     stage = plan.stages["A"]
@@ -256,7 +256,7 @@ def test_evaluation_tasks_on_ray_and_a_failed_one_names_itself(shards, tmp_path,
 def test_evaluation_in_one_process_says_how_far_it_is(net, shards, capsys, monkeypatch):
     from pipeline.evaluate import Progress, _stage_posteriors
     from pipeline.stages import load_plan
-    from pipeline.worker import CHECKPOINT_FILE
+    from pipeline.stageloop import CHECKPOINT_FILE
     from services import tiny_plan
 
     import tempfile
