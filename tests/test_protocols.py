@@ -37,9 +37,20 @@ def rescaled_images(info, q):
     return [(x.float(), int(y)) for x, y in dense_loader(info, "val", rank=0, world_size=1, scale=q)]
 
 
-@torch.no_grad()
+_REFERENCES: dict = {}  # the module's net and shards: each (protocol, scales) cut by hand once
+
+
 def reference(net, info, protocol: str, scales: list[int]) -> np.ndarray:
-    """Per image, per scale: the crops the paper describes, cut by hand."""
+    """Per image, per scale: the crops the paper describes, cut by hand (once per
+    protocol and scales for this module's net and images: several tests compare with it)."""
+    key = (id(net), id(info), protocol, tuple(scales))
+    if key not in _REFERENCES:
+        _REFERENCES[key] = _reference(net, info, protocol, scales)
+    return _REFERENCES[key].copy()
+
+
+@torch.no_grad()
+def _reference(net, info, protocol: str, scales: list[int]) -> np.ndarray:
     from pipeline.models import dense_form
 
     dense = dense_form(net)
