@@ -276,9 +276,11 @@ def run_plan(plan: Plan, *, run_name: str | None = None, tracking_uri: str, ray_
     finally:
         restore()
         pool.shutdown(wait=not interrupted, cancel_futures=True)
-        for name, sink in list(controls.sinks.items()):  # at exit: what any stage left on its way to MLflow
-            flush_stage(sink, name, say, timeout=10.0 if interrupted else None)
-        controls.close()
+        try:
+            for name, sink in list(controls.sinks.items()):  # at exit: what any stage left on its way to MLflow
+                flush_stage(sink, name, say, timeout=10.0 if interrupted else None)
+        finally:
+            controls.close()
     order = [s.name for s in plan.order()]
     final = [results[n] for n in order]
     done_ = [r for r in final if r.status == "finished"]

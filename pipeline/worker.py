@@ -217,13 +217,13 @@ class TrackingSink:
     """The driver's hold on one stage attempt's MetricsSink (pipeline/metricsink.py), which
     lives on the driver's desk (a Ray actor on the driver's node, the controller's node,
     where MLflow listens: see _Desk). It outlives the Ray Train run, so the driver flushes
-    it after fit() returns; it ends with the driver."""
+    it after fit() returns and then closes it (metricsink.flush_stage); run_plan ends the
+    desk. Nothing here waits for the desk to start: it makes the sink at its first call."""
 
     closed = False
 
-    def __init__(self, desk, key: str, uri: str, run_id: str):
-        self.desk, self.key = desk, key
-        ray.get(desk.open.remote(key, uri, run_id), timeout=60)  # open before the controller's first put
+    def __init__(self, desk, uri: str, run_id: str):
+        self.desk, self.key = desk, (uri, run_id)
 
     def feed(self) -> "_SinkFeed":
         """What the stage's controller callback puts its items into."""
@@ -236,22 +236,25 @@ class TrackingSink:
         try:
             while True:
                 wait = max(0.0, min(0.5, deadline - time.monotonic()))
-                state = ray.get(self.desk.flush.remote(self.key, wait), timeout=60)
+                state = ray.get(self.desk.flush.remote(self.key, wait), timeout=60 + wait)
                 if state["ok"] or time.monotonic() >= deadline:
                     return state
         except Exception as exc:  # noqa: BLE001 - the driver says so and goes on
             return {"ok": False, "pending": -1, "error": f"{type(exc).__name__}: {exc}", "dropped": 0, "sent": 0}
 
     def close(self) -> None:
-        self.desk.close.remote(self.key)
         self.closed = True
+        try:
+            self.desk.close.remote(self.key)
+        except Exception:  # noqa: BLE001 - Ray already gone: the desk went with it
+            pass
 
 
 class _SinkFeed:
     """A stage's sink as its controller's callback sees it (pickled into the controller):
     `put` returns at once, and the desk takes one caller's items in the order sent."""
 
-    def __init__(self, desk, key: str):
+    def __init__(self, desk, key: tuple[str, str]):
         self.desk, self.key = desk, key
 
     def put(self, items: list) -> None:
@@ -300,9 +303,11 @@ class _Desk:
     MLflow's imports at every stage start (about 4 CPU-s each, measured on this project's
     2-core CI machine). Every call is short (a flush waits at most half a second), so the
     actor's one-call-at-a-time order keeps each sender's items in order and the desk
-    answers an abort at once."""
+    answers an abort's read within about half a second."""
 
     def __init__(self):
+        import pipeline.metricsink  # noqa: F401 - MLflow's imports now, while the stages start, not at their first figures
+
         self.controllers, self.states, self.sinks = {}, {}, {}
 
     def started(self, stage: str, controller) -> None:
@@ -314,18 +319,24 @@ class _Desk:
     def read(self) -> tuple[dict, dict]:
         return dict(self.controllers), dict(self.states)
 
-    def open(self, key: str, uri: str, run_id: str) -> None:
-        from pipeline.metricsink import MetricsSink
+    def _sink(self, key: tuple[str, str]):
+        """The sink for (tracking URI, MLflow run id), made at its first call. A put that
+        comes after its close (the controller's and the driver's calls are not ordered
+        with each other) gets a new one, which sends it while the desk lives; the stage's
+        checkpoint carries those figures either way (a rerun logs what MLflow lacks)."""
+        if key not in self.sinks:
+            from pipeline.metricsink import MetricsSink
 
-        self.sinks[key] = MetricsSink(uri, run_id)
+            self.sinks[key] = MetricsSink(*key)
+        return self.sinks[key]
 
-    def put(self, key: str, items: list) -> None:
-        self.sinks[key].put(items)
+    def put(self, key: tuple[str, str], items: list) -> None:
+        self._sink(key).put(items)
 
-    def flush(self, key: str, wait_s: float) -> dict:
-        return self.sinks[key].flush(min(wait_s, 0.5))
+    def flush(self, key: tuple[str, str], wait_s: float) -> dict:
+        return self._sink(key).flush(min(wait_s, 0.5))
 
-    def close(self, key: str) -> None:
+    def close(self, key: tuple[str, str]) -> None:
         sink = self.sinks.pop(key, None)
         if sink is not None:
             sink.close()
@@ -347,7 +358,7 @@ class StageControls:
 
     def sink(self, stage: str, uri: str, run_id: str) -> TrackingSink:
         """A new sink for this attempt of `stage` (its MLflow run), on the desk."""
-        self.sinks[stage] = TrackingSink(self._desk, run_id, uri, run_id)
+        self.sinks[stage] = TrackingSink(self._desk, uri, run_id)
         return self.sinks[stage]
 
     def callback(self, stage: str):
