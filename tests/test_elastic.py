@@ -49,23 +49,16 @@ def _nodes(cluster) -> list[dict]:
     return [n for n in json.loads(out.stdout or "[]") if n.get("state") == "ALIVE"]
 
 
-def _positions(storage: Path) -> tuple[int, int]:
-    """(The newest checkpoint its workers wrote, the newest Ray Train's controller took),
-    each as global steps done."""
-    written = []
-    for f in storage.glob("*/checkpoint_*/state.pt"):
-        try:
-            written.append(torch.load(f, weights_only=False))
-        except (OSError, RuntimeError):  # rotated away (num_to_keep) as it was read
-            pass
+def _taken(storage: Path) -> int:
+    """The newest checkpoint Ray Train's controller has taken (its own record of them),
+    as global steps done; 0 before the first."""
     taken = []
     for f in storage.glob("*/checkpoint_manager_snapshot.json"):
         try:
             taken += [c["metrics"] for c in json.loads(f.read_text())["checkpoint_results"]]
         except (OSError, ValueError):  # being rewritten
             pass
-    at = lambda m: m["epoch"] * STEPS + m.get("step", STEPS)  # noqa: E731 - an epoch-end one is its epoch's last step
-    return max(map(at, written), default=0), max(map(at, taken), default=0)
+    return max((m["epoch"] * STEPS + m.get("step", STEPS) for m in taken), default=0)  # epoch ends: its last step
 
 
 def test_a_stage_shrinks_on_a_drain_notice_and_grows_back_with_the_same_recipe(tmp_path, shards, elastic_cluster,
@@ -136,7 +129,7 @@ def test_a_stage_shrinks_on_a_drain_notice_and_grows_back_with_the_same_recipe(t
         until(lambda: "resize the worker group from 1 -> 2" in text(), 300, "Ray Train deciding to grow")
         elastic_cluster["signal_train_workers"](go)
         until(lambda: "resize: 1 -> 2 workers" in text(), 300, "the stage growing back to 2 workers")
-        grown_from = _positions(tmp_path / "runs")[1]  # the 1-worker group's last checkpoint
+        grown_from = _taken(tmp_path / "runs")  # the 1-worker group's last checkpoint
 
         # A node lost without notice (a machine that dies, a reclaim whose notice never came):
         # the regrown group trains past a checkpoint, then node 2 is killed outright.
@@ -147,13 +140,11 @@ def test_a_stage_shrinks_on_a_drain_notice_and_grows_back_with_the_same_recipe(t
 
         # (once the controller has taken a checkpoint of the regrown group: until then a
         # loss resumes from the 1-worker group's and is no resize at all)
-        until(lambda: _positions(tmp_path / "runs")[1] > grown_from and len(regrown_steps()) >= 5, 300,
+        until(lambda: _taken(tmp_path / "runs") > grown_from and len(regrown_steps()) >= 5, 300,
               "the regrown group's first checkpoint")
         assert elastic_cluster["signal_train_workers"](hold)
         last_read = regrown_steps()[-1]
-        # where the stage stood at the loss: the checkpoints its workers had written, and
-        # those Ray Train's controller had taken (a held worker hands over no more)
-        written, taken = _positions(tmp_path / "runs")
+        taken = _taken(tmp_path / "runs")  # where the stage stood: a held worker hands over no more
         elastic_cluster["kill_node"](2)
         elastic_cluster["signal_train_workers"](go)
         until(lambda: "resize: 2 -> 1 workers (a node lost without notice" in text(), 300,
@@ -216,10 +207,10 @@ def test_a_stage_shrinks_on_a_drain_notice_and_grows_back_with_the_same_recipe(t
     resumed_at = resumed[0] * STEPS + resumed[1]
     assert resumed_at >= taken, (taken, lost[0])  # no checkpoint Ray Train had taken was lost
     read_again = (last_read[0] * STEPS + last_read[1]) - resumed_at + 1
-    # at most checkpoint_every_steps (3) and the step in flight; more only by a checkpoint
-    # written but not yet taken by the controller (it polls its workers every
-    # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: 2 s by default, 0.2 s here)
-    assert 0 <= read_again <= 3 + 1 + (written - taken), (last_read, written, taken, lost[0])
+    # at most checkpoint_every_steps (3) and the step in flight, and one interval more for a
+    # checkpoint still on its way to the controller at the loss (uploading in the background,
+    # or not yet polled: RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default, 0.2 s here)
+    assert 0 <= read_again <= 3 + 1 + 3, (last_read, taken, lost[0])
 
     # the final weights: the same recipe on one fixed worker, in this process, without Ray
     from pipeline.stageloop import Seat, read_checkpoint, run_stage

@@ -149,8 +149,8 @@ def test_interrupted_driver_aborts_and_resumes_every_in_flight_stage(tmp_path, s
     no process is left behind, and the same command resumes both in the same runs."""
     # A (about 3x faster an epoch than A-LRN here) gets twice the epochs, so that both are
     # still training once both have checkpointed twice, whatever the machine's load.
-    epochs = {"A": 12, "A-LRN": 6}
-    path = plan_file(tmp_path, shards, "parkill", epochs=6, log_every=4, a_recipe={"epochs": epochs["A"]})
+    epochs = {"A": 16, "A-LRN": 8}
+    path = plan_file(tmp_path, shards, "parkill", epochs=8, log_every=4, a_recipe={"epochs": epochs["A"]})
     env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_uri)
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "pipeline", "train", "--plan", str(path), "--run-name", "parkill-1",
