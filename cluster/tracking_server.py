@@ -122,8 +122,9 @@ def group_members(pgid: int) -> set[int]:
 def stop_group(pgid: int, timeout: float = 20) -> None:
     """End every process of the server's group: `mlflow server`, its uvicorn and, where
     MLFLOW_SERVER_ENABLE_JOB_EXECUTION turned it on, its job runner with the huey
-    consumers under it (all in the group the server was started in), SIGKILL for any still there after `timeout`; return once none is
-    left, so the port is free for the next server."""
+    consumers under it (all in the group the server was started in), SIGKILL for any
+    still there after `timeout`; return once none is left, so the port is free for the
+    next server."""
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10)):
         try:
             os.killpg(pgid, sig)

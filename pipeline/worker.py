@@ -16,10 +16,10 @@ from pathlib import Path
 
 import ray.train
 
-# No torch and no pipeline.stageloop at import: Ray Train's controller and the driver's
-# desk unpickle this module's callbacks and actor, and need neither (torch was 1.5-2.3
-# CPU-s of every controller start, restart and resize on the CI machine); the functions
-# that read checkpoints or train import them.
+# No torch and no pipeline.stageloop at import: the driver's desk unpickles its actor
+# from this module and needs neither (torch is 1.5-2.3 CPU-s on the CI machine; Ray
+# Train's controller loads it anyway, through TorchConfig). The functions that read
+# checkpoints or train import them.
 
 
 
@@ -306,8 +306,9 @@ class _Desk:
     answers an abort's read within about half a second."""
 
     def __init__(self):
-        import pipeline.metricsink  # noqa: F401 - MLflow's imports now, while the stages start, not at their first figures
+        from pipeline.metricsink import MetricsSink  # MLflow's imports now, while the stages start
 
+        self.new_sink = MetricsSink
         self.controllers, self.states, self.sinks = {}, {}, {}
 
     def started(self, stage: str, controller) -> None:
@@ -325,9 +326,7 @@ class _Desk:
         with each other) gets a new one, which sends it while the desk lives; the stage's
         checkpoint carries those figures either way (a rerun logs what MLflow lacks)."""
         if key not in self.sinks:
-            from pipeline.metricsink import MetricsSink
-
-            self.sinks[key] = MetricsSink(*key)
+            self.sinks[key] = self.new_sink(*key)
         return self.sinks[key]
 
     def put(self, key: tuple[str, str], items: list) -> None:
