@@ -147,11 +147,9 @@ def test_interrupted_driver_aborts_and_resumes_every_in_flight_stage(tmp_path, s
     """Ctrl-C as a terminal sends it (SIGINT to the process group) while A and A-LRN train
     side by side: both are aborted within 30 s, their MLflow runs and the plan's end KILLED,
     no process is left behind, and the same command resumes both in the same runs."""
-    # A (about 3x faster an epoch than A-LRN here) gets twice the epochs, so that both are
-    # still training once both have checkpointed twice, whatever the machine's load.
     epochs = {"A": 16, "A-LRN": 8}
     path = plan_file(tmp_path, shards, "parkill", epochs=8, log_every=4, a_recipe={"epochs": epochs["A"]})
-    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_uri)
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_uri, RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="1")  # as users run
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "pipeline", "train", "--plan", str(path), "--run-name", "parkill-1",
            "--max-concurrent-stages", "2"]
@@ -173,16 +171,38 @@ def test_interrupted_driver_aborts_and_resumes_every_in_flight_stage(tmp_path, s
         return all(name in runs and len(client.get_metric_history(runs[name].info.run_id, "train_loss")) >= 2
                    and list((storage / f"parkill-1-{name}").glob("checkpoint_*")) for name in ("A", "A-LRN"))
 
+    def hold(sig: int) -> list[int]:
+        """SIGSTOP / SIGCONT this driver's Ray Train workers; their pids."""
+        pids = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                if first.pid in (int(fields[2]), int(fields[3])) and b"RayTrainWorker" in (proc / "cmdline").read_bytes():
+                    os.kill(int(proc.name), sig)
+                    pids.append(int(proc.name))
+            except (OSError, ProcessLookupError):
+                pass
+        return pids
+
     try:
+        # A tiny stage's epoch takes under a second here: a check made while training goes on
+        # can see both stages mid-way after one has finished. So the workers are held still
+        # (SIGSTOP) for each check, and the interrupt comes while they are still held.
         deadline = time.monotonic() + 300
-        while not both_checkpointed():
+        while True:
             assert time.monotonic() < deadline and first.poll() is None, "both stages should be mid-way"
+            held = hold(signal.SIGSTOP)
+            if len(held) == 2 and both_checkpointed():
+                break
+            hold(signal.SIGCONT)
             time.sleep(0.2)
         sent = time.monotonic()
         os.killpg(first.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole foreground group
+        hold(signal.SIGCONT)
         rc = first.wait(timeout=120)
         took = time.monotonic() - sent
     finally:
+        hold(signal.SIGCONT)
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
             first.wait()
