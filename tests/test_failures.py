@@ -1,5 +1,5 @@
 """A stage that cannot learn FAILS, everywhere a user looks: exit status, MLflow run
-status, the registry, the results table. Real Ray Train (2 gloo workers), real DALI,
+status, the registry, the results table. Real Ray Train (gloo; X on 2 workers), real DALI,
 real MLflow; the failures are real: an lr of ~0 leaves the net at chance, an lr of
 1000 makes the loss non-finite within a few steps."""
 
@@ -14,6 +14,7 @@ from services import tiny_plan
 from pipeline.cli import main as cli_main
 
 pytestmark = pytest.mark.slow
+ONE = {"num_workers": 1, "cpus_per_worker": 1}
 
 
 def stage_runs(client, experiment: str) -> dict[str, list]:
@@ -32,8 +33,11 @@ def test_stalled_and_diverged_stages_fail_and_a_fixed_recipe_fine_tunes_from_the
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     plan = tiny_plan(tmp_path, shards, name="fail", experiment="fail-test", epochs=3, log_every_steps=1,
                      optim={"lr": 1.0e-9, "patience": 50}, stall_epochs=2, chance_margin=30.0,
-                     stages={"A": {"arch": "A", "scale": 36},  # lr ~0: still at chance after 2 epochs
-                             "B": {"arch": "B", "scale": 36, "init_from": {"stage": "A"}, "recipe": {"epochs": 1}},
+                     # A and B on one worker each: what fails here is the recipe, and a rank that
+                     # sees its loss explode stopping every other rank is X's part (2 workers)
+                     stages={"A": {"arch": "A", "scale": 36, "resources": ONE},  # lr ~0: at chance after 2 epochs
+                             "B": {"arch": "B", "scale": 36, "init_from": {"stage": "A"}, "recipe": {"epochs": 1},
+                                   "resources": ONE},
                              "X": {"arch": "A", "scale": 36, "recipe": {"optim": {"lr": 1000.0}}}})  # diverges
     argv = ["train", "--plan", str(plan), "--run-name", "fail-1"]
     assert cli_main(argv) == 1

@@ -104,7 +104,8 @@ def test_train_and_evaluate_on_indexed_json_shards(tmp_path, ray_cluster, mlflow
     assert shard_main(["--index", str(root), "--num-classes", "6", "--workers", "1"]) == 0
     plan = load_plan(tiny_plan(tmp_path, root, name="wds", experiment="wds-test", epochs=2,
                                optim={"lr": 0.05, "patience": 50}, stall_epochs=0,
-                               stages={"A": {"arch": "A", "scale": 36}}))
+                               stages={"A": {"arch": "A", "scale": 36}}),
+                     ["resources.num_workers=1"])  # the shards are under test here, not DDP
     (result,) = run_plan(plan, run_name="wds-1", tracking_uri=mlflow_uri)
     assert result.status == "finished" and 0 <= result.top1_error <= 100
     ev = evaluate_run(result.run_id, tracking_uri=mlflow_uri, protocol="dense", scales=[36], workers=1)
