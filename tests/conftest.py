@@ -18,6 +18,11 @@ sys.path.insert(0, str(REPO))
 # tests start, in this process or in a subprocess, inherits this environment.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Ray Train's preemption watcher is one more actor process (a Python with Ray Train's
+# imports: about 3 CPU-s here) at every worker-group start, and it only acts when a node
+# is drained. Off for the tests that drain no node; on (as users run) in those that drain
+# one (test_elastic) or run a user's whole command and check its console (the demo, Ctrl-C).
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 # `make test` runs the files on two pytest-xdist workers (--dist loadfile: a file's tests
 # and its module fixtures stay on one worker), handed out in this order: the longest

@@ -131,7 +131,7 @@ def in_process(argv, capsys):
 def test_demo_end_to_end_then_report_and_evaluate(tmp_path, mlflow_uri, capsys, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_uri)
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_uri, RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="1")  # as users run
     out = run(["demo", "--workdir", str(tmp_path / "demo"), "--set", "stages.A.recipe.epochs=2",
                "--set", "stages.B.recipe.epochs=1"], env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

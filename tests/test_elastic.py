@@ -35,6 +35,7 @@ NOTICE_S = 20  # the drain's deadline: a spot notice is 120 s (AWS) or 30 s (GCP
 def elastic_cluster(monkeypatch):
     # Ray Train's preemption watcher polls node drains every 5 s; the test's stage is short
     monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "0.5")
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")  # off elsewhere in the suite (conftest.py)
     # Right after the deadline the drained node may still look alive to the elastic policy,
     # which then waits for a 2-worker group that cannot start (60 s by default) before it
     # tries 1: a cost a spot stage pays too (docs/cluster.md), shortened here
