@@ -33,8 +33,9 @@ def head_only():
         yield cluster
 
 
-def write_plan(tmp_path: Path, shards: Path) -> Path:
-    return tiny_plan(tmp_path, shards, name="twonode", experiment="twonode-test", stages={"A": {"arch": "A", "scale": 36}})
+def write_plan(tmp_path: Path, shards: Path, workers: int = 2) -> Path:
+    return tiny_plan(tmp_path, shards, name="twonode", experiment="twonode-test",
+                     stages={"A": {"arch": "A", "scale": 36, "resources": {"num_workers": workers}}})
 
 
 def _stage_run(uri: str, experiment: str):
@@ -65,7 +66,7 @@ def test_one_worker_per_node_trains_and_checkpoints(tmp_path, shards, two_nodes,
 
 
 def test_ray_job_submit_runs_the_plan(tmp_path, shards, head_only, mlflow_uri):
-    plan = write_plan(tmp_path, shards)
+    plan = write_plan(tmp_path, shards, workers=1)  # the way in is under test here; DDP across nodes is above
     runtime_env = {"excludes": [".venv", "data", "runs", "mlflow.db", ".git", "tests"],
                    "env_vars": {"MLFLOW_TRACKING_URI": mlflow_uri}}
     cmd = [RAY, "job", "submit", "--address", head_only["dashboard"], "--working-dir", str(REPO),
