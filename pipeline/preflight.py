@@ -1,7 +1,7 @@
 """Preflight: what `python -m pipeline train` checks before Ray is started.
 
 A missing or half-written shard set, a split that is not there, a foreign shard set
-that was never indexed, a storage path that cannot be written, or a tracking server
+that was never indexed, a global batch larger than the training split, a storage path that cannot be written, or a tracking server
 that does not answer are each found here in well under a second; without this they
 surface a minute later as a hundred lines of Ray tracebacks. Every problem is one
 line naming the path, key or stage, and the command that fixes it.
@@ -54,7 +54,7 @@ def check(plan: Plan, tracking_uri: str, *, data_here: bool = True) -> list[Prob
     root = str(plan.data.root)
     if data_here or Path(root).exists():
         splits = {"data.train_split": plan.data.train_split, "data.val_split": plan.data.val_split}
-        problems += check_shards(root, splits)
+        problems += check_shards(root, splits) or check_batches(plan, root)
     problems += check_storage(plan.storage)
     problems += check_tracking(tracking_uri)
     return problems
@@ -139,6 +139,19 @@ def check_shards(root: str, splits: dict[str, str]) -> list[Problem]:
                                     f"{total}", finish))
     problems += _sizes(base, finish)
     return problems
+
+
+def check_batches(plan: Plan, root: str) -> list[Problem]:
+    """Stages whose global batch is more than the training split holds: not one step an
+    epoch. Found in their workers otherwise, after Ray, MLflow and a worker group started."""
+    try:
+        images = int(json.loads((Path(root) / "stats.json").read_text())["counts"][plan.data.train_split])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # check_shards has said what is wrong with the set
+    return [Problem(f"stage {stage.name}: recipe.batch_size", f"a global batch of {stage.recipe.batch_size} is more "
+                    f"than the {images} images of split {plan.data.train_split!r} (not one step an epoch)",
+                    f"--set stages.{stage.name}.recipe.batch_size={images} (or less), or a larger shard set")
+            for stage in plan.order() if stage.recipe.batch_size > images]
 
 
 def _json(path: Path, problems: list[Problem], fix: str):

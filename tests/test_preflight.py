@@ -101,6 +101,17 @@ def test_storage_that_cannot_be_written_and_tracking_that_does_not_answer(tmp_pa
     assert f"folder {blocker / 'home'} cannot be made" in problem.what
 
 
+def test_a_global_batch_larger_than_the_training_split_names_the_stage(shards, tmp_path):
+    """The session's set has 144 training images (conftest.py): a batch of 145 gives no step
+    an epoch; 144 is one. (Found in the workers otherwise, a minute and a traceback later.)"""
+    plan = load_plan(PLANS_DIR / "demo.yaml", [f"data.root={shards}", f"storage={tmp_path / 'runs'}",
+                                               "stages.B.recipe.batch_size=145", "stages.A.recipe.batch_size=144"])
+    [problem] = check(plan, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert str(problem) == ("stage B: recipe.batch_size: a global batch of 145 is more than the 144 images of split "
+                            "'train' (not one step an epoch); fix: --set stages.B.recipe.batch_size=144 (or less), "
+                            "or a larger shard set")
+
+
 def test_train_exits_2_in_seconds_without_starting_ray(shard_copy, tmp_path):
     """The command as a user types it, with everything wrong at once: each problem on a
     line of its own, exit 2, no Ray imported (so none started), in under 5 s."""
