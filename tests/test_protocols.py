@@ -45,7 +45,10 @@ def reference(net, info, protocol: str, scales: list[int]) -> np.ndarray:
     protocol and scales for this module's net and images: several tests compare with it)."""
     key = (id(net), id(info), protocol, tuple(scales))
     if key not in _REFERENCES:
-        _REFERENCES[key] = _reference(net, info, protocol, scales)
+        if protocol == "dense+multicrop":  # the two protocols' softmax averaged (Section 3.2), per image and scale
+            _REFERENCES[key] = (reference(net, info, "dense", scales) + reference(net, info, "multicrop", scales)) / 2
+        else:
+            _REFERENCES[key] = _reference(net, info, protocol, scales)
     return _REFERENCES[key].copy()
 
 
