@@ -27,9 +27,9 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # `make test` runs the files on two pytest-xdist workers (--dist loadfile: a file's tests
 # and its module fixtures stay on one worker), handed out in this order: the longest
 # files first, so the last one to start is a short one (measured durations, slowest first).
-LONGEST_FIRST = ["test_parallel.py", "test_retrain.py", "test_cli.py", "test_elastic.py", "test_ray_up.py",
-                 "test_train.py", "test_multinode.py", "test_failures.py", "test_tracking_server.py", "test_s3.py",
-                 "test_tracking.py", "test_foreign.py", "test_protocols.py", "test_rayconsole.py", "test_corrupt.py",
+LONGEST_FIRST = ["test_retrain.py", "test_parallel.py", "test_ray_up.py", "test_cli.py", "test_elastic.py",
+                 "test_multinode.py", "test_train.py", "test_failures.py", "test_tracking_server.py", "test_s3.py",
+                 "test_tracking.py", "test_protocols.py", "test_foreign.py", "test_rayconsole.py", "test_corrupt.py",
                  "test_shard.py", "test_data.py"]
 
 
