@@ -147,6 +147,8 @@ def test_interrupted_driver_aborts_and_resumes_every_in_flight_stage(tmp_path, s
     """Ctrl-C as a terminal sends it (SIGINT to the process group) while A and A-LRN train
     side by side: both are aborted within 30 s, their MLflow runs and the plan's end KILLED,
     no process is left behind, and the same command resumes both in the same runs."""
+    # A (up to about 3x faster an epoch than A-LRN) gets twice the epochs, so that it is still
+    # training when A-LRN has checkpointed twice.
     epochs = {"A": 16, "A-LRN": 8}
     path = plan_file(tmp_path, shards, "parkill", epochs=8, log_every=4, a_recipe={"epochs": epochs["A"]})
     env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_uri, RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="1")  # as users run
@@ -158,7 +160,9 @@ def test_interrupted_driver_aborts_and_resumes_every_in_flight_stage(tmp_path, s
         first = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=fh, stderr=subprocess.STDOUT)
     storage = tmp_path / "runs"
 
-    def both_checkpointed() -> bool:
+    def both_mid_way() -> bool:
+        """A and A-LRN have each checkpointed twice, neither has finished, and B (which starts
+        once A has finished) has not started."""
         if "run parkill-1 (new)" not in log.read_text():
             return False  # two processes creating one SQLite store at once can break its migration
         try:
@@ -168,8 +172,11 @@ def test_interrupted_driver_aborts_and_resumes_every_in_flight_stage(tmp_path, s
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(mlflow_uri)
-        return all(name in runs and len(client.get_metric_history(runs[name].info.run_id, "train_loss")) >= 2
-                   and list((storage / f"parkill-1-{name}").glob("checkpoint_*")) for name in ("A", "A-LRN"))
+        logged = {name: len(client.get_metric_history(runs[name].info.run_id, "train_loss"))
+                  for name in ("A", "A-LRN") if name in runs}
+        return "B" not in runs and len(logged) == 2 and all(
+            2 <= logged[name] < epochs[name] and list((storage / f"parkill-1-{name}").glob("checkpoint_*"))
+            for name in logged)
 
     def hold(sig: int) -> list[int]:
         """SIGSTOP / SIGCONT this driver's Ray Train workers; their pids."""
@@ -187,17 +194,20 @@ def test_interrupted_driver_aborts_and_resumes_every_in_flight_stage(tmp_path, s
     try:
         # A tiny stage's epoch takes under a second here: a check made while training goes on
         # can see both stages mid-way after one has finished. So the workers are held still
-        # (SIGSTOP) for each check, and the interrupt comes while they are still held.
+        # (SIGSTOP) for each check, the interrupt comes while they are held, and they go on
+        # only once the driver has named the stages it aborts (it sees the signal within 1 s).
         deadline = time.monotonic() + 300
         while True:
             assert time.monotonic() < deadline and first.poll() is None, "both stages should be mid-way"
             held = hold(signal.SIGSTOP)
-            if len(held) == 2 and both_checkpointed():
+            if len(held) == 2 and both_mid_way():
                 break
             hold(signal.SIGCONT)
             time.sleep(0.2)
         sent = time.monotonic()
         os.killpg(first.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole foreground group
+        wait_for(lambda: "SIGINT: aborting" in log.read_text() or first.poll() is not None, 60,
+                 "the driver to name the stages it aborts")
         hold(signal.SIGCONT)
         rc = first.wait(timeout=120)
         took = time.monotonic() - sent
