@@ -21,7 +21,8 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 # Ray Train's preemption watcher is one more actor process (a Python with Ray Train's
 # imports: about 3 CPU-s here) at every worker-group start, and it only acts when a node
 # is drained. Off for the tests that drain no node; on (as users run) in those that drain
-# one (test_elastic) or run a user's whole command and check its console (the demo, Ctrl-C).
+# one (test_elastic) or run a user's whole command and check its console (the demo, Ctrl-C),
+# and in `ray up`'s cluster (test_ray_up), whose nodes have their own environment as a user's do.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 # `make test` runs the files on two pytest-xdist workers (--dist loadfile: a file's tests
