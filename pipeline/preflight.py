@@ -1,10 +1,11 @@
 """Preflight: what `python -m pipeline train` checks before Ray is started.
 
 A missing or half-written shard set, a split that is not there, a foreign shard set
-that was never indexed, a global batch larger than the training split, a storage path that cannot be written, or a tracking server
-that does not answer are each found here in well under a second; without this they
-surface a minute later as a hundred lines of Ray tracebacks. Every problem is one
-line naming the path, key or stage, and the command that fixes it.
+that was never indexed, a global batch larger than the training split, a storage path
+that cannot be written, or a tracking server that does not answer are each found here
+in well under a second; without this they surface a minute later as a hundred lines
+of Ray tracebacks. Every problem is one line naming the path, key or stage, and the
+command that fixes it.
 
 No Ray, no MLflow, no torch, no DALI here: plain files, sockets and pyarrow, so the
 whole check costs less than the imports a training run needs.
