@@ -177,16 +177,18 @@ def run_plan(plan: Plan, *, run_name: str | None = None, tracking_uri: str, ray_
 
     from pipeline.control import abort, catch_signals, note_waiting, unplaceable
     from pipeline.schedule import critical_path_priority
-    from pipeline.tracking import Tracker
+    from pipeline.tracking import Tracker, finished_stages
     from pipeline.worker import StageControls, checkpoint_from_uri, fit_stage
 
     out = out or sys.stdout
     run_name = run_name or default_run_name(plan)
     storage = _storage(plan)
-    _ensure_ray(ray_address, plan)
-    problems = unplaceable(plan)  # before any MLflow run: a stage the cluster can never hold
-    if problems:
-        raise PreflightFailed(problems)
+    # A plan run whose every stage has finished only reports: no Ray to start or reach.
+    if not set(plan.stages) <= finished_stages(tracking_uri, plan.experiment, run_name):
+        _ensure_ray(ray_address, plan)
+        problems = unplaceable(plan)  # before any MLflow run: a stage the cluster can never hold
+        if problems:
+            raise PreflightFailed(problems)
     tracker = Tracker(tracking_uri, plan.experiment)
     parent_id, resumed = tracker.parent_run(
         run_name, params={"plan_file": plan.source, "data.root": plan.data.root, "storage": plan.storage},

@@ -119,6 +119,20 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def finished_stages(uri: str, experiment: str, run_name: str) -> set[str]:
+    """The stages whose latest run in plan run `run_name` finished (as Tracker.stage_run
+    decides it), read only: no experiment or run is made."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return set()
+    latest: dict[str, object] = {}
+    for r in client.search_runs([exp.experiment_id], f"tags.plan_run = '{run_name}' and tags.kind = 'stage'",
+                                order_by=["attributes.start_time DESC"]):
+        latest.setdefault(r.data.tags.get("stage"), r)
+    return {stage for stage, r in latest.items() if r.data.tags.get("stage_status") == "finished"}
+
+
 @dataclass(frozen=True)
 class StageRun:
     run_id: str

@@ -10,6 +10,7 @@ from `ray.train.get_checkpoint()` at the same image (pipeline/position.py).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -349,11 +350,20 @@ class StageControls:
     would; the stages' MLflow sinks live on the same desk."""
 
     def __init__(self):
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self._desk = ray.remote(num_cpus=0, scheduling_strategy=here)(_Desk).remote()
+        # The desk is made when the first stage starts (from its thread, hence the lock): a
+        # plan run with nothing left to train runs without Ray.
+        self._lock, self._made = threading.Lock(), None
         self.sinks: dict[str, TrackingSink] = {}  # each stage's figures on their way to MLflow (flushed at exit)
+
+    @property
+    def _desk(self):
+        with self._lock:
+            if self._made is None:
+                from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+                here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+                self._made = ray.remote(num_cpus=0, scheduling_strategy=here)(_Desk).remote()
+            return self._made
 
     def sink(self, stage: str, uri: str, run_id: str) -> TrackingSink:
         """A new sink for this attempt of `stage` (its MLflow run), on the desk."""
@@ -376,12 +386,12 @@ class StageControls:
 
     def states(self) -> dict[str, tuple[str, float]]:
         """stage -> (controller state, since when, epoch seconds)."""
-        return ray.get(self._desk.read.remote(), timeout=10)[1]
+        return ray.get(self._desk.read.remote(), timeout=10)[1] if self._made else {}
 
     def abort(self, stages, timeout: float = 20.0) -> list[str]:
         """Abort these stages' Ray Train runs (worker groups killed, controllers ended);
         the stages that had no controller to abort yet are returned."""
-        controllers = ray.get(self._desk.read.remote(), timeout=10)[0]
+        controllers = ray.get(self._desk.read.remote(), timeout=10)[0] if self._made else {}
         refs = [controllers[s].abort.remote() for s in stages if s in controllers]
         if refs:
             ray.wait(refs, num_returns=len(refs), timeout=timeout)
@@ -392,7 +402,9 @@ class StageControls:
         """End the desk once every sink on it is flushed: a driver process that runs
         several plans (a notebook, a test session) would otherwise keep one desk, a Python
         with MLflow's imports, per plan it ran."""
+        if self._made is None:
+            return
         try:
-            ray.kill(self._desk, no_restart=True)
+            ray.kill(self._made, no_restart=True)
         except Exception:  # noqa: BLE001 - Ray already gone (the driver is exiting)
             pass
