@@ -1,7 +1,7 @@
-"""Real Ray clusters on loopback started with `ray start`: two nodes of one CPU each,
+"""A real Ray cluster on loopback started with `ray start`: two nodes of one CPU each,
 with one training worker per node, so ranks, shard assignment and checkpoint storage
-cross nodes; and a head node that takes the same plan through the Ray Jobs API
-(`ray job submit`), as users submit it."""
+cross nodes; and its head takes the same plan through the Ray Jobs API (`ray job
+submit`), as users submit it."""
 
 from __future__ import annotations
 
@@ -18,18 +18,12 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def two_nodes():
+    """One cluster for this file's tests (a cluster start and stop is 15-25 s here); the
+    cross-node test comes first, so the only Ray Train workers it lists are its own."""
     with ray_cluster_on_loopback("two", [{"cpus": 1, "resources": {"head": 1}},
                                   {"cpus": 1, "resources": {"second": 1}}]) as cluster:
-        yield cluster
-
-
-@pytest.fixture(scope="module")
-def head_only():
-    """One head for this file's tests that need no second node (a cluster start and stop
-    is 15-25 s here)."""
-    with ray_cluster_on_loopback("head", [{"cpus": 2, "resources": {"head": 1}}]) as cluster:
         yield cluster
 
 
@@ -65,15 +59,15 @@ def test_one_worker_per_node_trains_and_checkpoints(tmp_path, shards, two_nodes,
     assert len({a["node_id"] for a in actors}) == 2, nodes.stdout[-2000:] + nodes.stderr[-2000:]
 
 
-def test_ray_job_submit_runs_the_plan(tmp_path, shards, head_only, mlflow_uri):
+def test_ray_job_submit_runs_the_plan(tmp_path, shards, two_nodes, mlflow_uri):
     plan = write_plan(tmp_path, shards, workers=1)  # the way in is under test here; DDP across nodes is above
     runtime_env = {"excludes": [".venv", "data", "runs", "mlflow.db", ".git", "tests"],
                    "env_vars": {"MLFLOW_TRACKING_URI": mlflow_uri}}
-    cmd = [RAY, "job", "submit", "--address", head_only["dashboard"], "--working-dir", str(REPO),
+    cmd = [RAY, "job", "submit", "--address", two_nodes["dashboard"], "--working-dir", str(REPO),
            "--runtime-env-json", json.dumps(runtime_env), "--",
            "python", "-m", "pipeline", "train", "--plan", str(plan), "--run-name", "submitted"]
     for _ in range(60):  # the head's job agent may still be starting ("try again later")
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=500, env=head_only["env"])
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=500, env=two_nodes["env"])
         if "No available agent to submit job" not in out.stderr:
             break
         time.sleep(2)
@@ -93,9 +87,9 @@ def test_ray_job_submit_runs_the_plan(tmp_path, shards, head_only, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
     store = Path(mlflow_uri[len("sqlite:///"):])
-    user = {k: v for k, v in head_only["env"].items() if k != "MLFLOW_TRACKING_URI"} | {"VGG_HOME": str(store.parent)}
+    user = {k: v for k, v in two_nodes["env"].items() if k != "MLFLOW_TRACKING_URI"} | {"VGG_HOME": str(store.parent)}
     submit = [sys.executable, "-m", "cluster.submit", "--plan", str(plan), "--run-name", "submitted", "--address",
-              head_only["dashboard"], "--storage-is-shared"]
+              two_nodes["dashboard"], "--storage-is-shared"]
     first = subprocess.run([*submit, "--wait"], cwd=REPO, env=user, capture_output=True, text=True, timeout=500)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "submitted train-submitted (plan run submitted)" in first.stdout
@@ -108,28 +102,28 @@ def test_ray_job_submit_runs_the_plan(tmp_path, shards, head_only, mlflow_uri):
     assert shown.search_runs([exp], "tags.plan_run = 'submitted' and tags.kind = 'stage'")
     # the printed follow command works as printed, in a shell that has the token but not token mode
     follow = first.stdout.split("follow: ", 1)[1].splitlines()[0]
-    assert f"--address {head_only['dashboard']}" in follow
-    env = {k: v for k, v in head_only["env"].items() if k != "RAY_AUTH_MODE"}
+    assert f"--address {two_nodes['dashboard']}" in follow
+    env = {k: v for k, v in two_nodes["env"].items() if k != "RAY_AUTH_MODE"}
     logs = subprocess.run(["bash", "-c", follow], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert logs.returncode == 0 and "| A " in logs.stdout, logs.stdout[-2000:] + logs.stderr[-2000:]
     # the tracking address reaches the job absolute even when given relative to the repository
     relative = "sqlite:///" + os.path.relpath(store, REPO)
-    again = subprocess.run([*submit, "--tracking-uri", relative], cwd=REPO, env=head_only["env"],
+    again = subprocess.run([*submit, "--tracking-uri", relative], cwd=REPO, env=two_nodes["env"],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"tracking: {mlflow_uri}" in again.stdout, again.stdout
     assert "train-submitted was already submitted for plan run submitted (SUCCEEDED): not submitted again" in again.stdout
-    listed = subprocess.run([RAY, "job", "list", "--address", head_only["dashboard"]], env=head_only["env"],
+    listed = subprocess.run([RAY, "job", "list", "--address", two_nodes["dashboard"]], env=two_nodes["env"],
                             capture_output=True, text=True, timeout=300)
     assert listed.stdout.count("submission_id='train-submitted") == 1, listed.stdout[-3000:]
 
 
-def test_token_is_found_in_ray_token_file_and_its_absence_is_explained(tmp_path, head_only):
+def test_token_is_found_in_ray_token_file_and_its_absence_is_explained(tmp_path, two_nodes):
     """Ray 2.60's token authentication, as a user meets it on a head started in token mode
     with a token (as ray_cluster.yaml starts it): cluster.submit and cluster.retrain find
     the token as Ray's own clients do (the RAY_AUTH_TOKEN variable or ~/.ray/auth_token)
     and, with none, stop before submitting with the commands to run."""
-    cluster = head_only
+    cluster = two_nodes
     token = cluster["env"]["RAY_AUTH_TOKEN"]
     probe = ("from cluster import jobs; c = jobs.client(%r); print('jobs:', len(c.list_jobs()))"
              % cluster["dashboard"])
