@@ -97,8 +97,10 @@ def rank_keys(info, split: str, rank: int, world: int) -> list[str]:
 
 def _as_net(images: torch.Tensor, model) -> torch.Tensor:
     """The batch in the net's own dtype (float32, or float64 in the tests that catch
-    tensors made at torch's default dtype)."""
-    return images.to(next(model.parameters()).dtype)
+    tensors made at torch's default dtype), channels last like the net (parts_by_scale).
+    On the 2-core CI machine (torch 2.13 CPU) net A ran 2.0x as fast channels last at
+    width 1/8 (800 crops of 32 or 64 px) and 1.2x at full width (4 images of 224 px)."""
+    return images.to(next(model.parameters()).dtype).contiguous(memory_format=torch.channels_last)
 
 
 @torch.no_grad()
@@ -116,7 +118,7 @@ def _dense(model, info, split, q, crop, normalize_std, rank, world, device, batc
     from pipeline.data import dense_loader
     from pipeline.models import dense_form
 
-    net = dense_form(model)
+    net = dense_form(model).to(memory_format=torch.channels_last)  # its fc layers are new convolutions
     loader = dense_loader(info, split, rank=rank, world_size=world, scale=q, normalize_std=normalize_std,
                           device=device, threads=threads)
     for image, labels in loader:
@@ -133,7 +135,7 @@ def _multicrop(model, info, split, q, crop, normalize_std, rank, world, device, 
                                normalize_std=normalize_std, device=device, threads=threads)
     for crops, labels in loader:
         n, g = crops.shape[:2]
-        x = _as_net(crops, model).reshape(n * g, *crops.shape[2:])
+        x = _as_net(crops.reshape(n * g, *crops.shape[2:]), model)
         probs = torch.cat([torch.softmax(model(v).float(), 1) for v in (x, x.flip(3))])  # 25 crops + flips
         yield probs.view(2, n, g, -1).mean(dim=(0, 2)), labels, loader.batch_keys
 
@@ -158,7 +160,7 @@ def parts_by_scale(model, info, split: str, parts: list[str], scales: list[int],
     `on_images(n)` is told after each batch how many images it held (progress)."""
     if min(scales) < crop:
         raise ValueError(f"test scale Q={min(scales)} is smaller than the {crop}px crop")
-    model = model.eval().to(device)
+    model = model.eval().to(device, memory_format=torch.channels_last)
     expected = rank_keys(info, split, rank, world)
     labels, keys, out = None, None, {}
     for q in scales:
