@@ -157,7 +157,8 @@ def parts_by_scale(model, info, split: str, parts: list[str], scales: list[int],
                    batch_size: int = 32, threads: int = 2, on_images=None) -> dict[tuple[str, int], Posteriors]:
     """This rank's share of the split for each pass (`part`: single, dense or multicrop) at
     each Q of `scales` on its own, keyed (part, Q), probabilities in float64 until combined.
-    `on_images(n)` is told after each batch how many images it held (progress)."""
+    `on_images(n)` is told after each batch how many images it held (progress). The model
+    is put in eval mode, on `device` and channels last, in place."""
     if min(scales) < crop:
         raise ValueError(f"test scale Q={min(scales)} is smaller than the {crop}px crop")
     model = model.eval().to(device, memory_format=torch.channels_last)

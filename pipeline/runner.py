@@ -247,6 +247,7 @@ def run_plan(plan: Plan, *, run_name: str | None = None, tracking_uri: str, ray_
                     srun, trial, init_ckpt, init_layers, init_label = attempt
                     if srun.tags.get("trial") != trial:  # so a resumed driver finds this attempt's Ray Train run
                         tracker.client.set_tag(srun.run_id, "trial", trial)
+                    _ensure_ray(ray_address, plan)  # at once if started above; else another driver trained meanwhile
                     say(f"[{name}] starting ({len(running) + 1} stage(s) now running)")
                     future = pool.submit(fit_stage, stage, plan.data, trial_name=trial, storage=storage,
                                          tracking_uri=tracking_uri, mlflow_run_id=srun.run_id,

@@ -352,13 +352,15 @@ class StageControls:
     def __init__(self):
         # The desk is made when the first stage starts (from its thread, hence the lock): a
         # plan run with nothing left to train runs without Ray.
-        self._lock, self._made = threading.Lock(), None
+        self._lock, self._made, self._closed = threading.Lock(), None, False
         self.sinks: dict[str, TrackingSink] = {}  # each stage's figures on their way to MLflow (flushed at exit)
 
     @property
     def _desk(self):
         with self._lock:
             if self._made is None:
+                if self._closed:  # a stage thread still starting after an abort: no desk left behind
+                    raise RuntimeError("the driver has closed its desk: this plan run is ending")
                 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
                 here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
@@ -402,6 +404,8 @@ class StageControls:
         """End the desk once every sink on it is flushed: a driver process that runs
         several plans (a notebook, a test session) would otherwise keep one desk, a Python
         with MLflow's imports, per plan it ran."""
+        with self._lock:
+            self._closed = True
         if self._made is None:
             return
         try:
