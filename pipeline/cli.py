@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_report)
 
     b = sub.add_parser("bench", help="benchmarks: `bench loader` (DALI vs webdataset+PIL), `bench train` "
-                                     "(net images/s, data wait), `bench shard` (shard.py vs tar), "
+                                     "(net images/s, data wait), `bench eval` (channels last vs NCHW), `bench shard` (shard.py vs tar), "
                                      "`bench gpu` (the one-command GPU check)")
     bsub = b.add_subparsers(dest="what", required=True, metavar="WHAT")
     bl = bsub.add_parser("loader", help="training-pipeline images/s vs webdataset + PIL + DataLoader, same run")
@@ -362,6 +362,17 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--threads", type=int, help="DALI threads (default: all cores)")
     bt.add_argument("--out", help="also write the JSON here, e.g. bench/results/train-cpu.json")
     bt.set_defaults(func=cmd_bench)
+
+    be = bsub.add_parser("eval", help="evaluation forward passes images/s: channels last (as the protocols run) vs "
+                                      "NCHW, same run, outputs compared")
+    be.add_argument("--arch", required=True, help="config or alias, e.g. D or vgg16")
+    be.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    be.add_argument("--batch-size", type=int, default=256, help="crops a forward pass (a multi-crop pass: 50 an image)")
+    be.add_argument("--seconds", type=float, default=10.0, help="timed seconds per memory order")
+    be.add_argument("--width-mult", type=float, default=1.0, help="channel scale (reduced nets for CPU)")
+    be.add_argument("--crop", type=int, default=224)
+    be.add_argument("--out", help="also write the JSON here, e.g. bench/results/eval-cpu.json")
+    be.set_defaults(func=cmd_bench)
 
     bs = bsub.add_parser("shard", help="data_prep/shard.py images/s per worker (default repack, decode checks, "
                                        "resize) against `tar` of the same bytes")

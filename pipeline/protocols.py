@@ -97,9 +97,10 @@ def rank_keys(info, split: str, rank: int, world: int) -> list[str]:
 
 def _as_net(images: torch.Tensor, model) -> torch.Tensor:
     """The batch in the net's own dtype (float32, or float64 in the tests that catch
-    tensors made at torch's default dtype), channels last like the net (parts_by_scale).
-    On the 2-core CI machine (torch 2.13 CPU) net A ran 2.0x as fast channels last at
-    width 1/8 (800 crops of 32 or 64 px) and 1.2x at full width (4 images of 224 px)."""
+    tensors made at torch's default dtype), channels last like the net (parts_by_scale):
+    on the 2-core CPU machine net A's forward passes ran 1.86x as fast as NCHW at width 1/8
+    on 64 px crops and 1.26x at full width on 224 px (`python -m pipeline bench eval`,
+    bench/results/eval-cpu*.json)."""
     return images.to(next(model.parameters()).dtype).contiguous(memory_format=torch.channels_last)
 
 

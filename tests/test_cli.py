@@ -26,7 +26,7 @@ def test_every_verb_has_help(capsys):
     assert out.returncode == 0 and all(verb in out.stdout for verb in VERBS)
     from pipeline.cli import main
 
-    for verb in VERBS + ["bench loader", "bench train", "bench shard", "bench gpu"]:
+    for verb in VERBS + ["bench loader", "bench train", "bench eval", "bench shard", "bench gpu"]:
         with pytest.raises(SystemExit) as exit_:
             main([*verb.split(), "--help"])
         assert exit_.value.code == 0 and capsys.readouterr().out.startswith(f"usage: python -m pipeline {verb}")
@@ -239,3 +239,15 @@ def test_bench_train_times_synthetic_and_loader_fed_steps(shards):
     assert line["arch"] == "vgg16" and line["synthetic_steps"] > 0 and line["loader_steps"] > 0
     assert 0 <= line["data_wait_fraction"] < 1
     assert line["loader_vs_synthetic"] == pytest.approx(line["loader_img_s"] / line["synthetic_img_s"], rel=1e-2)
+
+
+def test_bench_eval_times_both_memory_orders_and_their_outputs_agree(tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    res = in_process(["bench", "eval", "--arch", "A", "--width-mult", "0.125", "--crop", "32", "--batch-size", "16",
+                      "--seconds", "0.3", "--out", str(out)], capsys)
+    assert res.returncode == 0, res.stderr[-2000:]
+    line = json.loads(res.stdout.strip().splitlines()[-1])
+    assert line["nchw_img_s"] > 0 and line["channels_last_img_s"] > 0 and min(line["images"].values()) >= 16
+    assert line["channels_last_vs_nchw"] == pytest.approx(line["channels_last_img_s"] / line["nchw_img_s"], rel=1e-2)
+    assert line["max_abs_logit_diff"] < 1e-4  # the same posteriors in either order
+    assert json.loads(out.read_text())["command"].startswith("python -m pipeline bench eval --arch A")

@@ -2,6 +2,7 @@
 
 - `loader` (loader.py): the DALI training pipeline against webdataset + PIL + DataLoader;
 - `train` (train.py): a net's images/s on synthetic batches and fed by the real loader;
+- `eval` (evaluate.py): a net's evaluation forward passes, channels last (as the protocols run) vs NCHW;
 - `shard` (shard.py): data_prep/shard.py's throughput against a plain tar of the bytes;
 - `gpu` (gpu.py, with gpu_checks.py, gpu_data.py, gpu_rates.py): the one-command GPU check.
 
@@ -29,6 +30,10 @@ def main(args) -> int:
 
         result = bench_train(args.arch, args.shards, args.device, args.batch_size, args.seconds, args.width_mult,
                              args.crop, tuple(args.scale), args.precision, args.compile, args.threads)
+    elif args.what == "eval":
+        from pipeline.bench.evaluate import bench_eval
+
+        result = bench_eval(args.arch, args.device, args.batch_size, args.seconds, args.width_mult, args.crop)
     elif args.what == "shard":
         from pipeline.bench.shard import bench_shard
 
