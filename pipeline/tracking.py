@@ -130,7 +130,12 @@ def finished_stages(uri: str, experiment: str, run_name: str) -> set[str]:
     for r in client.search_runs([exp.experiment_id], f"tags.plan_run = '{run_name}' and tags.kind = 'stage'",
                                 order_by=["attributes.start_time DESC"]):
         latest.setdefault(r.data.tags.get("stage"), r)
-    return {stage for stage, r in latest.items() if r.data.tags.get("stage_status") == "finished"}
+    return {stage for stage, r in latest.items() if _finished(r)}
+
+
+def _finished(run) -> bool:
+    """A stage run whose training ended and whose booking completed."""
+    return run.data.tags.get("stage_status") == "finished"
 
 
 @dataclass(frozen=True)
@@ -184,7 +189,7 @@ class Tracker:
         since a changed recipe cannot be logged over the old one's params."""
         found = self._find(f"tags.plan_run = '{run_name}' and tags.stage = '{stage}' and tags.kind = 'stage'")
         if found and not new_attempt:
-            finished = found.data.tags.get("stage_status") == "finished"
+            finished = _finished(found)
             failed = found.data.tags.get("stage_status") == "failed"
             if not (finished or failed) and found.info.status != "RUNNING":
                 self.client.update_run(found.info.run_id, status="RUNNING")
