@@ -19,6 +19,7 @@ with the pinned packages already installed, and torch pinned to this machine's C
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -32,7 +33,7 @@ from pathlib import Path
 import pytest
 import sshnode
 import yaml
-from services import RAY, free_port, s3_server
+from services import RAY, free_port, s3_server, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 COMMANDS = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
@@ -69,6 +70,19 @@ def _run(args: list[str], env: dict, timeout: int = 600) -> str:
     out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert out.returncode == 0, f"{' '.join(args[:4])} failed:\n{out.stdout[-6000:]}\n{out.stderr[-3000:]}"
     return out.stdout + out.stderr
+
+
+def _alive_nodes(port: int, token: str) -> list[str]:
+    """The addresses of the cluster's live nodes, from Ray's state API on the dashboard
+    (one HTTP request: a `ray exec` with a driver on the head costs seconds of CPU)."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/v0/nodes",
+                                     headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            nodes = json.load(r)["data"]["result"]["result"]
+    except (OSError, ValueError, KeyError):  # the dashboard still starting its modules
+        return []
+    return sorted(n["node_ip"] for n in nodes if n["state"] == "ALIVE")
 
 
 ALIVE = ("python -c 'import ray; ray.init(log_to_driver=False); "
@@ -135,15 +149,13 @@ def test_ray_up_submit_track_autoscale_and_down(tmp_path, shards):
             with pytest.raises(OSError):
                 socket.create_connection((head["ip"], 5000), timeout=5).close()
 
-            # the worker: launched by the head's autoscaler, set up by the same commands, joined
-            deadline = time.monotonic() + 600
-            while True:
-                out = _run([RAY, "exec", "--no-config-cache", str(cfg), ALIVE], env)
-                alive = [line for line in out.splitlines() if line.startswith("alive: [")]
-                if alive and repr(worker["ip"]) in alive[-1]:
-                    break
-                assert time.monotonic() < deadline, out[-3000:]
-                time.sleep(5)
+            # the worker: launched by the head's autoscaler, set up by the same commands, joined.
+            # Watched through the dashboard tunnel (Ray's state API, the cluster's token); then
+            # a driver on the head, run by `ray exec` as a user would, sees it alive too.
+            wait_for(lambda: worker["ip"] in _alive_nodes(dash, token), 600, "the worker node to join")
+            out = _run([RAY, "exec", "--no-config-cache", str(cfg), ALIVE], env)
+            alive = [line for line in out.splitlines() if line.startswith("alive: [")]
+            assert alive and repr(worker["ip"]) in alive[-1], out[-3000:]
             print(f"worker joined: {time.monotonic() - t0:.0f} s: {alive[-1]}", flush=True)
             assert (worker["home"] / "venv" / "lib").is_dir() and (worker["home"] / ".ray" / "auth_token").is_file()
             assert not (worker["home"] / "shards").exists()  # no GPU: the GPU nodes' stage-in is not for it
