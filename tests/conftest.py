@@ -65,15 +65,37 @@ def shards(image_tree, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def ray_cluster():
-    """One local Ray instance for the session, sized like this 2-core machine."""
+    """A local Ray instance in this test process, sized like this 2-core machine: started
+    by the first test that asks for it and kept for the tests after it, up to the first
+    test file that does not use it (_ray_only_where_used)."""
     import ray
 
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray_only_where_used(request):
+    """Stop this test process's Ray before a file none of whose tests uses it. An idle
+    head costs 3-4 CPU-s a minute here, and the files without it include the longest ones
+    (the retrain schedule, `ray up`, the demo: minutes each, beside their own Rays); a
+    restart costs about 10 CPU-s."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized() and not any(
+            "ray_cluster" in item.fixturenames for item in request.session.items if item.path == request.path):
+        ray.shutdown()
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ray_stopped_at_the_end():
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")
