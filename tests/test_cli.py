@@ -40,15 +40,15 @@ def test_shard_help_documents_every_option():
         assert option in out.stdout
 
 
-def test_models_table():
-    out = run(["models"])
+def test_models_table(capsys):
+    out = in_process(["models"], capsys)
     assert out.returncode == 0
     assert re.search(r"^D\s+16\s+138,357,544\s+15\.47", out.stdout, re.M)
     assert re.search(r"^E\s+19\s+143,667,240", out.stdout, re.M)
 
 
-def test_train_dry_run_prints_the_papers_order():
-    out = run(["train", "--plan", "pipeline/plans/paper.yaml", "--dry-run"])
+def test_train_dry_run_prints_the_papers_order(capsys):
+    out = in_process(["train", "--plan", str(REPO / "pipeline/plans/paper.yaml"), "--dry-run"], capsys)
     assert out.returncode == 0
     lines = [line.split(":")[0] for line in out.stdout.splitlines()]
     assert lines[0] == "plan paper, recipe" and "recipe: paper (deviation from the paper: bf16_autocast:" in out.stdout
@@ -60,11 +60,12 @@ def test_train_dry_run_prints_the_papers_order():
            "  wave 4: C-multi, D-multi, E-multi\n" in out.stdout
 
 
-def test_dry_run_estimates_the_plan_on_n_gpus(tmp_path):
+def test_dry_run_estimates_the_plan_on_n_gpus(tmp_path, capsys):
     from pipeline.schedule import estimate, measured_throughput
     from pipeline.stages import PLANS_DIR, load_plan
 
-    out = run(["train", "--plan", "pipeline/plans/paper.yaml", "--dry-run", "--gpus", "32", "--throughput", "D=1500"])
+    out = in_process(["train", "--plan", str(REPO / "pipeline/plans/paper.yaml"), "--dry-run", "--gpus", "32",
+                      "--throughput", "D=1500"], capsys)
     assert out.returncode == 0, out.stderr
     assert "estimate on 32 GPUs, 1,281,167 training images, throughput from --throughput" in out.stdout
     assert "critical path A -> E-256 -> E-384 -> E-multi" in out.stdout
@@ -89,11 +90,11 @@ def test_dry_run_estimates_the_plan_on_n_gpus(tmp_path):
                   "batch_128": {"loader_fed": {"img_s": 1100.0}}}}))
     rates, source = measured_throughput(results)
     assert rates == {"D": 1234.0} and "NVIDIA H100" in source
-    assert run(["train", "--plan", "pipeline/plans/paper.yaml", "--dry-run", "--gpus", "4", "--throughput",
-                "D=1"]).returncode == 2  # a stage of 8 GPUs cannot fit on 4
+    assert in_process(["train", "--plan", str(REPO / "pipeline/plans/paper.yaml"), "--dry-run", "--gpus", "4",
+                       "--throughput", "D=1"], capsys).returncode == 2  # a stage of 8 GPUs cannot fit on 4
 
 
-def test_paper_fast_is_the_paper_plan_at_batch_2048_with_warmup_and_says_so():
+def test_paper_fast_is_the_paper_plan_at_batch_2048_with_warmup_and_says_so(capsys):
     from pipeline.engine import effective_lr
     from pipeline.stages import PLANS_DIR, load_plan
 
@@ -104,7 +105,7 @@ def test_paper_fast_is_the_paper_plan_at_batch_2048_with_warmup_and_says_so():
     assert fast.stages["D-384"].recipe.optim.lr == 0.001  # per-stage overrides of the base plan survive
     assert "; global_batch: global batch 2048" in fast.recipe_label  # added to paper.yaml's own items
     assert paper.deviation in fast.recipe_label and paper.recipe_label.startswith("paper (deviation from the paper: ")
-    out = run(["train", "--plan", "pipeline/plans/paper-fast.yaml", "--dry-run"])
+    out = in_process(["train", "--plan", str(REPO / "pipeline/plans/paper-fast.yaml"), "--dry-run"], capsys)
     assert out.returncode == 0 and "deviation from the paper" in out.stdout
     assert "A: A S=256, 74 epochs, batch 2048, lr 0.01, warmup 5 epochs" in out.stdout
 
