@@ -24,12 +24,14 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 # one (test_elastic) or run a user's whole command and check its console (the demo, Ctrl-C),
 # and in `ray up`'s cluster (test_ray_up), whose nodes have their own environment as a user's do.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-# Two background costs of every Ray the suite starts (a dozen or more, each alive for
-# minutes), measured on an idle 2-CPU head here: 4.5 CPU-s a minute as Ray ships, 3.4 with
-# these. Ray's own metrics (the agents' and workers' exports to a Prometheus no test reads)
-# are off, and the log monitor looks for new log files every 0.5 s (Ray's own pace past
-# 1,000 files) instead of every 0.1 s; lines of files it already follows still come as
-# they are written.
+# Two background costs of the Rays the tests start on this machine (a dozen or more, each
+# alive for minutes; not `ray up`'s nodes, which have their own environment), measured on an
+# idle 2-CPU head here: 4.5 CPU-s a minute as Ray ships, 3.4 with these. Ray's own metrics
+# (the agents' and workers' exports to a Prometheus no test reads; the `system/*` figures
+# come from psutil) are off, and the log monitor looks for new log files every 0.5 s (Ray's
+# own pace past 1,000 files) instead of on every pass of its loop (every 0.1 s when idle).
+# A new file is read from its start, so no line is lost; a new worker's lines can reach
+# the driver up to half a second later.
 os.environ.setdefault("RAY_enable_metrics_collection", "0")
 os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
 
@@ -72,9 +74,15 @@ def ray_cluster():
     test file that does not use it (_ray_only_where_used)."""
     import ray
 
+    if ray.is_initialized() and ray.get_runtime_context().gcs_address != _OURS.get("gcs"):
+        ray.shutdown()  # a Ray this fixture did not start (product code's own): not the one the tests assume
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        _OURS["gcs"] = ray.get_runtime_context().gcs_address
     return ray
+
+
+_OURS: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module", autouse=True)

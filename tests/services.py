@@ -284,9 +284,9 @@ class Postgres:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def wait_for(predicate, timeout: float, what: str):
+def wait_for(predicate, timeout: float, what: str, slowest: float = 0.25):
     """`predicate()`'s first truthy value, or an error after `timeout` s. Polled every 50 ms
-    at first, then less often, up to every 250 ms: many predicates query MLflow or scan
+    at first, then less often, up to every `slowest` s: many predicates query MLflow or scan
     /proc (an MLflow SQLite query is about 17 ms of CPU here), and a wait of a minute at a
     fixed 50 ms took a third of a core from the tests running beside it."""
     deadline, pause = time.monotonic() + timeout, 0.05
@@ -295,7 +295,7 @@ def wait_for(predicate, timeout: float, what: str):
         if value:
             return value
         time.sleep(pause)
-        pause = min(pause * 1.25, 0.25)
+        pause = min(pause * 1.25, slowest)
     raise AssertionError(f"timed out waiting for {what}")
 
 

@@ -128,9 +128,11 @@ def test_a_stage_shrinks_on_a_drain_notice_and_grows_back_with_the_same_recipe(t
         before_grow = set(keys.glob("A-*.txt"))
         elastic_cluster["add_node"](2, {"cpus": 1})  # capacity returns
         until(lambda: "resize the worker group from 1 -> 2" in text(), 300, "Ray Train deciding to grow")
+        # the 1-worker group's last checkpoint, read while its worker is still held (once the
+        # new group goes on, it may take its own first checkpoint before its line is read)
+        grown_from = wait_for(lambda: _taken(tmp_path / "runs"), 30, "the controller's record of the checkpoints")
         elastic_cluster["signal_train_workers"](go)
         until(lambda: "resize: 1 -> 2 workers" in text(), 300, "the stage growing back to 2 workers")
-        grown_from = _taken(tmp_path / "runs")  # the 1-worker group's last checkpoint
 
         # A node lost without notice (a machine that dies, a reclaim whose notice never came):
         # the regrown group trains past a checkpoint, then node 2 is killed outright.

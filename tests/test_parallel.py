@@ -96,7 +96,7 @@ def test_independent_stages_overlap_and_a_dependant_waits(tmp_path, shards, ray_
 
 def test_a_stage_the_cluster_can_never_hold_is_refused_before_anything_starts(tmp_path, shards, ray_cluster,
                                                                               mlflow_uri):
-    """3 workers of 1 CPU on the session's 2-CPU cluster: refused with the fix, before any
+    """3 workers of 1 CPU on the test process's 2-CPU cluster: refused with the fix, before any
     MLflow run exists (Ray Train would retry placing them every 60 s without end)."""
     from pipeline.preflight import PreflightFailed
     from pipeline.runner import run_plan

@@ -19,6 +19,7 @@ with the pinned packages already installed, and torch pinned to this machine's C
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import re
@@ -27,6 +28,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -74,13 +76,17 @@ def _run(args: list[str], env: dict, timeout: int = 600) -> str:
 
 def _alive_nodes(port: int, token: str) -> list[str]:
     """The addresses of the cluster's live nodes, from Ray's state API on the dashboard
-    (one HTTP request: a `ray exec` with a driver on the head costs seconds of CPU)."""
+    (one HTTP request: a `ray exec` with a driver on the head costs seconds of CPU). A
+    refused token fails here and now, not as a join that never comes."""
     request = urllib.request.Request(f"http://127.0.0.1:{port}/api/v0/nodes",
                                      headers={"Authorization": f"Bearer {token}"})
     try:
         with urllib.request.urlopen(request, timeout=10) as r:
             nodes = json.load(r)["data"]["result"]["result"]
-    except (OSError, ValueError, KeyError):  # the dashboard still starting its modules
+    except urllib.error.HTTPError as exc:
+        assert exc.code not in (401, 403), f"the dashboard refused the cluster's token: {exc}"
+        return []  # e.g. the state API's module still starting
+    except (OSError, http.client.HTTPException, ValueError, KeyError):  # the tunnel or the dashboard still starting
         return []
     return sorted(n["node_ip"] for n in nodes if n["state"] == "ALIVE")
 
@@ -152,7 +158,7 @@ def test_ray_up_submit_track_autoscale_and_down(tmp_path, shards):
             # the worker: launched by the head's autoscaler, set up by the same commands, joined.
             # Watched through the dashboard tunnel (Ray's state API, the cluster's token); then
             # a driver on the head, run by `ray exec` as a user would, sees it alive too.
-            wait_for(lambda: worker["ip"] in _alive_nodes(dash, token), 600, "the worker node to join")
+            wait_for(lambda: worker["ip"] in _alive_nodes(dash, token), 600, "the worker node to join", slowest=2)
             out = _run([RAY, "exec", "--no-config-cache", str(cfg), ALIVE], env)
             alive = [line for line in out.splitlines() if line.startswith("alive: [")]
             assert alive and repr(worker["ip"]) in alive[-1], out[-3000:]
