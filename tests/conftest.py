@@ -67,6 +67,15 @@ def shards(image_tree, tmp_path_factory) -> Path:
     return out
 
 
+_OURS: dict[str, str] = {}  # the GCS address of the Ray that ray_cluster started
+
+
+def _stop_ray() -> None:
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture
 def ray_cluster():
     """A local Ray instance in this test process, sized like this 2-core machine: started
@@ -82,28 +91,21 @@ def ray_cluster():
     return ray
 
 
-_OURS: dict[str, str] = {}
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _ray_only_where_used(request):
     """Stop this test process's Ray before a file none of whose tests uses it. An idle
     head costs 3-4 CPU-s a minute here, and the files without it include the longest ones
     (the retrain schedule, `ray up`, the demo: minutes each, beside their own Rays); a
     restart costs about 10 CPU-s."""
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized() and not any(
-            "ray_cluster" in item.fixturenames for item in request.session.items if item.path == request.path):
-        ray.shutdown()
+    if not any("ray_cluster" in item.fixturenames for item in request.session.items if item.path == request.path):
+        _stop_ray()
     yield
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _ray_stopped_at_the_end():
     yield
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
+    _stop_ray()
 
 
 @pytest.fixture(scope="session")
