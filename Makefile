@@ -32,7 +32,8 @@ demo: $(STAMP)
 	$(PY) -m pipeline demo
 
 # Two pytest-xdist workers (the machine's two cores: much of a Ray test's wall time is
-# process start-up and waiting); files stay whole on one worker, longest first (tests/conftest.py).
+# process start-up and waiting); files stay whole on one worker, longest first, and the files
+# that share the test process's Ray run together on one (tests/conftest.py).
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 

@@ -44,9 +44,35 @@ LONGEST_FIRST = ["test_retrain.py", "test_parallel.py", "test_ray_up.py", "test_
                  "test_shard.py", "test_data.py"]
 
 
+# The files whose tests use this process's Ray (ray_cluster), handed out as one unit: they
+# run one after another on one worker, which starts that Ray once. Handed out file by file,
+# they met the other worker's files in between, and each meeting cost a restart (ray.init
+# and a first task: about 9 CPU-s here; eight files, about as many restarts).
+IN_PROCESS_RAY = {"test_parallel.py", "test_train.py", "test_failures.py", "test_tracking_server.py",
+                  "test_protocols.py", "test_foreign.py", "test_rayconsole.py", "test_shard.py"}
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))  # stable within a file
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
+    unlisted = sorted({item.path.name for item in items if "ray_cluster" in item.fixturenames} - IN_PROCESS_RAY)
+    if unlisted:
+        raise pytest.UsageError(f"{', '.join(unlisted)} use(s) ray_cluster: add to IN_PROCESS_RAY in tests/conftest.py")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's --dist loadfile, with the IN_PROCESS_RAY files as one unit. (Its own
+    --dist loadgroup cannot do this with pytest 9.2, whose node ids it can no longer edit.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharingTheTestRay(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return "IN_PROCESS_RAY" if Path(scope).name in IN_PROCESS_RAY else scope
+
+    return SharingTheTestRay(config, log)
 
 
 @pytest.fixture(scope="session")
@@ -95,8 +121,8 @@ def ray_cluster():
 def _ray_only_where_used(request):
     """Stop this test process's Ray before a file none of whose tests uses it. An idle
     head costs 3-4 CPU-s a minute here, and the files without it include the longest ones
-    (the retrain schedule, `ray up`, the demo: minutes each, beside their own Rays); a
-    restart costs about 10 CPU-s."""
+    (the retrain schedule, `ray up`, the demo: minutes each, beside their own Rays). Under
+    `make test` the files that use it run together (IN_PROCESS_RAY), so it starts once."""
     if not any("ray_cluster" in item.fixturenames for item in request.session.items if item.path == request.path):
         _stop_ray()
     yield
