@@ -1,7 +1,7 @@
-"""A real Ray cluster on loopback started with `ray start`: two nodes of one CPU each,
-with one training worker per node, so ranks, shard assignment and checkpoint storage
-cross nodes; and its head takes the same plan through the Ray Jobs API (`ray job
-submit`), as users submit it."""
+"""A real Ray cluster on loopback started with `ray start`: two nodes of one CPU each. Its
+head takes a plan through the Ray Jobs API (`ray job submit`, then cluster.submit), as
+users submit it, and trains it with one worker per node, so ranks, shard assignment and
+checkpoint storage cross nodes."""
 
 from __future__ import annotations
 
@@ -21,15 +21,15 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def two_nodes():
     """One cluster for this file's tests (a cluster start and stop is 15-25 s here); the
-    cross-node test comes first, so the only Ray Train workers it lists are its own."""
+    submitted job comes first, so the only Ray Train workers it lists are its own."""
     with ray_cluster_on_loopback("two", [{"cpus": 1, "resources": {"head": 1}},
                                   {"cpus": 1, "resources": {"second": 1}}]) as cluster:
         yield cluster
 
 
-def write_plan(tmp_path: Path, shards: Path, workers: int = 2) -> Path:
+def write_plan(tmp_path: Path, shards: Path) -> Path:
     return tiny_plan(tmp_path, shards, name="twonode", experiment="twonode-test",
-                     stages={"A": {"arch": "A", "scale": 36, "resources": {"num_workers": workers}}})
+                     stages={"A": {"arch": "A", "scale": 36, "resources": {"num_workers": 2}}})
 
 
 def _stage_run(uri: str, experiment: str):
@@ -41,26 +41,10 @@ def _stage_run(uri: str, experiment: str):
     return client, runs
 
 
-def test_one_worker_per_node_trains_and_checkpoints(tmp_path, shards, two_nodes, mlflow_uri):
+def test_ray_job_submit_trains_one_worker_per_node_and_checkpoints(tmp_path, shards, two_nodes, mlflow_uri):
+    """The plan as users submit it, its two workers on the two nodes. (A driver outside
+    the cluster, `pipeline train --address`, is test_elastic's way in.)"""
     plan = write_plan(tmp_path, shards)
-    env = dict(two_nodes["env"], MLFLOW_TRACKING_URI=mlflow_uri)
-    out = subprocess.run([sys.executable, "-m", "pipeline", "train", "--plan", str(plan), "--address",
-                          two_nodes["address"]], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    client, runs = _stage_run(mlflow_uri, "twonode-test")
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert client.get_metric_history(runs[0].info.run_id, "val_images")[-1].value == 48  # once each, 2 ranks
-    assert list((tmp_path / "runs").glob("twonode-*-A/checkpoint_*"))
-    # the two workers ran on two different nodes
-    nodes = subprocess.run([RAY, "list", "actors", "--address", two_nodes["address"], "--format", "json",
-                            "--filter", "class_name=RayTrainWorker", "--detail", "--limit", "100"],
-                           capture_output=True, text=True, env=two_nodes["env"])
-    actors = json.loads(nodes.stdout or "[]")
-    assert len({a["node_id"] for a in actors}) == 2, nodes.stdout[-2000:] + nodes.stderr[-2000:]
-
-
-def test_ray_job_submit_runs_the_plan(tmp_path, shards, two_nodes, mlflow_uri):
-    plan = write_plan(tmp_path, shards, workers=1)  # the way in is under test here; DDP across nodes is above
     runtime_env = {"excludes": [".venv", "data", "runs", "mlflow.db", ".git", "tests"],
                    "env_vars": {"MLFLOW_TRACKING_URI": mlflow_uri}}
     cmd = [RAY, "job", "submit", "--address", two_nodes["dashboard"], "--working-dir", str(REPO),
@@ -74,8 +58,16 @@ def test_ray_job_submit_runs_the_plan(tmp_path, shards, two_nodes, mlflow_uri):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "succeeded" in out.stdout.lower()
     assert "| A " in out.stdout  # the results table reached the job's logs
-    _, runs = _stage_run(mlflow_uri, "twonode-test")
-    assert any(r.data.tags["plan_run"] == "submitted" and r.info.status == "FINISHED" for r in runs)
+    client, runs = _stage_run(mlflow_uri, "twonode-test")
+    assert len(runs) == 1 and runs[0].data.tags["plan_run"] == "submitted" and runs[0].info.status == "FINISHED"
+    assert client.get_metric_history(runs[0].info.run_id, "val_images")[-1].value == 48  # once each, 2 ranks
+    assert list((tmp_path / "runs").glob("submitted-A/checkpoint_*"))
+    # the two workers ran on two different nodes (this file's first Ray Train run: the only workers listed)
+    nodes = subprocess.run([RAY, "list", "actors", "--address", two_nodes["address"], "--format", "json",
+                            "--filter", "class_name=RayTrainWorker", "--detail", "--limit", "100"],
+                           capture_output=True, text=True, env=two_nodes["env"])
+    actors = json.loads(nodes.stdout or "[]")
+    assert len({a["node_id"] for a in actors}) == 2, nodes.stdout[-2000:] + nodes.stderr[-2000:]
 
     # cluster.submit for the same plan run, as the README's walk-through runs it: no
     # MLFLOW_TRACKING_URI, so the user's default store ($VGG_HOME/mlflow.db, here the test's
