@@ -20,6 +20,8 @@ MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true is in the environment.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import os
 import re
 import signal
@@ -63,10 +65,58 @@ def check_backend(uri: str) -> None:
                          "URI (a URI shows in process listings and logs)")
 
 
+def schema_head() -> str | None:
+    """The installed MLflow's newest schema revision, read from its migration scripts
+    (their `revision` and `down_revision` lines; importing MLflow to ask alembic would cost
+    about what the check saves). None unless they name exactly one head."""
+    spec = importlib.util.find_spec("mlflow")
+    versions = Path(spec.submodule_search_locations[0]) / "store" / "db_migrations" / "versions"
+    revisions, parents = set(), set()
+    for script in versions.glob("[!_]*.py"):
+        text = script.read_text()
+        rev = re.search(r"""^revision(?:\s*:[^=]+)?\s*=\s*["'](\w+)["']""", text, re.M)
+        down = re.search(r"^down_revision(?:\s*:[^=]+)?\s*=(.*)$", text, re.M)
+        if not rev or not down:
+            return None
+        revisions.add(rev.group(1))
+        parents.update(re.findall(r"""["'](\w+)["']""", down.group(1)))
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else None
+
+
+def store_revision(backend: str, password: str | None = None) -> str | None:
+    """The schema revision a store records (alembic's version table, as MLflow keeps it);
+    None where it records none or cannot be read."""
+    query = "SELECT version_num FROM alembic_version"
+    try:
+        if backend.startswith("sqlite:///"):
+            import sqlite3
+
+            with contextlib.closing(sqlite3.connect(f"file:{backend[len('sqlite:///'):]}?mode=ro", uri=True)) as db:
+                rows = db.execute(query).fetchall()
+        else:
+            import sqlalchemy
+
+            engine = sqlalchemy.create_engine(backend, connect_args={"password": password} if password else {})
+            try:
+                with engine.connect() as conn:
+                    rows = conn.execute(sqlalchemy.text(query)).fetchall()
+            finally:
+                engine.dispose()
+    except Exception:  # noqa: BLE001 - no table, no driver, no server: the upgrade finds out and says why
+        return None
+    return rows[0][0] if len(rows) == 1 else None
+
+
 def upgrade(backend: str, env: dict | None = None) -> None:
     """`mlflow db upgrade`: bring an existing store's schema to this MLflow's (a new,
-    empty database is created by the server itself)."""
+    empty database is created by the server itself). A store already at this MLflow's
+    newest revision is left as it is, without the upgrade command's 5 CPU-s of imports (a
+    restart's usual case: the server's own start checks the schema again)."""
     if backend.startswith("sqlite:///") and not Path(backend[len("sqlite:///"):]).exists():
+        return
+    head = schema_head()
+    if head is not None and store_revision(backend, (env or {}).get("PGPASSWORD")) == head:
         return
     out = subprocess.run([str(Path(sys.executable).parent / "mlflow"), "db", "upgrade", backend], env=env,
                          capture_output=True, text=True)

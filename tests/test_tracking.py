@@ -27,6 +27,38 @@ def test_sqlite_artifacts_live_beside_the_database(tmp_path, monkeypatch):
     assert Tracker(uri, "artifacts-test").parent_run("r1", params={}, tags={}) == (run_id, True)
 
 
+def test_a_store_is_upgraded_unless_it_is_at_mlflows_newest_schema(tmp_path, mlflow_store_template):
+    """A restart on a current store runs no `mlflow db upgrade` (5 CPU-s of imports); a
+    store an older MLflow left (here: migrated one revision down by alembic) is upgraded.
+    The newest revision is checked against alembic's own reading of MLflow's migrations."""
+    import os
+    import shutil
+
+    from alembic import command
+    from alembic.script import ScriptDirectory
+    from mlflow.store.db.utils import _get_alembic_config
+
+    from cluster.tracking_server import schema_head, store_revision, upgrade
+
+    store = tmp_path / "mlflow.db"
+    shutil.copyfile(mlflow_store_template, store)
+    uri = f"sqlite:///{store}"
+    config = _get_alembic_config(uri)
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert schema_head() == head and store_revision(uri) == head
+    assert store_revision(f"sqlite:///{tmp_path / 'none.db'}") is None
+    broken = dict(os.environ, PYTHONHOME=str(tmp_path / "nowhere"))  # an upgrade command that cannot start
+    upgrade(uri, broken)  # current: not run, so no error
+
+    command.downgrade(config, "-1")
+    older = store_revision(uri)
+    assert older not in (None, head)
+    with pytest.raises(RuntimeError, match="mlflow db upgrade"):
+        upgrade(uri, broken)  # not current: run
+    upgrade(uri, dict(os.environ))
+    assert store_revision(uri) == head
+
+
 @pytest.mark.slow
 def test_metrics_survive_a_tracking_server_outage(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
