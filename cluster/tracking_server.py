@@ -5,8 +5,8 @@ postgresql://USER@HOST:5432/DB, with --backend-store-uri) and a real artifact ro
 folder, or s3://bucket/prefix, with --artifacts-destination), served on 127.0.0.1 so
 that several processes (the driver, `ray job submit` jobs on this machine, the UI)
 share one store. Artifacts are proxied by the server: clients need no bucket
-credentials. The schema is upgraded on start (`mlflow db upgrade`), so a store
-written by an older MLflow keeps working after an upgrade.
+credentials. The schema is upgraded on start (`mlflow db upgrade`) when it is older than
+the installed MLflow's, so a store written by an older MLflow keeps working after an upgrade.
 
 A database password never appears in a URI here (it would show in process listings
 and logs): it comes from PGPASSWORD in the environment or from --password-file, and
