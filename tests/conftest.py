@@ -49,7 +49,7 @@ LONGEST_FIRST = ["test_parallel.py", "test_failures.py", "test_train.py", "test_
 # The files whose tests use this process's Ray (ray_cluster), handed out as one unit: they
 # run one after another on one worker, which starts that Ray once. Handed out file by file,
 # they met the other worker's files in between, and each meeting cost a restart (ray.init
-# and a first task: about 9 CPU-s here; eight files, about as many restarts).
+# and a first task: about 9 CPU-s here; up to one for each of the eight files).
 IN_PROCESS_RAY = {"test_parallel.py", "test_train.py", "test_failures.py", "test_tracking_server.py",
                   "test_protocols.py", "test_foreign.py", "test_rayconsole.py", "test_shard.py"}
 
