@@ -24,13 +24,19 @@ export PYTHONDONTWRITEBYTECODE :=
 install: $(STAMP) $(VENV)/.compiled
 
 # Everything but torch at the versions every cluster node and the image install
-# (cluster/constraints.txt), so the suite tests what the nodes run; torch is the CPU build above.
+# (cluster/constraints.txt), so the suite tests what the nodes run; torch is the CPU build
+# above. uv installs them: the same versions pip resolves (their `pip freeze` lists match
+# here), in 10 s where pip took about 70 (it unpacks one wheel at a time; these are 1.5 GB).
+# uv reads no pip.conf: the pip settings it needs come as its own, here find-links (where
+# this machine kind keeps its CPU torch wheel). pip itself stays, at its pinned version,
+# for the tests that run ray_cluster.yaml's own `pip install` setup commands.
+UV_VERSION := 0.13.9
+export UV_FIND_LINKS ?= $(PIP_FIND_LINKS)
 $(STAMP): pyproject.toml cluster/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --no-compile "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet "uv==$(UV_VERSION)"
 	grep -v '^torch==' cluster/constraints.txt > $(VENV)/constraints.txt
-	$(PY) -m pip install --quiet --no-compile -c $(VENV)/constraints.txt -e ".[test]"
+	$(VENV)/bin/uv pip install --quiet --python $(PY) -c $(VENV)/constraints.txt pip "$(TORCH_SPEC)" -e ".[test]"
 	touch $(STAMP)
 
 # Every module at once, on every core (pip compiles one file at a time: 100 of a 160 s
