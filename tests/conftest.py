@@ -35,35 +35,39 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("RAY_enable_metrics_collection", "0")
 os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
 
-# `make test` runs the files on two pytest-xdist workers (--dist loadfile: a file's tests
-# and its module fixtures stay on one worker), handed out in this order: the longest
-# first, so the last one to start is a short one (measured durations, slowest first). The
-# files that share the test process's Ray (IN_PROCESS_RAY, below) go out as one unit, the
-# longest (about 940 s of the suite's 2,460 test-seconds at 5dc97a7), so they come first.
-LONGEST_FIRST = ["test_parallel.py", "test_failures.py", "test_train.py", "test_tracking_server.py",
-                 "test_foreign.py", "test_protocols.py", "test_rayconsole.py", "test_shard.py",
-                 "test_retrain.py", "test_ray_up.py", "test_elastic.py", "test_cli.py", "test_multinode.py",
-                 "test_tracking.py", "test_s3.py", "test_corrupt.py", "test_data.py"]
+# `make test` runs the files on three pytest-xdist workers (--dist loadfile: a file's tests
+# and its module fixtures stay on one worker), handed out in this order. A worker takes
+# its next unit when one test of its own is left (below), so a one-test file takes the
+# next unit as it starts; the order is the one that ends the three workers closest
+# together when the per-test durations of a three-worker run (4ef6bc2) are replayed
+# under that rule: 933 s against 992 for the longest-first order with one in-process Ray
+# unit (which ran 90 s past the others). The in-process Ray units come first.
+HAND_OUT_ORDER = ["test_parallel.py", "test_failures.py", "test_train.py", "test_tracking_server.py",
+                  "test_foreign.py", "test_protocols.py", "test_rayconsole.py", "test_shard.py",
+                  "test_elastic.py", "test_retrain.py", "test_s3.py", "test_ray_up.py", "test_tracking.py",
+                  "test_cli.py", "test_multinode.py", "test_corrupt.py", "test_data.py"]
 
 
-# The files whose tests use this process's Ray (ray_cluster), handed out as one unit: they
-# run one after another on one worker, which starts that Ray once. Handed out file by file,
-# they met the other worker's files in between, and each meeting cost a restart (ray.init
-# and a first task: about 9 CPU-s here; up to one for each of the eight files).
-IN_PROCESS_RAY = {"test_parallel.py", "test_train.py", "test_failures.py", "test_tracking_server.py",
-                  "test_protocols.py", "test_foreign.py", "test_rayconsole.py", "test_shard.py"}
+# The files whose tests use their process's Ray (ray_cluster), by the unit they go out
+# in: a unit's files run one after another on one worker, which starts that Ray once.
+# Handed out file by file, they met other files in between, and each meeting cost a
+# restart (ray.init and a first task: about 9 CPU-s here; up to one for each of the eight
+# files). Two units: about 530 and 460 test-seconds on three workers.
+IN_PROCESS_RAY = {"test_parallel.py": "ray-1", "test_failures.py": "ray-1",
+                  "test_train.py": "ray-2", "test_tracking_server.py": "ray-2", "test_protocols.py": "ray-2",
+                  "test_foreign.py": "ray-2", "test_rayconsole.py": "ray-2", "test_shard.py": "ray-2"}
 
 
 def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    rank = {name: i for i, name in enumerate(HAND_OUT_ORDER)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
-    unlisted = sorted({item.path.name for item in items if "ray_cluster" in item.fixturenames} - IN_PROCESS_RAY)
+    unlisted = sorted({item.path.name for item in items if "ray_cluster" in item.fixturenames} - set(IN_PROCESS_RAY))
     if unlisted:
         raise pytest.UsageError(f"{', '.join(unlisted)} use(s) ray_cluster: add to IN_PROCESS_RAY in tests/conftest.py")
 
 
 def pytest_xdist_make_scheduler(config, log):
-    """pytest-xdist's --dist loadfile, with the IN_PROCESS_RAY files as one unit (its own
+    """pytest-xdist's --dist loadfile, with the IN_PROCESS_RAY files as their units (its own
     --dist loadgroup cannot do this with pytest 9.2, whose node ids it can no longer edit),
     and a worker given its next unit only when one test of its own is left. loadfile gives
     it when two are: a worker running one-test files (the retrain schedule, `ray up`, the
@@ -79,7 +83,7 @@ def pytest_xdist_make_scheduler(config, log):
     class SharingTheTestRay(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
             scope = super()._split_scope(nodeid)
-            return "IN_PROCESS_RAY" if Path(scope).name in IN_PROCESS_RAY else scope
+            return IN_PROCESS_RAY.get(Path(scope).name, scope)
 
         def _reschedule(self, node) -> None:
             if node.shutting_down:
@@ -139,7 +143,8 @@ def _ray_only_where_used(request):
     """Stop this test process's Ray before a file none of whose tests uses it. An idle
     head costs 3-4 CPU-s a minute here, and the files without it include the longest ones
     (the retrain schedule, `ray up`, the demo: minutes each, beside their own Rays). Under
-    `make test` the files that use it run together (IN_PROCESS_RAY), so it starts once."""
+    `make test` the files that use it run together in their units (IN_PROCESS_RAY), so it
+    starts once per unit."""
     if not any("ray_cluster" in item.fixturenames for item in request.session.items if item.path == request.path):
         _stop_ray()
     yield
