@@ -52,9 +52,11 @@ demo: $(STAMP)
 
 # Three pytest-xdist workers on this project's 2-core machines: the suite is CPU-bound,
 # but each test is a chain of process starts and waits that keeps less than a core busy,
-# and a third worker fills those gaps (at 4ef6bc2, on the same installed venv: 278 passed
-# in 16 min 44 s on three, 18 min 52 s on two). Files stay whole on one worker, and the
-# files that share their test process's Ray run together (tests/conftest.py).
+# and a third worker fills some of those gaps (at 4ef6bc2, on one installed venv, one run
+# after the other: 278 passed in 16 min 44 s on three, 18 min 52 s on two; an hour later,
+# when the VM was slower, 21:04 on three and 21:10 on two; test-fast 115 s and 129 s).
+# Files stay whole on one worker, and the files that share their test process's Ray run
+# together (tests/conftest.py).
 TEST_WORKERS ?= 3
 PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
