@@ -26,7 +26,7 @@ install: $(STAMP) $(VENV)/.compiled
 # Everything but torch at the versions every cluster node and the image install
 # (cluster/constraints.txt), so the suite tests what the nodes run; torch is the CPU build
 # above. uv installs them: the same versions pip resolves (their `pip freeze` lists match
-# here), in 10 s where pip took about 70 (it unpacks one wheel at a time; these are 1.5 GB).
+# here), in 10 s where pip took about 70 (it unpacks one wheel at a time: 2.5 GB installed).
 # uv reads no pip.conf: the pip settings it needs come as its own, here find-links (where
 # this machine kind keeps its CPU torch wheel). pip itself stays, at its pinned version,
 # for the tests that run ray_cluster.yaml's own `pip install` setup commands.
