@@ -25,18 +25,25 @@ install: $(STAMP) $(VENV)/.compiled
 
 # Everything but torch at the versions every cluster node and the image install
 # (cluster/constraints.txt), so the suite tests what the nodes run; torch is the CPU build
-# above. uv installs them: the same versions pip resolves (their `pip freeze` lists match
-# here), in 10 s where pip took about 70 (it unpacks one wheel at a time: 2.5 GB installed).
-# uv reads no pip.conf: the pip settings it needs come as its own, here find-links (where
-# this machine kind keeps its CPU torch wheel). pip itself stays, at its pinned version,
-# for the tests that run ray_cluster.yaml's own `pip install` setup commands.
+# above, or from TORCH_INDEX (a GPU machine: see docs/gpu.md). uv installs them: the same
+# versions pip resolves (their `pip freeze` lists match here), in 14-24 s where pip took
+# about 70 (it unpacks one wheel at a time: 2.5 GB installed). uv reads no pip.conf, so
+# pip's find-links (where this machine kind keeps its CPU torch wheel) are passed on from
+# PIP_FIND_LINKS or pip's config, as uv's comma-separated list; pip's extra index URLs are
+# not (PyPI gives every package here). pip itself stays, at its pin, for the tests that
+# run ray_cluster.yaml's own `pip install` setup commands.
 UV_VERSION := 0.13.9
-export UV_FIND_LINKS ?= $(PIP_FIND_LINKS)
+TORCH_INDEX ?=
+comma := ,
+space := $(subst ,, )
+export UV_FIND_LINKS ?= $(subst $(space),$(comma),$(strip $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))))
+UV := $(VENV)/bin/uv pip install --quiet --python $(PY)
 $(STAMP): pyproject.toml cluster/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "uv==$(UV_VERSION)"
+	$(UV) "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
 	grep -v '^torch==' cluster/constraints.txt > $(VENV)/constraints.txt
-	$(VENV)/bin/uv pip install --quiet --python $(PY) -c $(VENV)/constraints.txt pip "$(TORCH_SPEC)" -e ".[test]"
+	$(UV) -c $(VENV)/constraints.txt pip -e ".[test]"
 	touch $(STAMP)
 
 # Every module at once, on every core (pip compiles one file at a time: 100 of a 160 s
