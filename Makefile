@@ -11,14 +11,15 @@ TORCH_SPEC ?= torch==2.13.0
 CONTAINER ?= docker
 IMAGE ?= ghcr.io/your-org/vgg-pipeline:0.1.0
 
-# Bytecode: pip installs without compiling, and a module is compiled the first time a
-# process imports it, its .pyc written beside it for every later process. A shell that sets
-# PYTHONDONTWRITEBYTECODE (this project's CI machines do) would make every process compile
-# all it imports again (torch, Ray Train, MLflow and DALI: about 4,700 modules, 28 CPU-s
-# compiled against a few s loaded), so the commands make runs write it; the .pyc files go
-# into .venv and __pycache__ folders, both ignored by git. The whole suite imports a third
-# of what is installed (7,000 of the venv's 21,000 modules), so it compiles as it goes;
-# `make install` compiles the whole venv at once, for commands run outside make.
+# Bytecode: the install does not compile (uv's default), and a module is compiled the
+# first time a process imports it, its .pyc written beside it for every later process. A
+# shell that sets PYTHONDONTWRITEBYTECODE (this project's CI machines do) would make
+# every process compile all it imports again (torch, Ray Train, MLflow and DALI: about
+# 4,700 modules, 28 CPU-s compiled against a few s loaded), so the commands make runs
+# write it; the .pyc files go into .venv and __pycache__ folders, both ignored by git.
+# The whole suite imports a third of what is installed (7,000 of the venv's 21,000
+# modules), so it compiles as it goes; `make install` compiles the whole venv at once,
+# for commands run outside make.
 export PYTHONDONTWRITEBYTECODE :=
 
 install: $(STAMP) $(VENV)/.compiled
@@ -36,7 +37,10 @@ UV_VERSION := 0.13.9
 TORCH_INDEX ?=
 comma := ,
 space := $(subst ,, )
-export UV_FIND_LINKS ?= $(subst $(space),$(comma),$(strip $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))))
+ifndef UV_FIND_LINKS  # expanded once here: an exported recursive variable with $(shell) runs it for every recipe line
+UV_FIND_LINKS := $(subst $(space),$(comma),$(strip $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))))
+endif
+export UV_FIND_LINKS
 UV := $(VENV)/bin/uv pip install --quiet --python $(PY)
 $(STAMP): pyproject.toml cluster/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,8 +50,8 @@ $(STAMP): pyproject.toml cluster/constraints.txt
 	$(UV) -c $(VENV)/constraints.txt pip -e ".[test]"
 	touch $(STAMP)
 
-# Every module at once, on every core (pip compiles one file at a time: 100 of a 160 s
-# install on 2 cores). Files that are not Python 3 (templates some packages ship) fail to
+# Every module at once, on every core (pip, which compiled as it installed, took 100 of a
+# 160 s install on 2 cores doing it one file at a time). Files that are not Python 3 (templates some packages ship) fail to
 # compile here as they do under pip, so its status is not checked: a file left without
 # bytecode is compiled when imported.
 $(VENV)/.compiled: $(STAMP)
