@@ -38,7 +38,7 @@ TORCH_INDEX ?=
 comma := ,
 space := $(subst ,, )
 ifndef UV_FIND_LINKS  # expanded once here: an exported recursive variable with $(shell) runs it for every recipe line
-UV_FIND_LINKS := $(subst $(space),$(comma),$(strip $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))))
+UV_FIND_LINKS := $(subst $(space),$(comma),$(strip $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config list 2>/dev/null | sed -n "s/^global.find-links='\(.*\)'$$/\1/p"))))
 endif
 export UV_FIND_LINKS
 UV := $(VENV)/bin/uv pip install --quiet --python $(PY)

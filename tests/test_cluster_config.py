@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import jsonschema
+import pytest
 import ray
 import yaml
 
@@ -376,3 +377,34 @@ def test_spot_gpu_workers_drain_on_the_interruption_notice():
     notice = {"action": "terminate", "time": "2026-12-02T13:20:00Z"}
     assert deadline_seconds(notice, 1796217480.0) == 120  # 13:18:00 UTC: two minutes left
     assert deadline_seconds(notice, 1796217700.0) == 1
+
+
+def test_make_install_hands_pips_package_sources_to_uv_and_a_gpu_torch_index_to_torch_only(tmp_path):
+    """uv reads no pip.conf: the Makefile passes pip's find-links on (a space-separated
+    list for pip, comma-separated for uv), from PIP_FIND_LINKS or else pip's config; a
+    user's own UV_FIND_LINKS wins; TORCH_INDEX reaches the torch step and no other."""
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    show = ["make", "-s", "--no-print-directory", "--eval", 'show: ; @echo "[$$UV_FIND_LINKS]"', "show"]
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "UV_"))}
+
+    def links(**env) -> str:
+        return subprocess.run(show, cwd=REPO, env=dict(base, **env), capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    assert links(PIP_FIND_LINKS="/a /b") == "[/a,/b]"
+    assert links(PIP_FIND_LINKS="/a", UV_FIND_LINKS="/u") == "[/u]"
+    conf = tmp_path / "pip.conf"
+    conf.write_text("[global]\nfind-links = /from/conf\n")
+    assert links(PIP_CONFIG_FILE=str(conf)) == "[/from/conf]"
+    assert links(PIP_CONFIG_FILE=os.devnull) == "[]"
+
+    dry = subprocess.run(["make", "-n", "-W", "pyproject.toml", ".venv/.installed",
+                          "TORCH_INDEX=https://example.invalid/whl/cu130"], cwd=REPO, env=base,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    indexed = [line for line in dry if "--index-url" in line]
+    assert len(indexed) == 1 and '"torch==' in indexed[0] and "https://example.invalid/whl/cu130" in indexed[0], dry
