@@ -1,7 +1,8 @@
 """A stage that cannot learn FAILS, everywhere a user looks: exit status, MLflow run
 status, the registry, the results table. Real Ray Train (gloo; X on 2 workers), real DALI,
 real MLflow; the failures are real: an lr of ~0 leaves the net at chance, an lr of
-1000 makes the loss non-finite within a few steps."""
+1000 makes the loss non-finite within a few steps. A failure stops only its own branch:
+its dependant is not started, and an independent stage finishes."""
 
 from __future__ import annotations
 
@@ -38,7 +39,11 @@ def test_stalled_and_diverged_stages_fail_and_a_fixed_recipe_fine_tunes_from_the
                      stages={"A": {"arch": "A", "scale": 36, "resources": ONE},  # lr ~0: at chance after 2 epochs
                              "B": {"arch": "B", "scale": 36, "init_from": {"stage": "A"}, "recipe": {"epochs": 1},
                                    "resources": ONE},
-                             "X": {"arch": "A", "scale": 36, "recipe": {"optim": {"lr": 1000.0}}}})  # diverges
+                             "X": {"arch": "A", "scale": 36, "recipe": {"optim": {"lr": 1000.0}}},  # diverges
+                             # independent of A and X (and trained beside A on the 2 CPUs): it learns and
+                             # finishes, as a failure stops only its own branch
+                             "A-LRN": {"arch": "A-LRN", "scale": 36, "resources": ONE,
+                                       "recipe": {"epochs": 1, "stall_epochs": 0, "optim": {"lr": 0.05}}}})
     argv = ["train", "--plan", str(plan), "--run-name", "fail-1"]
     assert cli_main(argv) == 1
     out = capsys.readouterr()
@@ -50,11 +55,13 @@ def test_stalled_and_diverged_stages_fail_and_a_fixed_recipe_fine_tunes_from_the
     table = [line for line in out.out.splitlines() if line.startswith("| ")]
     assert any("| A " in r and "FAILED (STALLED)" in r for r in table)
     assert any("| B " in r and "NOT STARTED" in r for r in table)
+    assert any(r.startswith("| A-LRN ") and " finished " in r for r in table), table
 
     client = MlflowClient(mlflow_uri)
     runs = stage_runs(client, "fail-test")
-    assert set(runs) == {"A", "X"}  # B never started, so it has no run
-    (a,), (x,) = runs["A"], runs["X"]
+    assert set(runs) == {"A", "X", "A-LRN"}  # B never started, so it has no run
+    (a,), (x,), (lrn,) = runs["A"], runs["X"], runs["A-LRN"]
+    assert lrn.info.status == "FINISHED" and lrn.data.tags["stage_status"] == "finished"
     for run, kind in ((a, "stalled"), (x, "diverged")):
         assert run.info.status == "FAILED" and run.data.tags["stage_status"] == "failed"
         assert run.data.tags["failure_kind"] == kind and f"FAILED ({kind})" in run.data.tags["failure"]
@@ -70,12 +77,12 @@ def test_stalled_and_diverged_stages_fail_and_a_fixed_recipe_fine_tunes_from_the
     parent = client.search_runs([client.get_experiment_by_name("fail-test").experiment_id], "tags.kind = 'plan'")[0]
     assert parent.info.status == "FAILED" and parent.data.tags["failed_stages"] == "A, X"
     assert parent.data.tags["not_started_stages"] == "B (A failed)"
-    assert client.search_registered_models() == []  # no version of a failed net
+    assert {m.name for m in client.search_registered_models()} == {"fail-test-A-LRN"}  # none of a failed net
 
     # The same command again would repeat the failure: refused at once, nothing new trained.
     assert cli_main(argv) == 1
     assert "already FAILED (stalled) in plan run fail-1 with this same recipe" in capsys.readouterr().out
-    assert {k: len(v) for k, v in stage_runs(client, "fail-test").items()} == {"A": 1, "X": 1}
+    assert {k: len(v) for k, v in stage_runs(client, "fail-test").items()} == {"A": 1, "X": 1, "A-LRN": 1}
 
     # A fixed recipe under the same plan run: A fine-tunes from its last good checkpoint in
     # a new MLflow run (the failed attempt stays as it was), B follows, X starts afresh.
@@ -90,7 +97,8 @@ def test_stalled_and_diverged_stages_fail_and_a_fixed_recipe_fine_tunes_from_the
     assert a2.data.params["recipe.optim.lr"] == "0.05"
     assert runs["B"][0].info.status == "FINISHED" and runs["X"][-1].info.status == "FINISHED"
     assert "init_checkpoint" not in runs["X"][-1].data.tags
-    assert {m.name for m in client.search_registered_models()} == {"fail-test-A", "fail-test-B"}
+    assert len(runs["A-LRN"]) == 1  # finished in this plan run: kept, not trained again
+    assert {m.name for m in client.search_registered_models()} == {"fail-test-A", "fail-test-B", "fail-test-A-LRN"}
 
     # prune on this real Ray Train storage: one plan run, so its latest attempts stay; A's failed
     # first attempt was replaced, but its last good checkpoint is where the second one started
