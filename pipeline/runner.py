@@ -245,6 +245,10 @@ def run_plan(plan: Plan, *, run_name: str | None = None, tracking_uri: str, ray_
                         results[name] = _missing(stage, f"failed ({srun.failure_kind})", attempt, srun.run_id)
                         continue
                     srun, trial, init_ckpt, init_layers, init_label = attempt
+                    stored = _trained_earlier(plan, stage, srun, storage, trial, say)
+                    if stored is not None:  # only its booking is left: that takes no Ray Train run
+                        running[stored] = (stage, srun)
+                        continue
                     if srun.tags.get("trial") != trial:  # so a resumed driver finds this attempt's Ray Train run
                         tracker.client.set_tag(srun.run_id, "trial", trial)
                     _ensure_ray(ray_address, plan)  # at once if started above; else another driver trained meanwhile
@@ -320,7 +324,7 @@ def _finish(tracker, plan: Plan, stage: Stage, srun, future, run_name: str, chec
         failed[stage.name] = message
         say(message)
         return _missing(stage, "failed (crashed)", message, srun.run_id)
-    flush_stage(outcome.tracking, stage.name, say)  # its figures in MLflow before it is booked
+    flushed = flush_stage(outcome.tracking, stage.name, say)  # its figures in MLflow before it is booked
     if outcome.failure is not None and outcome.failure["kind"] == "corrupt":
         return _corrupt_sample(tracker, stage, srun, outcome, run_name, failed, say)
     if outcome.failure is not None:
@@ -332,6 +336,8 @@ def _finish(tracker, plan: Plan, stage: Stage, srun, future, run_name: str, chec
         failed[stage.name] = message
         say(message)
         return _missing(stage, f"failed ({outcome.failure['kind']})", message, srun.run_id)
+    if flushed and srun.tags.get("figures_complete") != "true":  # a rerun can book it from storage alone
+        tracker.client.set_tag(srun.run_id, "figures_complete", "true")
     checkpoints[stage.name] = outcome.checkpoint
     model = load_stage_model(stage, outcome.checkpoint)
     final = {"top1_error": outcome.metrics["val_top1_error"], "top5_error": outcome.metrics["val_top5_error"],
@@ -343,6 +349,30 @@ def _finish(tracker, plan: Plan, stage: Stage, srun, future, run_name: str, chec
                          bundle=stage_bundle(stage, outcome.checkpoint, plan.data.root))
     say(f"[{stage.name}] finished: top-1 error {final['top1_error']:.2f}%")
     return _result(stage, tracker, srun.run_id, skipped=False)
+
+
+def _trained_earlier(plan: Plan, stage: Stage, srun, storage: str, trial: str, say):
+    """A stage whose training ended, with every figure in MLflow, under this same recipe,
+    but which was never booked (its booking failed, or the driver died during it): its
+    Ray Train run's result read from storage, as a completed future for _finish, so that
+    booking it waits for no cluster capacity. None where Ray Train must run (resume it)."""
+    from concurrent.futures import Future
+
+    from pipeline.worker import stored_outcome
+
+    if srun.tags.get("figures_complete") != "true" or (
+            srun.tags.get("stage_config") != _stage_tags(plan, stage)["stage_config"]):
+        return None
+    try:
+        outcome = stored_outcome(storage, trial)
+    except Exception as exc:  # noqa: BLE001 - Ray Train's resume books it as well, only slower
+        say(f"[{stage.name}] its stored result could not be read ({type(exc).__name__}: {str(exc)[:300]}); "
+            "resuming it with Ray Train")
+        return None
+    say(f"[{stage.name}] its training ended in an earlier run: booking it from its last checkpoint")
+    done = Future()
+    done.set_result(outcome)
+    return done
 
 
 def _corrupt_sample(tracker, stage: Stage, srun, outcome, run_name: str, failed: dict, say) -> StageResult:

@@ -167,6 +167,19 @@ class StageOutcome:
     tracking: "TrackingSink | None" = None  # the stage's figures on their way to MLflow: flush before booking
 
 
+def stored_outcome(storage: str, trial_name: str) -> StageOutcome:
+    """What Ray Train's run `trial_name` under `storage` ended with, read back without
+    training: its latest checkpoint and the figures reported with it. This is what
+    fit_stage returns when it resumes a stage whose last epoch is in that checkpoint
+    (pipeline/stageloop.py books such a checkpoint as it is)."""
+    from ray.train import Result
+
+    result = Result.from_path(f"{storage.rstrip('/')}/{trial_name}")
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train run {trial_name} under {storage} has no checkpoint")
+    return StageOutcome(result.checkpoint, dict(result.metrics or {}))
+
+
 def fit_stage(stage, data, *, trial_name: str, storage: str, tracking_uri: str | None, mlflow_run_id: str | None,
               init_checkpoint=None, init_layers=None, init_from_label: str | None = None,
               controls: "StageControls", step_lines: bool = True) -> StageOutcome:

@@ -41,12 +41,14 @@ def stage_runs(uri: str, experiment: str) -> dict:
     return {r.data.tags["stage"]: r for r in client.search_runs([exp.experiment_id], "tags.kind = 'stage'")}
 
 
-def test_independent_stages_overlap_and_a_dependant_waits(tmp_path, shards, ray_cluster, mlflow_uri, monkeypatch):
+def test_independent_stages_overlap_and_a_dependant_waits(tmp_path, shards, ray_cluster, mlflow_uri, monkeypatch,
+                                                          capsys):
     """... and a booking that raises (here SQLite's "database is locked", as several
     controllers writing one store can get, once A-LRN's version is registered) fails only
     its own stage: the plan goes on, B starts from A, the parent run ends FAILED, nothing
     waits. The same command then books A-LRN from its last checkpoint without training it
-    again (it ended on a plateau, an epoch before its cap) and without a second version."""
+    again (it ended on a plateau, an epoch before its cap), without a Ray Train run (its
+    result is read from storage) and without a second version."""
     import sqlite3
 
     from mlflow.tracking import MlflowClient
@@ -85,12 +87,22 @@ def test_independent_stages_overlap_and_a_dependant_waits(tmp_path, shards, ray_
     assert len(client.search_model_versions(f"run_id = '{lrn.run_id}'")) == 1
 
     monkeypatch.undo()  # the store works again: the same command books A-LRN
+
+    def controllers() -> int:  # Ray Train runs started in this Ray, from the GCS's own table
+        return sum(a["ActorClassName"] == "TrainController" for a in ray_cluster._private.state.actors().values())
+
+    started, _ = controllers(), capsys.readouterr()
     results = run_plan(plan, run_name="par-1", tracking_uri=mlflow_uri, max_concurrent=2)
+    console = capsys.readouterr().out
+    assert "[A-LRN] its training ended in an earlier run: booking it from its last checkpoint" in console, console
+    assert "[A-LRN] starting" not in console and controllers() == started
     assert [(r.status, r.skipped) for r in results] == [("finished", True), ("finished", False), ("finished", True)]
     after = stage_runs(mlflow_uri, "par-test")["A-LRN"]
     assert after.info.run_id == lrn.run_id and after.info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(lrn.run_id, "train_loss")) == [0, 1]  # not trained again
     assert len(client.search_model_versions(f"run_id = '{lrn.run_id}'")) == 1  # booked twice, one version
+    last = max(client.get_metric_history(lrn.run_id, "val_top1_error"), key=lambda m: m.step).value  # the worker's
+    assert client.get_run(lrn.run_id).data.metrics["top1_error"] == pytest.approx(last)
     [parent] = client.search_runs([client.get_experiment_by_name("par-test").experiment_id], "tags.kind = 'plan'")
     assert parent.info.status == "FINISHED"
 
