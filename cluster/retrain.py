@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=None, help="give up waiting for the job after this many seconds")
     a = p.parse_args(argv)
 
-    from pipeline.runner import registered_model_name
+    from pipeline.booking import registered_model_name
     from pipeline.tracking import TrackingUnreachable, _client, champion, tracking_uri
 
     try:

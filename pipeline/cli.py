@@ -25,7 +25,8 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(a) -> int:
-    from pipeline.runner import PlanFailed, results_table, run_plan
+    from pipeline.booking import results_table
+    from pipeline.runner import PlanFailed, run_plan
     from pipeline.stages import load_plan
     from pipeline.tracking import tracking_uri, ui_command
 
@@ -81,7 +82,7 @@ def _train_images(plan) -> int | None:
 def _report_failure(exc, uri: str, experiment: str | None = None) -> int:
     """A failed plan never looks like a result: the table says FAILED, the reason goes
     to stderr, and the exit status is 1."""
-    from pipeline.runner import results_table
+    from pipeline.booking import results_table
     from pipeline.tracking import ui_command
 
     print(results_table(exc.results))
@@ -92,7 +93,8 @@ def _report_failure(exc, uri: str, experiment: str | None = None) -> int:
 
 def cmd_demo(a) -> int:
     from data_prep.synth import make_dataset
-    from pipeline.runner import PlanFailed, default_run_name, results_table, run_plan
+    from pipeline.booking import results_table
+    from pipeline.runner import PlanFailed, default_run_name, run_plan
     from pipeline.stages import PLANS_DIR, load_plan
     from pipeline.tracking import tracking_uri, ui_command
 

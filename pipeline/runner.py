@@ -8,31 +8,16 @@ stage resumes from its last Ray Train checkpoint, in the same MLflow runs.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.booking import (StageResult, advice, book, booking_failed, missing, result_of, stage_tags,
+                              trained_earlier)
 from pipeline.config import flatten, to_dict
 from pipeline.metricsink import flush_stage
 from pipeline.stages import Plan, Stage
-
-
-@dataclass(frozen=True)
-class StageResult:
-    stage: str
-    arch: str
-    train_scale: str
-    eval_scale: int
-    epochs: int
-    top1_error: float  # nan where the stage did not finish
-    top5_error: float
-    run_id: str  # "" for a stage that was not started
-    skipped: bool
-    status: str = "finished"  # finished, failed (stalled / diverged), not started
-    reason: str = ""
 
 
 class PlanFailed(RuntimeError):
@@ -73,61 +58,6 @@ def _ensure_ray(address: str | None, plan: Plan) -> None:
     rayconsole.start_local(max(cpus, os.cpu_count() or 1), dashboard_host="127.0.0.1")
 
 
-def registered_model_name(plan: Plan, stage: Stage) -> str:
-    """One registered model per experiment and arch, e.g. vgg-paper-D; versions carry the stage."""
-    from pipeline.archs import get_arch
-
-    return f"{plan.experiment}-{get_arch(stage.arch).name}"
-
-
-def _stage_tags(plan: Plan, stage: Stage) -> dict:
-    return {"arch": stage.arch, "stage": stage.name, "train_scale": stage.scale_label,
-            "init_from": stage.init_from.stage if stage.init_from else "random",
-            "stage_config": json.dumps(to_dict(stage), sort_keys=True),
-            "plan": plan.name, "recipe": recipe_summary(plan, stage), "deviation": plan.deviation or "none"}
-
-
-def recipe_summary(plan: Plan, stage: Stage) -> str:
-    """Which recipe produced a stage's numbers, in one line (MLflow tag, report)."""
-    r, o = stage.recipe, stage.recipe.optim
-    warm = f", warmup {o.warmup_epochs:g} epochs" if o.warmup_epochs else ", no warmup"
-    return f"{plan.recipe_label}; global batch {r.batch_size}, lr {o.lr:g} at batch {o.reference_batch}{warm}"
-
-
-def _advice(stage: Stage, failure: dict, global_batch: int) -> str:
-    from pipeline.engine import effective_lr
-
-    if failure["kind"] == "refused":  # a checkpoint whose position this recipe cannot honour
-        return ("resume with the recipe and data its position is measured in (the fields named above), or "
-                "resume from an epoch-end checkpoint")
-    o = stage.recipe.optim
-    lr = (f"recipe.optim.lr, now {o.lr:g} at batch {o.reference_batch}"
-          + (f" = {effective_lr(o, global_batch):.3g} at this run's global batch of {global_batch}" if o.scale_lr
-             else ""))
-    if failure["kind"] == "diverged":
-        return (f"lower the lr ({lr}), add or lengthen a warmup (recipe.optim.warmup_epochs, now "
-                f"{o.warmup_epochs:g}), or clip gradients (recipe.optim.grad_clip)")
-    init = (f"init_from, now {stage.init_from.stage}" if stage.init_from else
-            f"recipe.init, now {stage.recipe.init}, or init_from a trained stage")
-    return (f"change the lr ({lr}; too low and the net never leaves chance, too high and it cannot settle), "
-            f"add a warmup (recipe.optim.warmup_epochs, now {o.warmup_epochs:g}), or the init ({init})")
-
-
-def _failure_message(plan: Plan, stage: Stage, failure: dict, run_name: str, last_good: str | None) -> str:
-    if last_good:
-        kept = f"The last good checkpoint is kept: {last_good}."
-        retry = (f"To fine-tune from it instead, change the recipe and add --run-name {run_name}: finished stages "
-                 f"are kept and {stage.name} starts from its last good weights.")
-    else:
-        kept = "It failed before its first checkpoint, so there are no good weights to keep."
-        retry = (f"To keep this plan run's finished stages, change the recipe and add --run-name {run_name}: "
-                 f"{stage.name} starts again as at first.")
-    return (f"stage {stage.name} FAILED ({failure['kind']}) in epoch {failure['epoch']}: {failure['reason']}. "
-            f"Nothing was registered. What to change: {_advice(stage, failure, stage.recipe.batch_size)}. {kept} "
-            f"To start over, change the recipe (--set or the plan file) and run the same command: a changed plan is "
-            f"a new plan run. {retry}")
-
-
 def _attempt(tracker, plan: Plan, stage: Stage, srun, parent_id: str, run_name: str, params: dict, checkpoints: dict):
     """(stage run, trial name, init checkpoint, init layers, init label) for this stage's
     next attempt, or a message when the last attempt failed with this same recipe."""
@@ -140,10 +70,10 @@ def _attempt(tracker, plan: Plan, stage: Stage, srun, parent_id: str, run_name: 
             return (srun, trial, checkpoint_from_uri(srun.tags["init_checkpoint"]), srun.tags.get("init_layers"),
                     srun.tags.get("init_label"))
         return srun, trial, init_ckpt, None, None
-    if srun.tags.get("stage_config") == _stage_tags(plan, stage)["stage_config"]:
+    if srun.tags.get("stage_config") == stage_tags(plan, stage)["stage_config"]:
         return (f"stage {stage.name} already FAILED ({srun.failure_kind}) in plan run {run_name} with this same "
                 f"recipe (MLflow run {srun.run_id}); running it again would repeat that. Change the recipe: "
-                f"{_advice(stage, {'kind': srun.failure_kind}, stage.recipe.batch_size)}.")
+                f"{advice(stage, {'kind': srun.failure_kind}, stage.recipe.batch_size)}.")
     last_good = srun.tags.get("last_good_checkpoint")
     last_good = None if last_good in (None, "none") else last_good
     attempt = int(srun.tags.get("attempt", "1")) + 1
@@ -151,7 +81,7 @@ def _attempt(tracker, plan: Plan, stage: Stage, srun, parent_id: str, run_name: 
     if last_good:
         extra |= {"init_checkpoint": last_good, "init_layers": "all",
                   "init_label": f"the last good checkpoint of failed run {srun.run_id}"}
-    new = tracker.stage_run(parent_id, run_name, stage.name, params, _stage_tags(plan, stage) | extra,
+    new = tracker.stage_run(parent_id, run_name, stage.name, params, stage_tags(plan, stage) | extra,
                             new_attempt=True)
     if last_good:
         return new, extra["trial"], checkpoint_from_uri(last_good), "all", extra["init_label"]
@@ -224,7 +154,7 @@ def run_plan(plan: Plan, *, run_name: str | None = None, tracking_uri: str, ray_
                 if src in failed or src in unstarted:
                     unstarted[name] = f"{src} {'failed' if src in failed else 'was not started'}"
                     say(f"[{name}] not started: {unstarted[name]}")
-                    results[name] = _missing(stage, "not started", unstarted[name])
+                    results[name] = missing(stage, "not started", unstarted[name])
                     pending.remove(name)
                     continue
                 if (src is not None and src not in checkpoints) or len(running) >= cap:
@@ -232,20 +162,20 @@ def run_plan(plan: Plan, *, run_name: str | None = None, tracking_uri: str, ray_
                 pending.remove(name)
                 try:  # MLflow calls: one stage's error must not stop the others
                     params = flatten(to_dict(stage)) | {"data.root": plan.data.root}
-                    srun = tracker.stage_run(parent_id, run_name, name, params, _stage_tags(plan, stage))
+                    srun = tracker.stage_run(parent_id, run_name, name, params, stage_tags(plan, stage))
                     if srun.finished:
                         checkpoints[name] = checkpoint_from_uri(srun.checkpoint)
                         say(f"[{name}] already finished in this plan run; skipped")
-                        results[name] = _result(stage, tracker, srun.run_id, skipped=True)
+                        results[name] = result_of(stage, tracker, srun.run_id, skipped=True)
                         continue
                     attempt = _attempt(tracker, plan, stage, srun, parent_id, run_name, params, checkpoints)
                     if isinstance(attempt, str):
                         failed[name] = attempt
                         say(f"[{name}] {attempt}")
-                        results[name] = _missing(stage, f"failed ({srun.failure_kind})", attempt, srun.run_id)
+                        results[name] = missing(stage, f"failed ({srun.failure_kind})", attempt, srun.run_id)
                         continue
                     srun, trial, init_ckpt, init_layers, init_label = attempt
-                    stored = _trained_earlier(plan, stage, srun, storage, trial, say)
+                    stored = trained_earlier(plan, stage, srun, storage, trial, say)
                     if stored is not None:  # only its booking is left: that takes no Ray Train run
                         running[stored] = (stage, srun)
                         continue
@@ -262,7 +192,7 @@ def run_plan(plan: Plan, *, run_name: str | None = None, tracking_uri: str, ray_
                     failed[name] = (f"stage {name} could not be started: {type(exc).__name__}: {str(exc)[:500]}. "
                                     "Rerunning the same command tries again.")
                     say(failed[name])
-                    results[name] = _missing(stage, "failed (start)", failed[name])
+                    results[name] = missing(stage, "failed (start)", failed[name])
             if not running:
                 if pending:  # cannot happen: plan order puts every source before its dependants
                     raise RuntimeError(f"plan {plan.name}: stages {pending} can never start")
@@ -274,9 +204,9 @@ def run_plan(plan: Plan, *, run_name: str | None = None, tracking_uri: str, ray_
             for future in done:
                 stage, srun = running.pop(future)
                 try:
-                    result = _finish(tracker, plan, stage, srun, future, run_name, checkpoints, failed, say)
+                    result = book(tracker, plan, stage, srun, future, run_name, checkpoints, failed, say)
                 except Exception as exc:  # noqa: BLE001 - one stage's booking must not stop the plan
-                    result = _booking_failed(tracker, stage, srun, future, exc, failed, say)
+                    result = booking_failed(tracker, stage, srun, future, exc, failed, say)
                 results[stage.name] = result
         if interrupted:
             abort(interrupted[0], tracker, controls, parent_id, run_name, running, say)
@@ -305,134 +235,3 @@ def run_plan(plan: Plan, *, run_name: str | None = None, tracking_uri: str, ray_
         lines += [failed[name] for name in order if name in failed]
         raise PlanFailed("\n".join(lines), final)
     return final
-
-
-def _finish(tracker, plan: Plan, stage: Stage, srun, future, run_name: str, checkpoints: dict, failed: dict,
-            say) -> StageResult:
-    """Book a stage's Ray Train run: FAILED with the reason (a training failure, or a
-    crash that a rerun resumes), or FINISHED with its model registered."""
-    from pipeline.evaluate import load_stage_model, stage_bundle
-    from pipeline.worker import checkpoint_uri
-
-    try:
-        outcome = future.result()
-    except Exception as exc:  # noqa: BLE001 - a crashed stage must not take its independent siblings down
-        flush_stage(getattr(exc, "tracking", None), stage.name, say)
-        message = (f"stage {stage.name} crashed: {type(exc).__name__}: {exc}. Rerunning the same command resumes it "
-                   "from its last checkpoint.")
-        tracker.fail(srun.run_id, f"{type(exc).__name__}: {exc}")
-        failed[stage.name] = message
-        say(message)
-        return _missing(stage, "failed (crashed)", message, srun.run_id)
-    flushed = flush_stage(outcome.tracking, stage.name, say)  # its figures in MLflow before it is booked
-    if outcome.failure is not None and outcome.failure["kind"] == "corrupt":
-        return _corrupt_sample(tracker, stage, srun, outcome, run_name, failed, say)
-    if outcome.failure is not None:
-        last_good = checkpoint_uri(outcome.checkpoint) if outcome.checkpoint is not None else None
-        message = _failure_message(plan, stage, outcome.failure, run_name, last_good)
-        tracker.fail(srun.run_id, message, {"stage_status": "failed", "failure_kind": outcome.failure["kind"],
-                                            "failure_epoch": outcome.failure["epoch"],
-                                            "last_good_checkpoint": last_good or "none"})
-        failed[stage.name] = message
-        say(message)
-        return _missing(stage, f"failed ({outcome.failure['kind']})", message, srun.run_id)
-    if flushed and srun.tags.get("figures_complete") != "true":  # a rerun can book it from storage alone
-        tracker.client.set_tag(srun.run_id, "figures_complete", "true")
-    checkpoints[stage.name] = outcome.checkpoint
-    model = load_stage_model(stage, outcome.checkpoint)
-    final = {"top1_error": outcome.metrics["val_top1_error"], "top5_error": outcome.metrics["val_top5_error"],
-             f"single_Q{stage.eval_scale}/top1_error": outcome.metrics["val_top1_error"],
-             f"single_Q{stage.eval_scale}/top5_error": outcome.metrics["val_top5_error"],
-             "epochs_trained": outcome.metrics["epoch"] + 1}
-    tracker.finish_stage(srun.run_id, final, checkpoint_uri(outcome.checkpoint), model=model,
-                         registered_name=registered_model_name(plan, stage),
-                         bundle=stage_bundle(stage, outcome.checkpoint, plan.data.root))
-    say(f"[{stage.name}] finished: top-1 error {final['top1_error']:.2f}%")
-    return _result(stage, tracker, srun.run_id, skipped=False)
-
-
-def _trained_earlier(plan: Plan, stage: Stage, srun, storage: str, trial: str, say):
-    """A stage whose training ended, with every figure in MLflow, under this same recipe,
-    but which was never booked (its booking failed, or the driver died during it): its
-    Ray Train run's result read from storage, as a completed future for _finish, so that
-    booking it waits for no cluster capacity. None where Ray Train must run (resume it)."""
-    from concurrent.futures import Future
-
-    from pipeline.worker import stored_outcome
-
-    if srun.tags.get("figures_complete") != "true" or (
-            srun.tags.get("stage_config") != _stage_tags(plan, stage)["stage_config"]):
-        return None
-    try:
-        outcome = stored_outcome(storage, trial)
-    except Exception as exc:  # noqa: BLE001 - Ray Train's resume books it as well, only slower
-        say(f"[{stage.name}] its stored result could not be read ({type(exc).__name__}: {str(exc)[:300]}); "
-            "resuming it with Ray Train")
-        return None
-    say(f"[{stage.name}] its training ended in an earlier run: booking it from its last checkpoint")
-    done = Future()
-    done.set_result(outcome)
-    return done
-
-
-def _corrupt_sample(tracker, stage: Stage, srun, outcome, run_name: str, failed: dict, say) -> StageResult:
-    """A sample no rank could decode stopped every rank: FAILED naming it, but not as a
-    training failure (no failure_kind): the recipe is fine, so a rerun of this plan run
-    resumes the stage from its last checkpoint once the shard is fixed or skipping is on."""
-    from pipeline.worker import checkpoint_uri
-
-    last = checkpoint_uri(outcome.checkpoint) if outcome.checkpoint is not None else "none (it starts again)"
-    message = (f"stage {stage.name} FAILED (corrupt sample) in epoch {outcome.failure['epoch']}: "
-               f"{outcome.failure['reason']}. Nothing was registered. Re-shard the shard named (or add --set "
-               f"data.on_corrupt_sample=skip) and rerun with --run-name {run_name}: {stage.name} resumes from its "
-               f"last checkpoint, {last}.")
-    tracker.fail(srun.run_id, message, {"data_failure": outcome.failure["reason"],
-                                        "failure_epoch": outcome.failure["epoch"]})
-    failed[stage.name] = message
-    say(message)
-    return _missing(stage, "failed (corrupt sample)", message, srun.run_id)
-
-
-def _booking_failed(tracker, stage: Stage, srun, future, exc: Exception, failed: dict, say) -> StageResult:
-    """A stage whose Ray Train run ended but whose booking raised (an MLflow call, SQLite's
-    "database is locked", a storage read): FAILED with the reason, so its dependants are
-    not started and the plan goes on with the rest. Its checkpoints are kept: rerunning
-    the same command books it from them."""
-    trained = future.exception() is None and future.result().failure is None
-    message = (f"stage {stage.name} could not be booked: {type(exc).__name__}: {str(exc)[:500]}. "
-               + ("Its training ended and its checkpoints are kept: rerunning the same command books it."
-                  if trained else f"(It had failed: {failed.get(stage.name) or future.exception()}.) Rerunning the "
-                  "same command takes it up from its last checkpoint."))
-    failed[stage.name] = message
-    say(message)
-    try:
-        tracker.fail(srun.run_id, message)
-    except Exception as again:  # noqa: BLE001 - the store that failed the booking may fail this too
-        say(f"[{stage.name}] could not mark MLflow run {srun.run_id} FAILED either: {type(again).__name__}: "
-            f"{str(again)[:200]}")
-    return _missing(stage, "failed (booking)", message, srun.run_id)
-
-
-def _missing(stage: Stage, status: str, reason: str, run_id: str = "") -> StageResult:
-    nan = float("nan")
-    return StageResult(stage.name, stage.arch, stage.scale_label, stage.eval_scale, 0, nan, nan, run_id, False,
-                       status, reason)
-
-
-def _result(stage: Stage, tracker, run_id: str, skipped: bool) -> StageResult:
-    run = tracker.client.get_run(run_id)
-    m = run.data.metrics
-    return StageResult(stage.name, stage.arch, stage.scale_label, stage.eval_scale, int(m.get("epochs_trained", 0)),
-                       m["top1_error"], m["top5_error"], run_id, skipped)
-
-
-def results_table(results: list[StageResult]) -> str:
-    head = ["stage", "arch", "train S", "test Q", "epochs", "top-1 err %", "top-5 err %", "status", "MLflow run"]
-    rows = [[r.stage, r.arch, r.train_scale, str(r.eval_scale), str(r.epochs) if r.status == "finished" else "-",
-             f"{r.top1_error:.2f}" if r.status == "finished" else "-",
-             f"{r.top5_error:.2f}" if r.status == "finished" else "-",
-             r.status.upper() if r.status != "finished" else ("done earlier" if r.skipped else "finished"),
-             r.run_id or "-"] for r in results]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])

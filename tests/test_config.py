@@ -155,7 +155,7 @@ def test_paper_plan_follows_the_paper_or_declares_each_difference():
     batches declared; the declaration reaches every stage run's MLflow tags and the
     report's recipe keys (paper-fast's batch item on top of them)."""
     from pipeline.report import StageRow, render
-    from pipeline.runner import _stage_tags
+    from pipeline.booking import stage_tags
     from pipeline.stages import PLANS_DIR
 
     paper, fast = load_plan(PLANS_DIR / "paper.yaml"), load_plan(PLANS_DIR / "paper-fast.yaml")
@@ -163,7 +163,7 @@ def test_paper_plan_follows_the_paper_or_declares_each_difference():
     assert all(s.recipe.precision in ("auto", "bf16") for s in paper.stages.values())  # hence declared:
     assert paper.deviation.startswith("bf16_autocast: ") and "; float16_batches: " in paper.deviation
     for plan in (paper, fast):
-        tags = _stage_tags(plan, plan.stages["D-multi"])
+        tags = stage_tags(plan, plan.stages["D-multi"])
         assert tags["deviation"] == plan.deviation and plan.deviation in tags["recipe"]
         md = render(plan.experiment, [StageRow("D-multi", "D", "[256,512]", "r", {
             "dense_Q384/top1_error": 25.0, "dense_Q384/top5_error": 8.0}, tags["recipe"])], [])

@@ -160,7 +160,8 @@ def test_a_corrupt_sample_books_the_stage_failed_naming_it_and_a_rerun_resumes_i
     or with skipping on) resumes the stage in its MLflow run instead of refusing it."""
     from concurrent.futures import Future
 
-    from pipeline.runner import _attempt, _finish, _stage_tags
+    from pipeline.booking import book, stage_tags
+    from pipeline.runner import _attempt
     from pipeline.tracking import Tracker
     from pipeline.worker import StageOutcome
 
@@ -168,18 +169,18 @@ def test_a_corrupt_sample_books_the_stage_failed_naming_it_and_a_rerun_resumes_i
                                                                                              "scale": 36}}))
     stage, tracker = plan.stages["A"], Tracker(mlflow_uri, "bad")
     parent, _ = tracker.parent_run("bad-1", {}, {})
-    srun = tracker.stage_run(parent, "bad-1", "A", {}, _stage_tags(plan, stage))
+    srun = tracker.stage_run(parent, "bad-1", "A", {}, stage_tags(plan, stage))
     reason = "DALI train pipeline over x: sample 'k1' in shard /s/train-000003.tar cannot be decoded (why)"
     done: Future = Future()
     done.set_result(StageOutcome(None, {}, {"kind": "corrupt", "epoch": 1, "reason": reason}))
     failed, said = {}, []
-    result = _finish(tracker, plan, stage, srun, done, "bad-1", {}, failed, said.append)
+    result = book(tracker, plan, stage, srun, done, "bad-1", {}, failed, said.append)
     assert result.status == "failed (corrupt sample)" and "sample 'k1' in shard /s/train-000003.tar" in said[0]
     assert "--run-name bad-1" in said[0] and "data.on_corrupt_sample=skip" in said[0]
     run = tracker.client.get_run(srun.run_id)
     assert run.info.status == "FAILED" and run.data.tags["data_failure"] == reason
     assert "failure_kind" not in run.data.tags and "stage_status" not in run.data.tags
-    again = tracker.stage_run(parent, "bad-1", "A", {}, _stage_tags(plan, stage))
+    again = tracker.stage_run(parent, "bad-1", "A", {}, stage_tags(plan, stage))
     assert again.run_id == srun.run_id and not again.finished
     attempt = _attempt(tracker, plan, stage, again, parent, "bad-1", {}, {})
     assert not isinstance(attempt, str) and attempt[1] == "bad-1-A"  # the same Ray Train run: resumed
