@@ -48,9 +48,11 @@ def test_staged_plan_on_ray_tracks_everything_and_resumes(tmp_path, shards, ray_
         stages={"A": {"arch": "A", "scale": 36},
                 # an lr of ~0 keeps B where init_from put it: A's tensors, by name (from A's
                 # compiled, DDP-wrapped checkpoint, as the resume and the evaluation load it).
-                # B itself is not compiled: what it checks is the load, and each of its workers
-                # would pay Dynamo's tracing again.
+                # B itself is not compiled and runs on one worker: what it checks is the load
+                # (DDP is A's part), and a second worker would pay torch's, DALI's and Dynamo's
+                # start again.
                 "B": {"arch": "B", "scale": [36, 48], "init_from": {"stage": "A"},
+                      "resources": {"num_workers": 1, "cpus_per_worker": 1},
                       "recipe": {"epochs": 1, "compile": False,
                                  "optim": {"lr": 1.0e-12, "momentum": 0.0, "weight_decay": 0.0}}}}))
     outcome = {}
