@@ -130,15 +130,15 @@ def book(tracker, plan: Plan, stage: Stage, srun, future, run_name: str, checkpo
 def trained_earlier(plan: Plan, stage: Stage, srun, storage: str, trial: str, say):
     """A stage whose training ended, with every figure in MLflow, under this same recipe,
     but which was never booked (its booking failed, or the driver died during it): its
-    Ray Train run's result read from storage, as a completed future for _finish, so that
+    Ray Train run's result read from storage, as a completed future for book(), so that
     booking it waits for no cluster capacity. None where Ray Train must run (resume it)."""
+    if srun.tags.get("figures_complete") != "true" or (
+            srun.tags.get("stage_config") != stage_tags(plan, stage)["stage_config"]):
+        return None
     from concurrent.futures import Future
 
     from pipeline.worker import stored_outcome
 
-    if srun.tags.get("figures_complete") != "true" or (
-            srun.tags.get("stage_config") != stage_tags(plan, stage)["stage_config"]):
-        return None
     try:
         outcome = stored_outcome(storage, trial)
     except Exception as exc:  # noqa: BLE001 - Ray Train's resume books it as well, only slower
