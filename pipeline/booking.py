@@ -112,8 +112,8 @@ def book(tracker, plan: Plan, stage: Stage, srun, future, run_name: str, checkpo
         failed[stage.name] = message
         say(message)
         return missing(stage, f"failed ({outcome.failure['kind']})", message, srun.run_id)
-    if flushed and srun.tags.get("figures_complete") != "true":  # a rerun can book it from storage alone
-        tracker.client.set_tag(srun.run_id, "figures_complete", "true")
+    if flushed:  # a rerun can book this checkpoint from storage alone (trained_earlier)
+        tracker.client.set_tag(srun.run_id, "training_ended_at", checkpoint_uri(outcome.checkpoint))
     checkpoints[stage.name] = outcome.checkpoint
     model = load_stage_model(stage, outcome.checkpoint)
     final = {"top1_error": outcome.metrics["val_top1_error"], "top5_error": outcome.metrics["val_top5_error"],
@@ -127,23 +127,34 @@ def book(tracker, plan: Plan, stage: Stage, srun, future, run_name: str, checkpo
     return result_of(stage, tracker, srun.run_id, skipped=False)
 
 
-def trained_earlier(plan: Plan, stage: Stage, srun, storage: str, trial: str, say):
-    """A stage whose training ended, with every figure in MLflow, under this same recipe,
-    but which was never booked (its booking failed, or the driver died during it): its
-    Ray Train run's result read from storage, as a completed future for book(), so that
-    booking it waits for no cluster capacity. None where Ray Train must run (resume it)."""
-    if srun.tags.get("figures_complete") != "true" or (
-            srun.tags.get("stage_config") != stage_tags(plan, stage)["stage_config"]):
+def trained_earlier(tracker, plan: Plan, stage: Stage, srun, storage: str, trial: str, say):
+    """A stage whose training ended, with every figure in MLflow, but which was never
+    booked (its booking failed, or the driver died during it): its Ray Train run's result
+    read from storage, as a completed future for book(), so that booking it waits for no
+    cluster capacity. Only where nothing has moved since: the same recipe, the same shard
+    set (the run's MLflow dataset input), the same latest checkpoint as when its training
+    ended, and that checkpoint's last epoch in MLflow. None where Ray Train must run
+    (resume it, as for any stage that did not finish)."""
+    ended_at = srun.tags.get("training_ended_at")
+    if not ended_at or srun.tags.get("stage_config") != stage_tags(plan, stage)["stage_config"]:
         return None
     from concurrent.futures import Future
 
-    from pipeline.worker import stored_outcome
+    from data_prep.store import data_hash
+    from pipeline.tracking import last_logged_step
+    from pipeline.worker import checkpoint_uri, stored_outcome
 
     try:
+        digests = {d.dataset.digest for d in tracker.client.get_run(srun.run_id).inputs.dataset_inputs}
         outcome = stored_outcome(storage, trial)
+        logged = last_logged_step(tracker.client, srun.run_id, "val_top1_error")
+        why = ("the shard set changed" if data_hash(plan.data.root)[:32] not in digests else
+               "it has a later checkpoint" if checkpoint_uri(outcome.checkpoint) != ended_at else
+               "MLflow lacks its last epoch" if logged is None or logged < outcome.metrics["epoch"] else None)
     except Exception as exc:  # noqa: BLE001 - Ray Train's resume books it as well, only slower
-        say(f"[{stage.name}] its stored result could not be read ({type(exc).__name__}: {str(exc)[:300]}); "
-            "resuming it with Ray Train")
+        why = f"its stored result could not be checked ({type(exc).__name__}: {str(exc)[:300]})"
+    if why:
+        say(f"[{stage.name}] training had ended but {why}: resuming it with Ray Train")
         return None
     say(f"[{stage.name}] its training ended in an earlier run: booking it from its last checkpoint")
     done = Future()

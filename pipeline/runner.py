@@ -175,7 +175,7 @@ def run_plan(plan: Plan, *, run_name: str | None = None, tracking_uri: str, ray_
                         results[name] = missing(stage, f"failed ({srun.failure_kind})", attempt, srun.run_id)
                         continue
                     srun, trial, init_ckpt, init_layers, init_label = attempt
-                    stored = trained_earlier(plan, stage, srun, storage, trial, say)
+                    stored = trained_earlier(tracker, plan, stage, srun, storage, trial, say)
                     if stored is not None:  # only its booking is left: that takes no Ray Train run
                         running[stored] = (stage, srun)
                         continue

@@ -174,10 +174,11 @@ def stored_outcome(storage: str, trial_name: str) -> StageOutcome:
     (pipeline/stageloop.py books such a checkpoint as it is)."""
     from ray.train import Result
 
+    _quiet_ray_train_info()  # its note that a run snapshot was found: this is a read, not a resume
     result = Result.from_path(f"{storage.rstrip('/')}/{trial_name}")
-    if result.checkpoint is None:
-        raise RuntimeError(f"Ray Train run {trial_name} under {storage} has no checkpoint")
-    return StageOutcome(result.checkpoint, dict(result.metrics or {}))
+    if result.checkpoint is None or "val_top1_error" not in (result.metrics or {}):
+        raise RuntimeError(f"Ray Train run {trial_name} under {storage} has no epoch-end checkpoint")
+    return StageOutcome(result.checkpoint, dict(result.metrics))
 
 
 def fit_stage(stage, data, *, trial_name: str, storage: str, tracking_uri: str | None, mlflow_run_id: str | None,

@@ -78,6 +78,7 @@ def test_stalled_and_diverged_stages_fail_and_a_fixed_recipe_fine_tunes_from_the
     assert parent.info.status == "FAILED" and parent.data.tags["failed_stages"] == "A, X"
     assert parent.data.tags["not_started_stages"] == "B (A failed)"
     assert {m.name for m in client.search_registered_models()} == {"fail-test-A-LRN"}  # none of a failed net
+    _booking_from_storage(tmp_path, shards, plan, parent.info.run_id, mlflow_uri)
 
     # The same command again would repeat the failure: refused at once, nothing new trained.
     assert cli_main(argv) == 1
@@ -108,3 +109,37 @@ def test_stalled_and_diverged_stages_fail_and_a_fixed_recipe_fine_tunes_from_the
     verdicts = prune(str(tmp_path / "runs"), 1, mlflow_uri, say=said.append)
     assert verdicts and not any(v.remove for v in verdicts), said
     assert {v.path: v.why for v in verdicts}[last_good] == "named by stage run fail-1/A (attempt 2)", said
+
+
+def _booking_from_storage(tmp_path: Path, shards: Path, plan_file: Path, parent_id: str, uri: str) -> None:
+    """The rerun's way to book a stage trained to its end but never booked (pipeline/booking.py),
+    on A-LRN's real Ray Train storage and MLflow run: it reads back the very checkpoint its
+    training ended with, and declines (so that Ray Train resumes the stage instead) where
+    the stage has a later checkpoint since or the shard set changed."""
+    import shutil
+    from dataclasses import replace
+
+    from pipeline.booking import trained_earlier
+    from pipeline.stages import load_plan
+    from pipeline.tracking import Tracker
+    from pipeline.worker import checkpoint_uri
+
+    plan = load_plan(plan_file)
+    tracker = Tracker(uri, "fail-test")
+    srun = tracker.stage_run(parent_id, "fail-1", "A-LRN", {}, {})  # the finished run, found again
+    said: list[str] = []
+
+    def shortcut(p=plan, run=srun):
+        return trained_earlier(tracker, p, p.stages["A-LRN"], run, str(tmp_path / "runs"), run.tags["trial"],
+                               said.append)
+
+    outcome = shortcut().result()
+    assert checkpoint_uri(outcome.checkpoint) == srun.tags["training_ended_at"] == srun.checkpoint
+    assert outcome.metrics["epoch"] == 0 and "val_top1_error" in outcome.metrics
+    moved = replace(srun, tags=dict(srun.tags, training_ended_at=f"{srun.checkpoint}-an-earlier-one"))
+    assert shortcut(run=moved) is None and "it has a later checkpoint: resuming it with Ray Train" in said[-1], said
+    other = tmp_path / "rebuilt-shards"  # the same root path's content rebuilt: another class list
+    shutil.copytree(shards, other)
+    (other / "classes.json").write_text((other / "classes.json").read_text() + "\n")
+    assert shortcut(p=replace(plan, data=replace(plan.data, root=str(other)))) is None
+    assert "the shard set changed: resuming it with Ray Train" in said[-1], said
