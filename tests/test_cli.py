@@ -239,7 +239,11 @@ def test_bench_train_times_synthetic_and_loader_fed_steps(shards):
     line = __import__("json").loads(res.stdout.strip().splitlines()[-1])
     assert line["arch"] == "vgg16" and line["synthetic_steps"] > 0 and line["loader_steps"] > 0
     assert 0 <= line["data_wait_fraction"] < 1
-    assert line["loader_vs_synthetic"] == pytest.approx(line["loader_img_s"] / line["synthetic_img_s"], rel=1e-2)
+    # the ratio comes from the unrounded rates, the rates are printed to 0.1 img/s (a slow
+    # hour here gives a few img/s, where that rounding alone moves their ratio by 2%)
+    loader, synthetic = line["loader_img_s"], line["synthetic_img_s"]
+    assert (loader - 0.05) / (synthetic + 0.05) - 1e-3 <= line["loader_vs_synthetic"] <= \
+        (loader + 0.05) / (synthetic - 0.05) + 1e-3
 
 
 def test_bench_eval_times_both_memory_orders_and_their_outputs_agree(tmp_path, capsys):
