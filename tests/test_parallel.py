@@ -154,8 +154,13 @@ def test_interrupted_driver_aborts_and_resumes_every_in_flight_stage(tmp_path, s
     cmd = [sys.executable, "-m", "pipeline", "train", "--plan", str(path), "--run-name", "parkill-1",
            "--max-concurrent-stages", "2"]
     log = tmp_path / "first.log"
-    with open(log, "w") as fh:
-        first = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=fh, stderr=subprocess.STDOUT)
+
+    def start():
+        with open(log, "w") as fh:
+            return subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=fh,
+                                    stderr=subprocess.STDOUT)
+
+    first, restarted = start(), False
     storage = tmp_path / "runs"
 
     def both_mid_way() -> bool:
@@ -196,6 +201,12 @@ def test_interrupted_driver_aborts_and_resumes_every_in_flight_stage(tmp_path, s
         # only once the driver has named the stages it aborts (it sees the signal within 1 s).
         deadline = time.monotonic() + 300
         while True:
+            if first.poll() is not None and not restarted and "timed out during startup" in log.read_text():
+                # Ray gives a new local node's raylet a fixed 30 s to register with its GCS
+                # (ray/_private/node.py); at the suite's start, with every worker starting
+                # clusters, this driver's ray.init has missed it (ci27). As for `ray start`
+                # in services.py: the same command once more. The interrupt is what is tested.
+                first, restarted = start(), True
             assert time.monotonic() < deadline and first.poll() is None, "both stages should be mid-way"
             held = hold(signal.SIGSTOP)
             if len(held) == 2 and both_mid_way():
