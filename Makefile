@@ -51,9 +51,9 @@ $(STAMP): pyproject.toml cluster/constraints.txt
 	touch $(STAMP)
 
 # Every module at once, on every core (pip, which compiled as it installed, took 100 of a
-# 160 s install on 2 cores doing it one file at a time). Files that are not Python 3 (templates some packages ship) fail to
-# compile here as they do under pip, so its status is not checked: a file left without
-# bytecode is compiled when imported.
+# 160 s install on 2 cores doing it one file at a time). Files that are not Python 3
+# (templates some packages ship) fail to compile here as they do under pip, so its status
+# is not checked: a file left without bytecode is compiled when imported.
 $(VENV)/.compiled: $(STAMP)
 	$(PY) -m compileall -q -j 0 $(VENV)/lib > /dev/null 2>&1 || true
 	touch $@

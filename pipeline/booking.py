@@ -84,7 +84,7 @@ def failure_message(plan: Plan, stage: Stage, failure: dict, run_name: str, last
 
 
 def book(tracker, plan: Plan, stage: Stage, srun, future, run_name: str, checkpoints: dict, failed: dict,
-            say) -> StageResult:
+         say) -> StageResult:
     """Book a stage's Ray Train run: FAILED with the reason (a training failure, or a
     crash that a rerun resumes), or FINISHED with its model registered."""
     from pipeline.evaluate import load_stage_model, stage_bundle
