@@ -231,6 +231,13 @@ class Tracker:
         self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
         tags = self.client.get_run(run_id).data.tags
         self.client.set_tag(run_id, DESCRIPTION, stage_description(tags, metrics))
+        # A run that failed and was resumed in place (a corrupt sample, a failed booking)
+        # finishes without its failure's tags: the reason is kept, under another name.
+        if "failure" in tags:
+            self.client.set_tag(run_id, "earlier_failure", tags["failure"])
+        for key in ("failure", "data_failure", "failure_epoch"):
+            if key in tags:
+                self.client.delete_tag(run_id, key)
         if model is not None:
             self.log_model(run_id, model, registered_name, bundle)
         self.client.set_tag(run_id, "checkpoint", checkpoint)

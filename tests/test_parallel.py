@@ -100,6 +100,7 @@ def test_independent_stages_overlap_and_a_dependant_waits(tmp_path, shards, ray_
     assert [(r.status, r.skipped) for r in results] == [("finished", True), ("finished", False), ("finished", True)]
     after = stage_runs(mlflow_uri, "par-test")["A-LRN"]
     assert after.info.run_id == lrn.run_id and after.info.status == "FINISHED"
+    assert "failure" not in after.data.tags and "database is locked" in after.data.tags["earlier_failure"]
     assert sorted(m.step for m in client.get_metric_history(lrn.run_id, "train_loss")) == [0, 1]  # not trained again
     assert len(client.search_model_versions(f"run_id = '{lrn.run_id}'")) == 1  # booked twice, one version
     last = max(client.get_metric_history(lrn.run_id, "val_top1_error"), key=lambda m: m.step).value  # the worker's
