@@ -1,0 +1,105 @@
+"""Run a command and say where the machine's CPU went while it ran, by kind of process.
+
+    python tools/cpu_by_process.py -- bash -c 'git clone -q . /tmp/ci && cd /tmp/ci && CI=true bash .ci/run'
+
+Every process on the machine is read from /proc once a second (user + system time) and
+named by its command line: Ray's workers by their `ray::` actor or task name (read again
+until the worker has one: a worker starts as Python running Ray's setup_worker.py or
+default_worker.py, and an idle one is `ray::IDLE`), Python by its `-m` module or script,
+anything else by its program. A process that lives under a second can be missed, and one
+already running counts its time from its own start. Before and after, a fixed
+20-million-step Python loop is timed on the idle machine: this VM's speed changes with its
+host's load, so a figure compares only with figures whose loop times are alike. The
+figures for `make test` are in bench/results/suite-cpu.json."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+
+HZ = os.sysconf("SC_CLK_TCK")
+UNSETTLED = ("setup_worker.py", "default_worker.py", "python", "ray::IDLE")
+
+
+# bench/results/suite-cpu.json's loop_reference, as it was recorded (module level, so
+# slower than the same loop in a function)
+LOOP = "import time;t=time.process_time();s=0\nfor i in range(20_000_000): s+=i\nprint(time.process_time()-t)"
+
+
+def loop_seconds() -> float:
+    """CPU seconds of a fixed pure-Python loop: the machine's speed right now."""
+    out = subprocess.run([sys.executable, "-c", LOOP], capture_output=True, text=True, check=True)
+    return round(float(out.stdout), 2)
+
+
+def kind(pid: int) -> str | None:
+    try:
+        argv = [a.decode(errors="replace") for a in open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0") if a]
+    except OSError:
+        return None
+    if not argv:
+        return None
+    if argv[0].startswith("ray::"):
+        return argv[0].split()[0].split(".")[0]  # ray::Actor.method -> ray::Actor
+    program = os.path.basename(argv[0])
+    if not program.startswith("python"):
+        return program
+    rest = [a for a in argv[1:] if not a.startswith("-") or a == "-m"]
+    if rest[:1] == ["-m"] and len(rest) > 1:
+        return f"python -m {rest[1]}"
+    return next((os.path.basename(a) for a in rest if a.endswith(".py")), "python")
+
+
+def sample(seen: dict[int, tuple[str, int]]) -> None:
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        try:
+            stat = open(f"/proc/{pid}/stat").read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        name = seen.get(pid, (None, 0))[0]
+        if name is None or name in UNSETTLED:
+            name = kind(pid) or name
+        if name:
+            seen[pid] = (name, int(fields[11]) + int(fields[12]))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", nargs="+", help="the command to run (after --)")
+    parser.add_argument("--top", type=int, default=20, help="kinds to list")
+    args = parser.parse_args()
+    before = loop_seconds()
+    seen: dict[int, tuple[str, int]] = {}
+    sample(seen)
+    already = {pid: ticks for pid, (_, ticks) in seen.items()}  # the machine's own processes: only their growth
+    started = time.monotonic()
+    proc = subprocess.Popen(args.command)
+    while proc.poll() is None:
+        sample(seen)
+        time.sleep(1)
+    wall = time.monotonic() - started
+    after = loop_seconds()
+    by_kind = defaultdict(lambda: [0.0, 0])
+    for pid, (name, ticks) in seen.items():
+        spent = (ticks - already.get(pid, 0)) / HZ
+        if spent > 0 and pid != os.getpid():
+            by_kind[name][0] += spent
+            by_kind[name][1] += 1
+    total = sum(cpu for cpu, _ in by_kind.values())
+    print(f"exit {proc.returncode}; {wall:.0f} s wall, {total:.0f} CPU-s sampled "
+          f"({total / wall:.2f} cores); loop {before} CPU-s before, {after} after")
+    for name, (cpu, count) in sorted(by_kind.items(), key=lambda item: -item[1][0])[:args.top]:
+        print(f"{cpu:8.1f} CPU-s {count:5d}  {name}")
+    return proc.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
