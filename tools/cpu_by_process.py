@@ -54,7 +54,14 @@ def kind(pid: int) -> str | None:
     return next((os.path.basename(a) for a in rest if a.endswith(".py")), "python")
 
 
-def sample(seen: dict[int, tuple[str, int]]) -> None:
+def command_line(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")[:200]
+    except OSError:
+        return "?"
+
+
+def sample(seen: dict[int, tuple[str, int]], lines: dict[int, str], detail: list[str]) -> None:
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -69,21 +76,26 @@ def sample(seen: dict[int, tuple[str, int]]) -> None:
             name = kind(pid) or name
         if name:
             seen[pid] = (name, int(fields[11]) + int(fields[12]))
+            if name in detail and pid not in lines:
+                lines[pid] = command_line(pid)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", nargs="+", help="the command to run (after --)")
     parser.add_argument("--top", type=int, default=20, help="kinds to list")
+    parser.add_argument("--detail", action="append", default=[], metavar="KIND",
+                        help="also list this kind's ten busiest processes with their command lines")
     args = parser.parse_args()
     before = loop_seconds()
     seen: dict[int, tuple[str, int]] = {}
-    sample(seen)
+    lines: dict[int, str] = {}
+    sample(seen, lines, args.detail)
     already = {pid: ticks for pid, (_, ticks) in seen.items()}  # the machine's own processes: only their growth
     started = time.monotonic()
     proc = subprocess.Popen(args.command)
     while proc.poll() is None:
-        sample(seen)
+        sample(seen, lines, args.detail)
         time.sleep(1)
     wall = time.monotonic() - started
     after = loop_seconds()
@@ -98,6 +110,11 @@ def main() -> int:
           f"({total / wall:.2f} cores); loop {before} CPU-s before, {after} after")
     for name, (cpu, count) in sorted(by_kind.items(), key=lambda item: -item[1][0])[:args.top]:
         print(f"{cpu:8.1f} CPU-s {count:5d}  {name}")
+    for name in args.detail:
+        busiest = sorted(((ticks - already.get(pid, 0)) / HZ, pid) for pid, (n, ticks) in seen.items() if n == name)
+        print(f"{name}, busiest:")
+        for cpu, pid in busiest[::-1][:10]:
+            print(f"{cpu:8.1f} CPU-s  {lines.get(pid, '?')}")
     return proc.returncode
 
 
