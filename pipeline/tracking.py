@@ -231,22 +231,34 @@ class Tracker:
         self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
         tags = self.client.get_run(run_id).data.tags
         self.client.set_tag(run_id, DESCRIPTION, stage_description(tags, metrics))
-        # A run that failed and was resumed in place (a corrupt sample, a failed booking)
-        # finishes without its failure's tags: the reason is kept, under another name.
-        if "failure" in tags:
-            self.client.set_tag(run_id, "earlier_failure", tags["failure"])
-        for key in ("failure", "data_failure", "failure_epoch"):
-            if key in tags:
-                self.client.delete_tag(run_id, key)
         if model is not None:
             self.log_model(run_id, model, registered_name, bundle)
         self.client.set_tag(run_id, "checkpoint", checkpoint)
+        self._drop_failure(run_id, tags)
         self.client.set_tag(run_id, "stage_status", "finished")
         self.client.set_terminated(run_id, "FINISHED")
 
+    def _drop_failure(self, run_id: str, tags: dict) -> None:
+        """A run that failed and was resumed in place (a crash, a corrupt sample, a failed
+        booking) finishes without its failures' tags; their reasons are kept, oldest first,
+        in `earlier_failure`. Done last before the run is marked finished, so a booking that
+        fails on the way leaves them as they were."""
+        self._keep_failure(run_id, tags)
+        for key in ("failure", "data_failure", "failure_epoch"):
+            if key in tags:
+                self.client.delete_tag(run_id, key)
+
+    def _keep_failure(self, run_id: str, tags: dict) -> None:
+        """The run's `failure` reason appended to its `earlier_failure` tag."""
+        if "failure" in tags:
+            kept = "\n".join(filter(None, (tags.get("earlier_failure"), tags["failure"])))
+            self.client.set_tag(run_id, "earlier_failure", kept[-5000:])
+
     def fail(self, run_id: str, reason: str, tags: dict | None = None) -> None:
         """Mark a stage run FAILED with the reason (and `stage_status=failed` when given in
-        `tags`, for training failures a rerun must not repeat); nothing is registered."""
+        `tags`, for training failures a rerun must not repeat); nothing is registered. A
+        reason already there (an attempt resumed in the same run) moves to `earlier_failure`."""
+        self._keep_failure(run_id, self.client.get_run(run_id).data.tags)
         for key, value in (tags or {}).items():
             self.client.set_tag(run_id, key, str(value)[:5000])
         self.client.set_tag(run_id, "failure", reason[:5000])

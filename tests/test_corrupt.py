@@ -184,12 +184,16 @@ def test_a_corrupt_sample_books_the_stage_failed_naming_it_and_a_rerun_resumes_i
     assert again.run_id == srun.run_id and not again.finished
     attempt = _attempt(tracker, plan, stage, again, parent, "bad-1", {}, {})
     assert not isinstance(attempt, str) and attempt[1] == "bad-1-A"  # the same Ray Train run: resumed
-    # ... and once it finishes, its run no longer reads as failed; the reason is kept apart
+    # ... its booking fails once (as booking_failed marks it), and then it is booked: its run
+    # no longer reads as failed, and both reasons are kept apart, oldest first
+    tracker.fail(srun.run_id, "stage A could not be booked: OperationalError: database is locked")
+    assert reason in tracker.client.get_run(srun.run_id).data.tags["earlier_failure"]
     tracker.finish_stage(srun.run_id, {"top1_error": 0.5, "top5_error": 0.1}, "file:///ckpt")
     run = tracker.client.get_run(srun.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["stage_status"] == "finished"
     assert not {"failure", "data_failure", "failure_epoch"} & set(run.data.tags), run.data.tags
-    assert reason in run.data.tags["earlier_failure"]
+    earlier = run.data.tags["earlier_failure"].splitlines()
+    assert reason in earlier[0] and earlier[-1].endswith("database is locked"), earlier
 
 
 def test_the_error_naming_a_sample_survives_the_trip_from_a_ray_task():
