@@ -5,9 +5,11 @@
 Every process on the machine is read from /proc once a second (user + system time) and
 named by its command line: Ray's workers by their `ray::` actor or task name (read again
 until the worker has one: a worker starts as Python running Ray's setup_worker.py or
-default_worker.py, and an idle one is `ray::IDLE`), Python by its `-m` module or script,
-anything else by its program. A process that lives under a second can be missed, and one
-already running counts its time from its own start. Before and after, a fixed
+default_worker.py, and an idle one is `ray::IDLE`; a pooled worker keeps the name of the
+first task it ran), Python by its `-m` module or script, anything else by its program. A
+process that lives under a second can be missed and one can lose up to a second after its
+last pass, so the total is a lower bound; one already running counts only what it spends
+while the command runs. Before and after, a fixed
 20-million-step Python loop is timed on the idle machine: this VM's speed changes with its
 host's load, so a figure compares only with figures whose loop times are alike. The
 figures for `make test` are in bench/results/suite-cpu.json."""
@@ -43,6 +45,8 @@ def kind(pid: int) -> str | None:
         return None
     if not argv:
         return None
+    if len(argv) == 1 and " " in argv[0]:  # a process that rewrote its command line as one string
+        argv = argv[0].split()
     if argv[0].startswith("ray::"):
         return argv[0].split()[0].split(".")[0]  # ray::Actor.method -> ray::Actor
     program = os.path.basename(argv[0])
@@ -61,7 +65,10 @@ def command_line(pid: int) -> str:
         return "?"
 
 
-def sample(seen: dict[int, tuple[str, int]], lines: dict[int, str], detail: list[str]) -> None:
+Process = tuple[int, int]  # (pid, start time): a pid the kernel hands out again is another process
+
+
+def sample(seen: dict[Process, tuple[str, int]], lines: dict[Process, str], detail: list[str]) -> None:
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -71,13 +78,14 @@ def sample(seen: dict[int, tuple[str, int]], lines: dict[int, str], detail: list
         except OSError:
             continue
         fields = stat[stat.rfind(")") + 2:].split()
-        name = seen.get(pid, (None, 0))[0]
+        key = (pid, int(fields[19]))
+        name = seen.get(key, (None, 0))[0]
         if name is None or name in UNSETTLED:
             name = kind(pid) or name
         if name:
-            seen[pid] = (name, int(fields[11]) + int(fields[12]))
-            if name in detail and pid not in lines:
-                lines[pid] = command_line(pid)
+            seen[key] = (name, int(fields[11]) + int(fields[12]))
+            if name in detail and key not in lines:
+                lines[key] = command_line(pid)
 
 
 def main() -> int:
@@ -88,21 +96,22 @@ def main() -> int:
                         help="also list this kind's ten busiest processes with their command lines")
     args = parser.parse_args()
     before = loop_seconds()
-    seen: dict[int, tuple[str, int]] = {}
-    lines: dict[int, str] = {}
+    seen: dict[Process, tuple[str, int]] = {}
+    lines: dict[Process, str] = {}
     sample(seen, lines, args.detail)
-    already = {pid: ticks for pid, (_, ticks) in seen.items()}  # the machine's own processes: only their growth
+    already = {key: ticks for key, (_, ticks) in seen.items()}  # the machine's own processes: only their growth
     started = time.monotonic()
     proc = subprocess.Popen(args.command)
     while proc.poll() is None:
         sample(seen, lines, args.detail)
         time.sleep(1)
+    sample(seen, lines, args.detail)  # what the command's last processes did after the last pass
     wall = time.monotonic() - started
     after = loop_seconds()
     by_kind = defaultdict(lambda: [0.0, 0])
-    for pid, (name, ticks) in seen.items():
-        spent = (ticks - already.get(pid, 0)) / HZ
-        if spent > 0 and pid != os.getpid():
+    for key, (name, ticks) in seen.items():
+        spent = (ticks - already.get(key, 0)) / HZ
+        if spent > 0 and key[0] != os.getpid():
             by_kind[name][0] += spent
             by_kind[name][1] += 1
     total = sum(cpu for cpu, _ in by_kind.values())
@@ -111,11 +120,11 @@ def main() -> int:
     for name, (cpu, count) in sorted(by_kind.items(), key=lambda item: -item[1][0])[:args.top]:
         print(f"{cpu:8.1f} CPU-s {count:5d}  {name}")
     for name in args.detail:
-        busiest = sorted(((ticks - already.get(pid, 0)) / HZ, pid) for pid, (n, ticks) in seen.items() if n == name)
+        busiest = sorted(((ticks - already.get(key, 0)) / HZ, key) for key, (n, ticks) in seen.items() if n == name)
         print(f"{name}, busiest:")
-        for cpu, pid in busiest[::-1][:10]:
-            print(f"{cpu:8.1f} CPU-s  {lines.get(pid, '?')}")
-    return proc.returncode
+        for cpu, key in busiest[::-1][:10]:
+            print(f"{cpu:8.1f} CPU-s  {lines.get(key, '?')}")
+    return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode  # killed by a signal: as a shell says
 
 
 if __name__ == "__main__":
