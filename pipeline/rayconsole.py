@@ -117,7 +117,8 @@ def start_local(num_cpus: int, **kwargs) -> None:
         port = s.getsockname()[1]
     address = f"{ray.util.get_node_ip_address()}:{port}"
     # read by the node this ray.init starts; address="local" below has ray.init start a node
-    # whatever RAY_ADDRESS says
+    # whatever RAY_ADDRESS says (and whatever /tmp/ray/ray_current_cluster, left by a `ray
+    # start` even one that crashed, names: a plain ray.init would try to join that one)
     saved = {key: os.environ.get(key) for key in ("RAY_GCS_SERVER_PORT", "RAY_ADDRESS")}
     os.environ.update(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=address)
     # Ray announces at WARNING that this private instance uses token authentication (and at
