@@ -108,8 +108,8 @@ def start_local(num_cpus: int, **kwargs) -> None:
     The address reaches them through the environment of the node's own processes, which
     its raylet passes on to every worker it starts, not through a runtime_env: a job with
     a runtime_env has each worker start as Ray's setup_worker.py, a Python with Ray's
-    imports that then replaces itself with the worker (about half a CPU-second more per
-    worker process measured here, and a runtime-env agent call before each)."""
+    imports that then replaces itself with the worker, after a runtime-env agent call
+    (about half a CPU-second more per worker: bench/results/local-driver-cpu.json)."""
     import ray
 
     with socket.socket() as s:  # a free port for the GCS, so its address is known before start
