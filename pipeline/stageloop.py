@@ -13,6 +13,7 @@ pipeline/worker.py, the only module that imports Ray Train.
 from __future__ import annotations
 
 import json
+import pickle
 import sys
 import tempfile
 import time
@@ -35,15 +36,39 @@ def write_checkpoint(folder: Path, state: dict) -> None:
     torch.save({k: v for k, v in state.items() if k not in _WEIGHTS_KEYS}, folder / CHECKPOINT_FILE)
 
 
-def read_checkpoint(folder: Path, weights_only: bool = False) -> dict:
+def load_checkpoint_file(source, name: str) -> dict:
+    """One file of a checkpoint (a path, or a file object read from storage), with an
+    error that names it when it is not whole. Ray Train copies a checkpoint straight
+    into its final folder, so a worker that dies while uploading leaves a torn folder
+    beside the committed ones; Ray Train never reports it, and nothing here resumes
+    from it, but a user who picks a folder by its name can."""
+    try:
+        return torch.load(source, map_location="cpu", weights_only=False)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise  # these name the file and say what is wrong
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:  # torch's, by where it ends
+        detail = str(exc).splitlines()[0] if str(exc) else "no detail"
+        raise RuntimeError(
+            f"checkpoint file {name} cannot be read ({type(exc).__name__}: {detail}): it is cut short or not a "
+            "torch checkpoint. A folder Ray Train never committed (its worker died uploading it) is torn: "
+            "use the one the stage run's `checkpoint` tag names, or one that Ray Train's "
+            "checkpoint_manager_snapshot.json lists") from exc
+
+
+def read_checkpoint(folder: Path, weights_only: bool = False, where: str | None = None) -> dict:
     """A checkpoint folder's state: both files merged (checkpoints from before the split
-    have everything in CHECKPOINT_FILE), or with `weights_only` the weights file alone."""
+    have everything in CHECKPOINT_FILE), or with `weights_only` the weights file alone.
+    `where` names the folder in errors (its URI when `folder` is a local copy of it)."""
     weights = folder / WEIGHTS_FILE
+
+    def load(path: Path) -> dict:
+        return load_checkpoint_file(path, f"{where.rstrip('/')}/{path.name}" if where else str(path))
+
     if weights_only and weights.is_file():
-        return torch.load(weights, map_location="cpu", weights_only=False)
-    state = torch.load(folder / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        return load(weights)
+    state = load(folder / CHECKPOINT_FILE)
     if weights.is_file():
-        state |= torch.load(weights, map_location="cpu", weights_only=False)
+        state |= load(weights)
     return state
 
 

@@ -76,7 +76,7 @@ def _load_state(checkpoint) -> dict:
     from pipeline.stageloop import read_checkpoint
 
     with checkpoint.as_directory() as d:
-        return read_checkpoint(Path(d))
+        return read_checkpoint(Path(d), where=checkpoint_uri(checkpoint))
 
 
 def _load_weights(checkpoint) -> dict:
@@ -86,15 +86,15 @@ def _load_weights(checkpoint) -> dict:
     import io
 
     import pyarrow.fs
-    import torch
 
-    from pipeline.stageloop import WEIGHTS_FILE
+    from pipeline.stageloop import WEIGHTS_FILE, load_checkpoint_file
 
     fs, path = checkpoint.filesystem, f"{checkpoint.path.rstrip('/')}/{WEIGHTS_FILE}"
     if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
         return _load_state(checkpoint)
     with fs.open_input_stream(path) as stream:
-        return torch.load(io.BytesIO(stream.read()), map_location="cpu", weights_only=False)
+        data = io.BytesIO(stream.read())
+    return load_checkpoint_file(data, f"{checkpoint_uri(checkpoint).rstrip('/')}/{WEIGHTS_FILE}")
 
 
 def train_loop_per_worker(config: dict) -> dict | None:

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from services import tiny_plan
 
-from pipeline.stageloop import CHECKPOINT_FILE, WEIGHTS_FILE, Seat, StageLoop, read_checkpoint, run_stage
+from pipeline.stageloop import (CHECKPOINT_FILE, WEIGHTS_FILE, Seat, StageLoop, read_checkpoint, run_stage,
+                                write_checkpoint)
 from pipeline.stages import load_plan
 
 
@@ -62,3 +63,32 @@ def test_each_epoch_reports_with_its_checkpoint_and_a_resume_continues_where_it_
     booked: list = []
     assert run_stage(config, _seat(booked, resume=resumed[-1][1])) is None
     assert len(booked) == 1 and booked[0][1] is None and [r["epoch"] for r in booked[0][0]["replay"]] == [0, 1, 2]
+
+
+def test_a_torn_checkpoint_file_is_named_in_the_error_wherever_it_is_read(tmp_path):
+    """A worker that dies while Ray Train uploads its checkpoint leaves a torn folder in
+    storage (copied straight into its final name, never reported). Reading it, as a
+    user who picks a folder by name would (`pipeline evaluate --checkpoint`), fails
+    with the file's name, not torch's bare "failed finding central directory"."""
+    import pytest
+
+    from pipeline.worker import checkpoint_from_uri, load_checkpoint_model
+
+    net = torch.nn.Linear(64, 32)
+    whole = tmp_path / "checkpoint_whole"
+    whole.mkdir()
+    write_checkpoint(whole, {"model": net.state_dict(), "arch": "A", "num_classes": 32,
+                             "optimizer": torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9).state_dict(),
+                             "epoch": 3, "step": 9})
+    assert read_checkpoint(whole)["epoch"] == 3
+    assert load_checkpoint_model(checkpoint_from_uri(str(whole)))["arch"] == "A"
+    for torn_file, cut in ((WEIGHTS_FILE, 0.5), (CHECKPOINT_FILE, 0.5), (WEIGHTS_FILE, 0.0)):
+        torn = tmp_path / f"checkpoint_torn_{torn_file}_{cut}"
+        shutil.copytree(whole, torn)
+        data = (whole / torn_file).read_bytes()
+        (torn / torn_file).write_bytes(data[:int(len(data) * cut)])  # the bytes copied before the kill
+        with pytest.raises(RuntimeError, match=f"checkpoint file {torn / torn_file} cannot be read"):
+            read_checkpoint(torn)
+        if torn_file == WEIGHTS_FILE:  # the weights alone, as evaluation and init_from read them from storage
+            with pytest.raises(RuntimeError, match=f"checkpoint file {torn / torn_file} cannot be read"):
+                load_checkpoint_model(checkpoint_from_uri(str(torn)))
