@@ -12,6 +12,7 @@ pipeline/worker.py, the only module that imports Ray Train.
 
 from __future__ import annotations
 
+import errno
 import json
 import pickle
 import sys
@@ -36,39 +37,46 @@ def write_checkpoint(folder: Path, state: dict) -> None:
     torch.save({k: v for k, v in state.items() if k not in _WEIGHTS_KEYS}, folder / CHECKPOINT_FILE)
 
 
+# Ray Train copies a checkpoint straight into its final folder, so a worker stopped while
+# uploading (its node lost, or its group shut down for a resize or after a failure: Ray
+# Train kills workers 5 s after asking them to stop) leaves a folder cut short beside the
+# committed ones. Ray Train never lists it and nothing here resumes from it, but a user
+# who picks a folder by its name can.
+_TORN = ("a folder Ray Train never committed can be cut short (a worker stopped while uploading it): "
+         "take the checkpoint a stage run's `checkpoint` tag names, or one Ray Train's "
+         "checkpoint_manager_snapshot.json lists (if it is that one, it was damaged after Ray Train committed it)")
+
+
 def load_checkpoint_file(source, name: str) -> dict:
     """One file of a checkpoint (a path, or a file object read from storage), with an
-    error that names it when it is not whole. Ray Train copies a checkpoint straight
-    into its final folder, so a worker that dies while uploading leaves a torn folder
-    beside the committed ones; Ray Train never reports it, and nothing here resumes
-    from it, but a user who picks a folder by its name can."""
+    error that names it when it is not whole."""
     try:
         return torch.load(source, map_location="cpu", weights_only=False)
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
-        raise  # these name the file and say what is wrong
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:  # torch's, by where it ends
-        detail = str(exc).splitlines()[0] if str(exc) else "no detail"
-        raise RuntimeError(
-            f"checkpoint file {name} cannot be read ({type(exc).__name__}: {detail}): it is cut short or not a "
-            "torch checkpoint. A folder Ray Train never committed (its worker died uploading it) is torn: "
-            "use the one the stage run's `checkpoint` tag names, or one that Ray Train's "
-            "checkpoint_manager_snapshot.json lists") from exc
+    except OSError as exc:
+        if exc.errno not in (None, errno.EINVAL):  # the storage's own error (EIO, ESTALE, ENOENT): as it is
+            raise
+        failure = exc  # torch's reader on a zip archive without its end (EINVAL)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:  # torch's, by where the file ends
+        failure = exc
+    detail = str(failure).splitlines()[0] if str(failure) else "no detail"
+    raise RuntimeError(f"checkpoint file {name} cannot be read ({type(failure).__name__}: {detail}): it is cut "
+                       f"short or not a torch checkpoint; {_TORN}") from failure
 
 
 def read_checkpoint(folder: Path, weights_only: bool = False, where: str | None = None) -> dict:
     """A checkpoint folder's state: both files merged (checkpoints from before the split
     have everything in CHECKPOINT_FILE), or with `weights_only` the weights file alone.
     `where` names the folder in errors (its URI when `folder` is a local copy of it)."""
-    weights = folder / WEIGHTS_FILE
-
-    def load(path: Path) -> dict:
-        return load_checkpoint_file(path, f"{where.rstrip('/')}/{path.name}" if where else str(path))
-
+    weights, named = folder / WEIGHTS_FILE, (where or str(folder)).rstrip("/")
     if weights_only and weights.is_file():
-        return load(weights)
-    state = load(folder / CHECKPOINT_FILE)
+        return load_checkpoint_file(weights, f"{named}/{WEIGHTS_FILE}")
+    if not (folder / CHECKPOINT_FILE).is_file():
+        raise FileNotFoundError(f"checkpoint folder {named} has no {CHECKPOINT_FILE}; {_TORN}")
+    state = load_checkpoint_file(folder / CHECKPOINT_FILE, f"{named}/{CHECKPOINT_FILE}")
     if weights.is_file():
-        state |= load(weights)
+        state |= load_checkpoint_file(weights, f"{named}/{WEIGHTS_FILE}")
+    elif "model" not in state:  # a checkpoint from before the split has its weights in CHECKPOINT_FILE
+        raise FileNotFoundError(f"checkpoint folder {named} has {CHECKPOINT_FILE} but no {WEIGHTS_FILE}; {_TORN}")
     return state
 
 

@@ -65,30 +65,53 @@ def test_each_epoch_reports_with_its_checkpoint_and_a_resume_continues_where_it_
     assert len(booked) == 1 and booked[0][1] is None and [r["epoch"] for r in booked[0][0]["replay"]] == [0, 1, 2]
 
 
-def test_a_torn_checkpoint_file_is_named_in_the_error_wherever_it_is_read(tmp_path):
-    """A worker that dies while Ray Train uploads its checkpoint leaves a torn folder in
-    storage (copied straight into its final name, never reported). Reading it, as a
-    user who picks a folder by name would (`pipeline evaluate --checkpoint`), fails
-    with the file's name, not torch's bare "failed finding central directory"."""
+def test_a_torn_checkpoint_is_named_in_the_error_wherever_it_is_read(tmp_path):
+    """A worker stopped while Ray Train uploads its checkpoint leaves a folder cut short
+    in storage (copied straight into its final name, never reported). Reading it, as a
+    user who picks a folder by name would (`pipeline evaluate --checkpoint`), fails with
+    the file or folder named, not torch's bare "failed finding central directory", and a
+    folder whose weights file never arrived is not taken for one from before the split."""
+    import re
+
     import pytest
 
     from pipeline.worker import checkpoint_from_uri, load_checkpoint_model
 
     net = torch.nn.Linear(64, 32)
+    state = {"model": net.state_dict(), "arch": "A", "num_classes": 32, "epoch": 3, "step": 9,
+             "optimizer": torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9).state_dict()}
     whole = tmp_path / "checkpoint_whole"
     whole.mkdir()
-    write_checkpoint(whole, {"model": net.state_dict(), "arch": "A", "num_classes": 32,
-                             "optimizer": torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9).state_dict(),
-                             "epoch": 3, "step": 9})
+    write_checkpoint(whole, state)
     assert read_checkpoint(whole)["epoch"] == 3
     assert load_checkpoint_model(checkpoint_from_uri(str(whole)))["arch"] == "A"
+    before_split = tmp_path / "checkpoint_before_split"  # everything in one file: still read
+    before_split.mkdir()
+    torch.save(state, before_split / CHECKPOINT_FILE)
+    assert torch.equal(load_checkpoint_model(checkpoint_from_uri(str(before_split)))["model"]["weight"], net.weight)
+
+    def both_readers_fail(folder: Path, what: str) -> None:
+        with pytest.raises((RuntimeError, FileNotFoundError), match=re.escape(what)):
+            read_checkpoint(folder)
+        # and as evaluation and init_from read it
+        with pytest.raises((RuntimeError, FileNotFoundError), match=re.escape(what)):
+            load_checkpoint_model(checkpoint_from_uri(str(folder)))
+
     for torn_file, cut in ((WEIGHTS_FILE, 0.5), (CHECKPOINT_FILE, 0.5), (WEIGHTS_FILE, 0.0)):
         torn = tmp_path / f"checkpoint_torn_{torn_file}_{cut}"
         shutil.copytree(whole, torn)
         data = (whole / torn_file).read_bytes()
         (torn / torn_file).write_bytes(data[:int(len(data) * cut)])  # the bytes copied before the kill
-        with pytest.raises(RuntimeError, match=f"checkpoint file {torn / torn_file} cannot be read"):
-            read_checkpoint(torn)
-        if torn_file == WEIGHTS_FILE:  # the weights alone, as evaluation and init_from read them from storage
-            with pytest.raises(RuntimeError, match=f"checkpoint file {torn / torn_file} cannot be read"):
-                load_checkpoint_model(checkpoint_from_uri(str(torn)))
+        if torn_file == WEIGHTS_FILE:
+            both_readers_fail(torn, f"checkpoint file {torn / torn_file} cannot be read")
+        else:  # the weights alone are whole: evaluation reads them; a resume fails
+            assert load_checkpoint_model(checkpoint_from_uri(str(torn)))["arch"] == "A"
+            with pytest.raises(RuntimeError, match=re.escape(f"checkpoint file {torn / torn_file} cannot be read")):
+                read_checkpoint(torn)
+    no_weights = tmp_path / "checkpoint_no_weights"  # killed between the two files
+    shutil.copytree(whole, no_weights)
+    (no_weights / WEIGHTS_FILE).unlink()
+    both_readers_fail(no_weights, f"checkpoint folder {no_weights} has {CHECKPOINT_FILE} but no {WEIGHTS_FILE}")
+    empty = tmp_path / "checkpoint_empty"  # killed before the first file
+    empty.mkdir()
+    both_readers_fail(empty, f"checkpoint folder {empty} has no {CHECKPOINT_FILE}")
