@@ -13,6 +13,13 @@ never one that something still needs:
   `init_checkpoint`: a retry fine-tunes from its failed attempt's last good weights);
 - Ray Train runs that no MLflow stage run names (not this pipeline's to judge).
 
+Inside a run it keeps, it removes the checkpoint folders that Ray Train's own record of
+the run (`checkpoint_manager_snapshot.json`) does not list and no MLflow run names: Ray
+Train copies a checkpoint straight into its final folder, so a worker stopped while
+uploading, or before its report reached the controller (a lost node, a resize, a
+restart), leaves a folder no resume will read, often cut short. A run without a
+readable record, or a RUNNING one (uploads in flight), keeps every folder.
+
 A dry run by default: it prints what it would remove and the bytes; `--yes` deletes.
 Storage is a local path or a URI pyarrow opens (s3://...). The facts come from the
 tracking store (pipeline/tracking.py); when it does not answer, nothing is deleted.
@@ -66,8 +73,36 @@ def _listing(fs, base: str) -> dict[str, dict[str, int]]:
     return {t: c for t, c in runs.items() if len(c) > 1}  # only folders holding checkpoints
 
 
-def judge(storage: str, keep_last: int, facts: dict, listing: dict[str, dict[str, int]]) -> list[Verdict]:
-    """What to remove and what to keep, and why, for every checkpoint under `storage`."""
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's committed checkpoints
+
+
+def _recorded(fs, trial: str) -> set[str] | None:
+    """The checkpoint folders Ray Train's record of the run at `trial` lists (every
+    `checkpoint_dir_name` in it: kept, latest, pending), or None without a readable one."""
+    import json
+
+    try:
+        with fs.open_input_stream(f"{trial}/{SNAPSHOT}") as stream:
+            record = json.loads(stream.read())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("checkpoint_results"), list):
+        return None  # not the schema this rule was written against: judge nothing by it
+    names, todo = set(), [record]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, list):
+            todo += node
+        elif isinstance(node, dict):
+            names |= {v for k, v in node.items() if k == "checkpoint_dir_name" and isinstance(v, str)}
+            todo += [v for k, v in node.items() if k != "checkpoint_dir_name"]
+    return {f"{trial}/{n}" for n in names}
+
+
+def judge(storage: str, keep_last: int, facts: dict, listing: dict[str, dict[str, int]],
+          recorded: dict[str, set[str] | None] | None = None) -> list[Verdict]:
+    """What to remove and what to keep, and why, for every checkpoint under `storage`;
+    `recorded`: each Ray Train run's committed checkpoint folders (see `_recorded`)."""
     if keep_last < 1:
         raise ValueError(f"--keep-last must be at least 1, got {keep_last}")
     plans, stages = dict(facts["plans"]), facts["stages"]
@@ -87,6 +122,8 @@ def judge(storage: str, keep_last: int, facts: dict, listing: dict[str, dict[str
     needed = {_bare(c): f"named by stage run {s['plan_run']}/{s['stage']} (attempt {s['attempt']})"
               for s in kept_runs for c in s["checkpoints"]}
     registered = {_bare(c): ", ".join(v) for c, v in facts["registered"].items()}
+    named = {_bare(c) for s in stages for c in s["checkpoints"]}  # by any stage run, kept or not
+    recorded = recorded or {}
     verdicts = []
     for trial, checkpoints in sorted(listing.items()):
         s = owner.get(trial)
@@ -103,11 +140,15 @@ def judge(storage: str, keep_last: int, facts: dict, listing: dict[str, dict[str
             why = ""
         old = (f"{where}: a later attempt exists" if s["plan_run"] in newest
                else f"{where}: older than the last {keep_last} plan run(s)")
-        mine = [Verdict(c, n, False, why) if why else
+        listed = recorded.get(trial) if s["plan_run"] not in busy else None
+        mine = [Verdict(c, n, True, f"{where}: not in Ray Train's record of the run ({SNAPSHOT}): left by a "
+                        "worker stopped while uploading it or before reporting it")
+                if why and listed is not None and c not in listed and c not in named and c not in registered else
+                Verdict(c, n, False, why) if why else
                 Verdict(c, n, False, f"registered as {registered[c]}") if c in registered else
                 Verdict(c, n, False, needed[c]) if c in needed else
                 Verdict(c, n, True, old) for c, n in sorted(checkpoints.items()) if c]
-        if all(v.remove for v in mine):  # nothing of it kept: the whole run folder goes
+        if not why and all(v.remove for v in mine):  # nothing of it kept: the whole run folder goes
             mine = [Verdict(trial, checkpoints[""], True, f"{old} (the whole Ray Train run)")]
         verdicts += mine
     return verdicts
@@ -127,7 +168,8 @@ def prune(storage: str, keep_last: int, tracking_uri: str, yes: bool = False, sa
 
     facts = checkpoint_references(tracking_uri)  # first: no facts, no deletion
     fs, base = _filesystem(storage)
-    verdicts = judge(storage, keep_last, facts, _listing(fs, base))
+    listing = _listing(fs, base)
+    verdicts = judge(storage, keep_last, facts, listing, {trial: _recorded(fs, trial) for trial in listing})
     for v in verdicts:
         say(f"{'remove' if yes else 'would remove'} {v.path} ({_size(v.bytes)}): {v.why}" if v.remove
             else f"keep {v.path}: {v.why}")

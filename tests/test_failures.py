@@ -7,6 +7,8 @@ its dependant is not started, and an independent stage finishes."""
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -105,9 +107,25 @@ def test_stalled_and_diverged_stages_fail_and_a_fixed_recipe_fine_tunes_from_the
     # first attempt was replaced, but its last good checkpoint is where the second one started
     from pipeline.prune import prune
 
+    from ray.train import Result
+
+    storage = tmp_path / "runs"
+    committed = {os.path.realpath(c.path) for trial in storage.glob("*/checkpoint_manager_snapshot.json")
+                 for c, _ in (Result.from_path(str(trial.parent)).best_checkpoints or [])}  # Ray Train's reading
+    # beside B's committed checkpoints: one a stopped worker uploaded but never reported,
+    # and one cut short mid-upload (Ray Train copies straight into the final folder)
+    b_done = Path(runs["B"][0].data.tags["checkpoint"])
+    orphan, torn = (b_done.parent / f"checkpoint_2099-01-01_00-00-0{i}.000000" for i in (1, 2))
+    shutil.copytree(b_done, orphan)
+    shutil.copytree(b_done, torn)
+    (torn / "weights.pt").write_bytes((b_done / "weights.pt").read_bytes()[:4096])
     said: list[str] = []
-    verdicts = prune(str(tmp_path / "runs"), 1, mlflow_uri, say=said.append)
-    assert verdicts and not any(v.remove for v in verdicts), said
+    verdicts = prune(str(storage), 1, mlflow_uri, say=said.append)
+    removed = {v.path: v.why for v in verdicts if v.remove}
+    assert {str(orphan), str(torn)} <= set(removed), said
+    # nothing else but folders Ray Train never listed (a real run may leave one of its own)
+    assert all("not in Ray Train's record of the run" in why for why in removed.values()), said
+    assert committed and not committed & set(removed), said
     assert {v.path: v.why for v in verdicts}[last_good] == "named by stage run fail-1/A (attempt 2)", said
 
 
@@ -116,7 +134,6 @@ def _booking_from_storage(tmp_path: Path, shards: Path, plan_file: Path, parent_
     on A-LRN's real Ray Train storage and MLflow run: it reads back the very checkpoint its
     training ended with, and declines (so that Ray Train resumes the stage instead) where
     the stage has a later checkpoint since or the shard set changed."""
-    import shutil
     from dataclasses import replace
 
     from pipeline.booking import trained_earlier

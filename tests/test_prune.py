@@ -5,6 +5,7 @@ registered model version; and the weights-only read that init_from and booking u
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -48,9 +49,19 @@ def test_prune_keeps_what_a_registered_version_a_running_plan_run_or_a_retry_nee
             client.set_terminated(run.info.run_id, status)
 
     ck = {name: _checkpoint(storage / name.split(":")[0] / f"checkpoint_{name.split(':')[1]}")
-          for name in ("p3-A:1", "p1-A:1", "p1-A:2", "p1-B:1", "p1-B:2", "p2-A:1", "p2-A:2", "p2-A-attempt2:1",
-                       "stray:1")}
+          for name in ("p3-A:1", "p3-A:2", "p1-A:1", "p1-A:2", "p1-B:1", "p1-B:2", "p2-A:1", "p2-A:2",
+                       "p2-A-attempt2:1", "p2-A-attempt2:2", "p2-A-attempt2:3", "p2-A-attempt2:4", "stray:1")}
     (storage / "p1-B" / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray Train's own file beside them
+    # Ray Train's record of a run (the fields of its 2.x checkpoint_manager_snapshot.json
+    # that name folders): attempt 2 committed checkpoint_1; checkpoint_2 was uploaded but
+    # never reported, checkpoint_3 cut short mid-upload, checkpoint_4 is named by a tag
+    for trial, listed in (("p2-A-attempt2", "checkpoint_1"), ("p3-A", "checkpoint_1")):
+        result = {"version": 0, "checkpoint_dir_name": listed, "metrics": {"epoch": 0}}
+        (storage / trial / "checkpoint_manager_snapshot.json").write_text(json.dumps(
+            {"ray_version": "2.x", "checkpoint_results": [result], "checkpoint_report_indices": [0],
+             "latest_checkpoint_result": result, "pending_training_results": [], "current_report_index": 1}))
+    torn = Path(ck["p2-A-attempt2:3"]) / WEIGHTS_FILE
+    torn.write_bytes(torn.read_bytes()[:1000])
     plan_run("p3", "RUNNING")  # the oldest, but a driver may still be resuming it
     stage_run("p3", "A", "p3-A", "RUNNING")
     plan_run("p1", "FINISHED")
@@ -58,35 +69,43 @@ def test_prune_keeps_what_a_registered_version_a_running_plan_run_or_a_retry_nee
     stage_run("p1", "B", "p1-B", "FINISHED", checkpoint=ck["p1-B:2"])  # its version was deleted: nothing needs it
     plan_run("p2", "FAILED")  # the newest: a failed attempt, then a retry from its last good checkpoint
     stage_run("p2", "A", "p2-A", "FAILED", last_good_checkpoint=ck["p2-A:1"])
-    stage_run("p2", "A", "p2-A-attempt2", "FAILED", attempt=2, init_checkpoint=ck["p2-A:1"])
+    stage_run("p2", "A", "p2-A-attempt2", "FAILED", attempt=2, init_checkpoint=ck["p2-A:1"],
+              last_good_checkpoint=ck["p2-A-attempt2:4"])
     client.create_registered_model("prune-A")
     client.create_model_version("prune-A", source=f"runs:/{a1}/model", run_id=a1)
 
     said: list[str] = []
     verdicts = prune(str(storage), 1, mlflow_uri, say=said.append)  # a dry run: nothing goes
     removed = {v.path: v.why for v in verdicts if v.remove}
-    assert set(removed) == {ck["p1-A:1"], str(storage / "p1-B"), ck["p2-A:2"]}, said
+    assert set(removed) == {ck["p1-A:1"], str(storage / "p1-B"), ck["p2-A:2"], ck["p2-A-attempt2:2"],
+                            ck["p2-A-attempt2:3"]}, said
     assert "older than the last 1 plan run(s)" in removed[ck["p1-A:1"]]
     assert "the whole Ray Train run" in removed[str(storage / "p1-B")]
     assert "a later attempt exists" in removed[ck["p2-A:2"]]
+    for orphan in ("p2-A-attempt2:2", "p2-A-attempt2:3"):  # inside a run that stays
+        assert "not in Ray Train's record of the run" in removed[ck[orphan]], said
     kept = {v.path: v.why for v in verdicts if not v.remove}
     assert kept[ck["p1-A:2"]] == "registered as prune-A v1"
     assert "the plan run is RUNNING" in kept[ck["p3-A:1"]]
+    assert "the plan run is RUNNING" in kept[ck["p3-A:2"]]  # unlisted, but it may be uploading now
     assert "named by stage run p2/A (attempt 2)" in kept[ck["p2-A:1"]]
     assert "one of the last 1 plan run(s)" in kept[ck["p2-A-attempt2:1"]]
+    assert "one of the last 1 plan run(s)" in kept[ck["p2-A-attempt2:4"]]  # unlisted, but a tag names it
     assert "no MLflow stage run" in kept[ck["stray:1"]]
     size = sum(f.stat().st_size for p in removed for f in Path(p).rglob("*") if f.is_file())
     assert all(Path(p).exists() for p in removed)
-    assert said[-1].startswith("prune: 3 folder(s)") and "would be freed" in said[-1] and "--yes" in said[-1]
+    assert said[-1].startswith("prune: 5 folder(s)") and "would be freed" in said[-1] and "--yes" in said[-1]
     assert any(line.startswith(f"would remove {ck['p1-A:1']} (") for line in said)
     assert size > 0 and verdicts and sum(v.bytes for v in verdicts if v.remove) == size
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     assert cli_main(["prune", "--storage", str(storage), "--keep-last", "1", "--yes"]) == 0
-    assert "3 folder(s)" in capsys.readouterr().out
+    assert "5 folder(s)" in capsys.readouterr().out
     left = {str(p.parent) if p.name == CHECKPOINT_FILE else None for p in storage.rglob(CHECKPOINT_FILE)}
-    assert left == {ck[k] for k in ("p3-A:1", "p1-A:2", "p2-A:1", "p2-A-attempt2:1", "stray:1")}
+    assert left == {ck[k] for k in ("p3-A:1", "p3-A:2", "p1-A:2", "p2-A:1", "p2-A-attempt2:1", "p2-A-attempt2:4",
+                                    "stray:1")}
     assert not (storage / "p1-B").exists()
+    assert (storage / "p2-A-attempt2" / "checkpoint_manager_snapshot.json").is_file()  # the record stays
     # a tracking store that does not answer: nothing is judged, nothing deleted
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")

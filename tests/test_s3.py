@@ -162,3 +162,36 @@ def test_tracking_server_keeps_artifacts_in_the_bucket_and_clients_need_no_crede
         assert any(k.endswith("/artifacts/recipe.json") for k in stored)
     finally:
         tracking_server.stop(proc)
+
+
+def test_prune_in_a_bucket_removes_the_folders_ray_trains_record_never_listed(s3, tmp_path, mlflow_uri):
+    """`prune` on s3:// storage reads Ray Train's record of a run from the bucket: of two
+    checkpoint folders it keeps the one the record lists (and a stage run's tag names),
+    removes the one it never listed (a stopped worker's upload), and keeps the record."""
+    import json
+
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.prune import prune
+    from pipeline.stageloop import write_checkpoint
+
+    local = tmp_path / "runs" / "p-A"
+    for name in ("checkpoint_1", "checkpoint_2"):
+        (local / name).mkdir(parents=True)
+        write_checkpoint(local / name, {"model": torch.nn.Linear(4, 2).state_dict(), "epoch": 0, "step": 1})
+    result = {"version": 0, "checkpoint_dir_name": "checkpoint_1", "metrics": {"epoch": 0}}
+    (local / "checkpoint_manager_snapshot.json").write_text(json.dumps(
+        {"checkpoint_results": [result], "latest_checkpoint_result": result, "pending_training_results": []}))
+    upload_tree(tmp_path / "runs", "s3://vgg-test/ckpts")
+    client = MlflowClient(mlflow_uri)
+    exp = client.create_experiment("prune-s3")
+    for tags in ({"kind": "plan"}, {"kind": "stage", "stage": "A", "trial": "p-A", "attempt": "1",
+                                    "checkpoint": "s3://vgg-test/ckpts/p-A/checkpoint_1"}):
+        run = client.create_run(exp, tags={"plan_run": "p", **tags})
+        client.set_terminated(run.info.run_id, "FINISHED")
+    said: list[str] = []
+    verdicts = prune("s3://vgg-test/ckpts", 1, mlflow_uri, yes=True, say=said.append)
+    assert {v.path for v in verdicts if v.remove} == {"vgg-test/ckpts/p-A/checkpoint_2"}, said
+    assert set(objects("s3://vgg-test/ckpts")) == {"p-A/checkpoint_1/weights.pt", "p-A/checkpoint_1/state.pt",
+                                                   "p-A/checkpoint_manager_snapshot.json"}
