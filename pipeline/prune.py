@@ -14,11 +14,13 @@ never one that something still needs:
 - Ray Train runs that no MLflow stage run names (not this pipeline's to judge).
 
 Inside a run it keeps, it removes the checkpoint folders that Ray Train's own record of
-the run (`checkpoint_manager_snapshot.json`) does not list and no MLflow run names: Ray
-Train copies a checkpoint straight into its final folder, so a worker stopped while
-uploading, or before its report reached the controller (a lost node, a resize, a
-restart), leaves a folder no resume will read, often cut short. A run without a
-readable record, or a RUNNING one (uploads in flight), keeps every folder.
+the run (`checkpoint_manager_snapshot.json`) does not list, that were written before that
+record, and that no MLflow run names: Ray Train copies a checkpoint straight into its
+final folder, so a worker stopped while uploading, or before its report reached the
+controller (a lost node, a resize, a restart), leaves a folder no resume will read, often
+cut short. A run without a readable record, or a RUNNING one (uploads in flight), keeps
+every folder; so does a folder newer than the record (a rerun's upload), and the facts
+are read again after the storage, so a run started meanwhile keeps what it needs.
 
 A dry run by default: it prints what it would remove and the bytes; `--yes` deletes.
 Storage is a local path or a URI pyarrow opens (s3://...). The facts come from the
@@ -29,6 +31,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's committed checkpoints
 
 
 @dataclass(frozen=True)
@@ -53,12 +58,14 @@ def _filesystem(storage: str):
     return pyarrow.fs.LocalFileSystem(), _bare(storage)
 
 
-def _listing(fs, base: str) -> dict[str, dict[str, int]]:
+def _listing(fs, base: str) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
     """Ray Train run folder -> {checkpoint folder: bytes} under `base`, and each run
-    folder's own total as the entry "" ."""
+    folder's own total as the entry "" ; and the newest modification time (ns) of each
+    checkpoint folder's files and of each run's record."""
     import pyarrow.fs
 
     runs: dict[str, dict[str, int]] = {}
+    mtimes: dict[str, int] = {}
     for info in fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True, recursive=True)):
         if info.type != pyarrow.fs.FileType.File:
             continue
@@ -67,26 +74,38 @@ def _listing(fs, base: str) -> dict[str, dict[str, int]]:
             continue
         trial = runs.setdefault(f"{base}/{parts[0]}", {"": 0})
         trial[""] += info.size
+        key = f"{base}/{parts[0]}/{parts[1]}"
         if len(parts) >= 3 and parts[1].startswith("checkpoint_"):
-            key = f"{base}/{parts[0]}/{parts[1]}"
             trial[key] = trial.get(key, 0) + info.size
-    return {t: c for t, c in runs.items() if len(c) > 1}  # only folders holding checkpoints
+        if info.mtime_ns is not None and (parts[1] == SNAPSHOT or key in trial):
+            mtimes[key] = max(mtimes.get(key, 0), info.mtime_ns)
+    return {t: c for t, c in runs.items() if len(c) > 1}, mtimes  # only folders holding checkpoints
 
 
-SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's committed checkpoints
+@dataclass(frozen=True)
+class Record:
+    """Ray Train's record of one run: the checkpoint folders it lists, and when it was written."""
+    listed: frozenset[str]
+    written_ns: int
+
+    def disowns(self, folder: str, mtimes: dict[str, int]) -> bool:
+        """`folder` is not listed and was last written before the record: an upload left
+        behind, not one in flight (a rerun's upload is newer than the record it found)."""
+        return folder not in self.listed and mtimes.get(folder, self.written_ns) < self.written_ns
 
 
-def _recorded(fs, trial: str) -> set[str] | None:
-    """The checkpoint folders Ray Train's record of the run at `trial` lists (every
-    `checkpoint_dir_name` in it: kept, latest, pending), or None without a readable one."""
+def _recorded(fs, trial: str, mtimes: dict[str, int]) -> Record | None:
+    """Ray Train's record of the run at `trial` (every `checkpoint_dir_name` in its
+    snapshot: kept, latest, pending), or None without a readable one."""
     import json
 
+    written = mtimes.get(f"{trial}/{SNAPSHOT}")
     try:
         with fs.open_input_stream(f"{trial}/{SNAPSHOT}") as stream:
             record = json.loads(stream.read())
     except (OSError, ValueError):
         return None
-    if not isinstance(record, dict) or not isinstance(record.get("checkpoint_results"), list):
+    if written is None or not isinstance(record, dict) or not isinstance(record.get("checkpoint_results"), list):
         return None  # not the schema this rule was written against: judge nothing by it
     names, todo = set(), [record]
     while todo:
@@ -96,13 +115,13 @@ def _recorded(fs, trial: str) -> set[str] | None:
         elif isinstance(node, dict):
             names |= {v for k, v in node.items() if k == "checkpoint_dir_name" and isinstance(v, str)}
             todo += [v for k, v in node.items() if k != "checkpoint_dir_name"]
-    return {f"{trial}/{n}" for n in names}
+    return Record(frozenset(f"{trial}/{n}" for n in names), written)
 
 
 def judge(storage: str, keep_last: int, facts: dict, listing: dict[str, dict[str, int]],
-          recorded: dict[str, set[str] | None] | None = None) -> list[Verdict]:
+          recorded: dict[str, Record | None] | None = None, mtimes: dict[str, int] | None = None) -> list[Verdict]:
     """What to remove and what to keep, and why, for every checkpoint under `storage`;
-    `recorded`: each Ray Train run's committed checkpoint folders (see `_recorded`)."""
+    `recorded` and `mtimes`: each Ray Train run's record, and when each folder was written."""
     if keep_last < 1:
         raise ValueError(f"--keep-last must be at least 1, got {keep_last}")
     plans, stages = dict(facts["plans"]), facts["stages"]
@@ -123,7 +142,7 @@ def judge(storage: str, keep_last: int, facts: dict, listing: dict[str, dict[str
               for s in kept_runs for c in s["checkpoints"]}
     registered = {_bare(c): ", ".join(v) for c, v in facts["registered"].items()}
     named = {_bare(c) for s in stages for c in s["checkpoints"]}  # by any stage run, kept or not
-    recorded = recorded or {}
+    recorded, mtimes = recorded or {}, mtimes or {}
     verdicts = []
     for trial, checkpoints in sorted(listing.items()):
         s = owner.get(trial)
@@ -140,10 +159,10 @@ def judge(storage: str, keep_last: int, facts: dict, listing: dict[str, dict[str
             why = ""
         old = (f"{where}: a later attempt exists" if s["plan_run"] in newest
                else f"{where}: older than the last {keep_last} plan run(s)")
-        listed = recorded.get(trial) if s["plan_run"] not in busy else None
-        mine = [Verdict(c, n, True, f"{where}: not in Ray Train's record of the run ({SNAPSHOT}): left by a "
-                        "worker stopped while uploading it or before reporting it")
-                if why and listed is not None and c not in listed and c not in named and c not in registered else
+        record = recorded.get(trial) if s["plan_run"] not in busy else None
+        mine = [Verdict(c, n, True, f"{where}: not in Ray Train's record of the run ({SNAPSHOT}), written before "
+                        "it: left by a worker stopped while uploading it or before reporting it")
+                if why and record and record.disowns(c, mtimes) and c not in named and c not in registered else
                 Verdict(c, n, False, why) if why else
                 Verdict(c, n, False, f"registered as {registered[c]}") if c in registered else
                 Verdict(c, n, False, needed[c]) if c in needed else
@@ -168,8 +187,16 @@ def prune(storage: str, keep_last: int, tracking_uri: str, yes: bool = False, sa
 
     facts = checkpoint_references(tracking_uri)  # first: no facts, no deletion
     fs, base = _filesystem(storage)
-    listing = _listing(fs, base)
-    verdicts = judge(storage, keep_last, facts, listing, {trial: _recorded(fs, trial) for trial in listing})
+    listing, mtimes = _listing(fs, base)
+    recorded = {trial: _recorded(fs, trial, mtimes) for trial in listing}
+    verdicts = judge(storage, keep_last, facts, listing, recorded, mtimes)
+    # the facts again, after the storage was read: what a run started meanwhile needs stays
+    again = {v.path: v for v in judge(storage, keep_last, checkpoint_references(tracking_uri), listing, recorded,
+                                      mtimes)}
+    verdicts = [v if not v.remove or again.get(v.path) == v else
+                again.get(v.path, Verdict(v.path, v.bytes, False, "the tracking store changed while prune read "
+                                                                  "the storage: judged again next time"))
+                for v in verdicts]
     for v in verdicts:
         say(f"{'remove' if yes else 'would remove'} {v.path} ({_size(v.bytes)}): {v.why}" if v.remove
             else f"keep {v.path}: {v.why}")

@@ -119,6 +119,8 @@ def test_stalled_and_diverged_stages_fail_and_a_fixed_recipe_fine_tunes_from_the
     shutil.copytree(b_done, orphan)
     shutil.copytree(b_done, torn)
     (torn / "weights.pt").write_bytes((b_done / "weights.pt").read_bytes()[:4096])
+    written = (b_done / "weights.pt").stat()
+    os.utime(torn / "weights.pt", ns=(written.st_atime_ns, written.st_mtime_ns))  # cut short back then
     said: list[str] = []
     verdicts = prune(str(storage), 1, mlflow_uri, say=said.append)
     removed = {v.path: v.why for v in verdicts if v.remove}

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from services import s3_server
+from services import s3_server, wait_for
 
 from data_prep import store
 from data_prep.shard import build
@@ -170,6 +170,7 @@ def test_prune_in_a_bucket_removes_the_folders_ray_trains_record_never_listed(s3
     removes the one it never listed (a stopped worker's upload), and keeps the record."""
     import json
 
+    import pyarrow.fs
     import torch
     from mlflow.tracking import MlflowClient
 
@@ -180,10 +181,21 @@ def test_prune_in_a_bucket_removes_the_folders_ray_trains_record_never_listed(s3
     for name in ("checkpoint_1", "checkpoint_2"):
         (local / name).mkdir(parents=True)
         write_checkpoint(local / name, {"model": torch.nn.Linear(4, 2).state_dict(), "epoch": 0, "step": 1})
-    result = {"version": 0, "checkpoint_dir_name": "checkpoint_1", "metrics": {"epoch": 0}}
-    (local / "checkpoint_manager_snapshot.json").write_text(json.dumps(
-        {"checkpoint_results": [result], "latest_checkpoint_result": result, "pending_training_results": []}))
     upload_tree(tmp_path / "runs", "s3://vgg-test/ckpts")
+    # Ray Train's record, written after both folders (S3 lists modification times to the second)
+    result = {"version": 0, "checkpoint_dir_name": "checkpoint_1", "metrics": {"epoch": 0}}
+    record = tmp_path / "checkpoint_manager_snapshot.json"
+    record.write_text(json.dumps({"checkpoint_results": [result], "latest_checkpoint_result": result,
+                                  "pending_training_results": []}))
+    fs, base = pyarrow.fs.FileSystem.from_uri("s3://vgg-test/ckpts")
+    newest = max(i.mtime_ns for i in fs.get_file_info(pyarrow.fs.FileSelector(base, recursive=True))
+                 if i.type == pyarrow.fs.FileType.File)
+
+    def record_written_after() -> bool:
+        store.upload(record, "s3://vgg-test/ckpts/p-A/checkpoint_manager_snapshot.json")
+        return fs.get_file_info(f"{base}/p-A/checkpoint_manager_snapshot.json").mtime_ns > newest
+
+    wait_for(record_written_after, 10, "a record written after the folders")
     client = MlflowClient(mlflow_uri)
     exp = client.create_experiment("prune-s3")
     for tags in ({"kind": "plan"}, {"kind": "stage", "stage": "A", "trial": "p-A", "attempt": "1",
