@@ -7,6 +7,7 @@ curve. (A failed training stops only its own branch: tests/test_failures.py.)"""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -164,43 +165,48 @@ def test_interrupted_driver_aborts_and_resumes_every_in_flight_stage(tmp_path, s
     first, restarted = start(), False
     storage = tmp_path / "runs"
 
-    def both_mid_way() -> bool:
-        """A and A-LRN have each checkpointed twice, neither has finished, and B (which starts
-        once A has finished) has not started."""
+    def mid_way() -> set[str]:
+        """The stages of A and A-LRN that have each checkpointed twice and not finished,
+        while B (which starts once A has finished) has not started."""
         if "run parkill-1 (new)" not in log.read_text():
-            return False  # two processes creating one SQLite store at once can break its migration
+            return set()  # two processes creating one SQLite store at once can break its migration
         try:
             runs = stage_runs(mlflow_uri, "parkill-test")
         except Exception:  # noqa: BLE001 - the store may not exist yet
-            return False
+            return set()
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(mlflow_uri)
         logged = {name: len(client.get_metric_history(runs[name].info.run_id, "train_loss"))
                   for name in ("A", "A-LRN") if name in runs}
-        return "B" not in runs and len(logged) == 2 and all(
-            2 <= logged[name] < epochs[name] and list((storage / f"parkill-1-{name}").glob("checkpoint_*"))
-            for name in logged)
+        return {name for name in logged if "B" not in runs and 2 <= logged[name] < epochs[name]
+                and list((storage / f"parkill-1-{name}").glob("checkpoint_*"))}
 
-    def hold(sig: int) -> list[int]:
-        """SIGSTOP / SIGCONT this driver's Ray Train workers; their pids."""
-        pids = []
+    def hold(sig: int, keep: set[str] = frozenset()) -> dict[int, str | None]:
+        """SIGSTOP / SIGCONT this driver's Ray Train workers, all but those of the stages in
+        `keep`; every worker's pid and its stage (from its first line in the log, if there yet)."""
+        stage_of = {int(pid): name for pid, name in
+                    re.findall(r"RayTrainWorker pid=(\d+)\)\S*\s+\[(A-LRN|A)\]", log.read_text())}
+        workers = {}
         for proc in Path("/proc").glob("[0-9]*"):
             try:
                 fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
                 if first.pid in (int(fields[2]), int(fields[3])) and b"RayTrainWorker" in (proc / "cmdline").read_bytes():
-                    os.kill(int(proc.name), sig)
-                    pids.append(int(proc.name))
+                    workers[int(proc.name)] = stage_of.get(int(proc.name))
+                    if workers[int(proc.name)] not in keep:
+                        os.kill(int(proc.name), sig)
             except (OSError, ProcessLookupError):
                 pass
-        return pids
+        return workers
 
     try:
-        # A tiny stage's epoch takes under a second here: a check made while training goes on
-        # can see both stages mid-way after one has finished. So the workers are held still
-        # (SIGSTOP) for each check, the interrupt comes while they are held, and they go on
-        # only once the driver has named the stages it aborts (it sees the signal within 1 s).
-        deadline = time.monotonic() + 300
+        # A tiny stage's epoch takes under a second here, and one stage's workers may start
+        # many seconds after the other's (ci35: A-LRN trained 6 epochs before A's group was
+        # up). So the workers are held still (SIGSTOP) for each check; a stage found mid-way
+        # stays held (parked) while the other catches up; the interrupt comes while both are
+        # held, and they go on only once the driver has named the stages it aborts (it sees
+        # the signal within 1 s).
+        deadline, parked = time.monotonic() + 300, set()
         while True:
             if first.poll() is not None and not restarted and "timed out during startup" in log.read_text():
                 # Ray gives a new local node's raylet a fixed 30 s to register with its GCS
@@ -208,11 +214,13 @@ def test_interrupted_driver_aborts_and_resumes_every_in_flight_stage(tmp_path, s
                 # clusters, this driver's ray.init has missed it (ci27). As for `ray start`
                 # in services.py: the same command once more. The interrupt is what is tested.
                 first, restarted = start(), True
-            assert time.monotonic() < deadline and first.poll() is None, "both stages should be mid-way"
+            assert time.monotonic() < deadline and first.poll() is None, \
+                f"both stages should be mid-way (parked: {sorted(parked)})"
             held = hold(signal.SIGSTOP)
-            if len(held) == 2 and both_mid_way():
+            parked |= mid_way() & set(held.values())  # only a stage whose worker is known can stay held
+            if parked == {"A", "A-LRN"}:
                 break
-            hold(signal.SIGCONT)
+            hold(signal.SIGCONT, keep=parked)
             time.sleep(0.2)
         sent = time.monotonic()
         os.killpg(first.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole foreground group
