@@ -92,12 +92,20 @@ def test_a_stage_shrinks_on_a_drain_notice_and_grows_back_with_the_same_recipe(t
 
     try:
         until(lambda: "on 2 worker(s) ETA" in text(), 300, "the stage training on 2 workers")
-        second = next(n["node_id"] for n in _nodes(elastic_cluster) if not n.get("is_head_node"))
+        # held still while the two Ray commands start (seconds each, more in a slow hour), or
+        # the tiny stage trains on toward its end before the notice is given
+        assert elastic_cluster["signal_train_workers"](signal.SIGSTOP)
+        try:
+            second = next(n["node_id"] for n in _nodes(elastic_cluster) if not n.get("is_head_node"))
+            drain = subprocess.run([RAY, "drain-node", "--address", elastic_cluster["address"], "--node-id", second,
+                                    "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim",
+                                    "--deadline-remaining-seconds", str(NOTICE_S)],
+                                   capture_output=True, text=True, env=elastic_cluster["env"], timeout=60)
+        finally:
+            elastic_cluster["signal_train_workers"](signal.SIGCONT)
+        # no earlier than Ray's deadline, which the command set once it had started: a node
+        # killed before it is an ordinary failure to Ray, not a preemption
         deadline = time.time() + NOTICE_S
-        drain = subprocess.run([RAY, "drain-node", "--address", elastic_cluster["address"], "--node-id", second,
-                                "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim",
-                                "--deadline-remaining-seconds", str(NOTICE_S)],
-                               capture_output=True, text=True, env=elastic_cluster["env"], timeout=60)
         assert drain.returncode == 0, drain.stderr[-2000:]
         until(lambda: "preemption: the notice's checkpoint is" in text(), NOTICE_S + 60, "the notice's checkpoint")
         # written and committed by Ray Train inside the notice window
