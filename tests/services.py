@@ -62,18 +62,29 @@ def _kill_cluster(marker: str, node: int | None = None, signals=(signal.SIGTERM,
         time.sleep(1)
 
 
+def signal_processes(pids, sig: int) -> list[int]:
+    """Send `sig` to each of `pids` (SIGSTOP / SIGCONT: a test holds training still while
+    it looks or acts); those that were still there."""
+    sent = []
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+            sent.append(pid)
+        except ProcessLookupError:
+            pass
+    return sent
+
+
 def _signal_train_workers(marker: str, sig: int) -> list[int]:
-    """Send `sig` to this cluster's Ray Train worker processes (SIGSTOP / SIGCONT: a test
-    holds training still while it changes the cluster); their pids."""
-    pids = []
+    """Send `sig` to this cluster's Ray Train worker processes; their pids."""
+    workers = []
     for pid in _cluster_pids(marker):
         try:
             if b"RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                os.kill(pid, sig)
-                pids.append(pid)
-        except (OSError, ProcessLookupError):
+                workers.append(pid)
+        except OSError:
             pass
-    return pids
+    return signal_processes(workers, sig)
 
 
 def own_train_workers() -> list[int]:

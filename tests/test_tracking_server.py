@@ -100,7 +100,7 @@ def test_a_stages_figures_reach_mlflow_exactly_once_across_outages_mid_stage_and
     import threading
 
     from mlflow.tracking import MlflowClient
-    from services import own_train_workers, step_records, tiny_plan, wait_for
+    from services import own_train_workers, signal_processes, step_records, tiny_plan, wait_for
 
     from cluster.tracking_server import start, stop
     from pipeline.runner import run_plan
@@ -118,11 +118,9 @@ def test_a_stages_figures_reach_mlflow_exactly_once_across_outages_mid_stage_and
 
     def hold(on: bool) -> list[int]:
         """Stop (or continue) the stage's training processes; those signalled."""
-        pids = own_train_workers() if on else held
-        for pid in pids:
-            os.kill(pid, signal.SIGSTOP if on else signal.SIGCONT)
+        pids = signal_processes(own_train_workers() if on else held, signal.SIGSTOP if on else signal.SIGCONT)
         held[:] = pids if on else []
-        return list(pids)
+        return pids
 
     lines: list[str] = []
 

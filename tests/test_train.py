@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from services import own_train_workers, stage_history, step_records, tiny_plan, wait_for
+from services import own_train_workers, signal_processes, stage_history, step_records, tiny_plan, wait_for
 
 from pipeline.stages import load_plan
 
@@ -84,25 +84,17 @@ def test_staged_plan_on_ray_tracks_everything_and_resumes(tmp_path, shards, ray_
     # that checkpoint (saved from compile(DDP(net)): its keys must load back). A's two
     # workers are held still (SIGSTOP) for each check, so the kill lands mid-stage however
     # far MLflow's figures lag the workers.
-    def signal_all(pids: list[int], sig: int) -> None:
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-
     def held_mid_a() -> list[int]:
         """A's two workers, held, once A has a registered epoch and more to train."""
-        workers = own_train_workers()
-        signal_all(workers, signal.SIGSTOP)
+        workers = signal_processes(own_train_workers(), signal.SIGSTOP)
         if len(workers) == 2 and 1 <= a_epochs() < 4:  # B (after A) runs on one worker
             return workers
-        signal_all(workers, signal.SIGCONT)
+        signal_processes(workers, signal.SIGCONT)
         return []
 
     victims = wait_for(held_mid_a, 600, "stage A's first registered epoch, A's two workers held")
     os.kill(victims[-1], signal.SIGKILL)
-    signal_all(victims[:-1], signal.SIGCONT)
+    signal_processes(victims[:-1], signal.SIGCONT)
     driver.join(timeout=900)
     assert not driver.is_alive() and "error" not in outcome, outcome.get("error")
     # and the checkpoints A kept at its end: the ones polled above may all have been mid-epoch
